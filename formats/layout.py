@@ -1,0 +1,172 @@
+"""The per-tensor entries of a 4-bit checkpoint, exactly as transformers + bitsandbytes write them.
+
+One quantized weight `W.weight` (FORMAT.md §2) becomes up to six safetensors entries:
+
+    W.weight                                   U8   ((n + 1) // 2, 1)   packed codes
+    W.weight.absmax                            F32  (blocks,)           or U8 when double-quantized
+    W.weight.quant_map                         F32  (16,)               codebook Q
+    W.weight.nested_absmax                     F32  (ceil(blocks/256),) double quant only
+    W.weight.nested_quant_map                  F32  (256,)              double quant only
+    W.weight.quant_state.bitsandbytes__<qt>    U8   (len,)              UTF-8 JSON, json.dumps default separators
+
+and config.json gains the `quantization_config` that `quantization_config()` returns.
+"""
+import json
+import math
+from collections.abc import Mapping
+
+import torch
+
+from . import spec
+from .codec import NestedAbsmax, Packed4bit, QuantState, check_blocksize, check_quant_type
+from .errors import CorruptQuantState, MissingTensor, ShapeMismatch, UnsupportedDtype
+
+
+def encode_state_json(state: QuantState) -> bytes:
+    """The quant_state blob: the non-tensor fields in bitsandbytes' key order, as UTF-8 JSON."""
+    fields = {
+        "quant_type": state.quant_type,
+        "blocksize": state.blocksize,
+        "dtype": spec.DTYPE_NAMES[state.dtype],
+        "shape": list(state.shape),
+    }
+    if state.nested is not None:
+        fields["nested_blocksize"] = state.nested.blocksize
+        fields["nested_dtype"] = "float32"
+        fields["nested_offset"] = state.nested.offset.item()
+    return json.dumps(fields).encode("utf-8")
+
+
+def to_entries(name: str, packed: Packed4bit) -> dict[str, torch.Tensor]:
+    """Safetensors entries of one quantized weight; `name` is the weight's key, e.g. `...q_proj.weight`."""
+    s = packed.state
+    out = {name: packed.data, f"{name}.{spec.ABSMAX}": s.absmax, f"{name}.{spec.QUANT_MAP}": s.code}
+    if s.nested is not None:
+        out[f"{name}.{spec.NESTED_ABSMAX}"] = s.nested.absmax
+        out[f"{name}.{spec.NESTED_QUANT_MAP}"] = s.nested.code
+    blob = encode_state_json(s)
+    out[f"{name}.{spec.QUANT_STATE_PREFIX}{s.quant_type}"] = torch.tensor(list(blob), dtype=torch.uint8)
+    return out
+
+
+def quantized_weight_names(keys) -> list[str]:
+    """Names of the quantized weights among checkpoint keys (those with a quant_state blob)."""
+    names = []
+    for key in keys:
+        for qt in spec.QUANT_TYPES:
+            suffix = f".{spec.QUANT_STATE_PREFIX}{qt}"
+            if key.endswith(suffix):
+                names.append(key[: -len(suffix)])
+    return names
+
+
+def is_state_key(key: str) -> bool:
+    """True for the companion entries of a quantized weight (everything but the packed codes)."""
+    return any(key.endswith("." + suffix) for suffix in spec.STATE_SUFFIXES)
+
+
+def decode_state_json(name: str, blob: torch.Tensor, quant_type: str) -> dict:
+    """Parse and check a quant_state blob; every problem is a CorruptQuantState naming the tensor."""
+    where = f"{name}.{spec.QUANT_STATE_PREFIX}{quant_type}"
+    if blob.dtype != torch.uint8 or blob.dim() != 1:
+        raise CorruptQuantState(f"{where}: expected a 1-d uint8 JSON blob, got {blob.dtype} {tuple(blob.shape)}")
+    if blob.numel() > spec.MAX_STATE_JSON_BYTES:
+        raise CorruptQuantState(f"{where}: {blob.numel()} bytes is larger than {spec.MAX_STATE_JSON_BYTES}")
+    try:
+        fields = json.loads(bytes(blob.tolist()).decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CorruptQuantState(f"{where}: not valid UTF-8 JSON ({e}); the blob is truncated or corrupt") from None
+    if not isinstance(fields, dict):
+        raise CorruptQuantState(f"{where}: JSON is a {type(fields).__name__}, expected an object")
+    missing = [k for k in spec.STATE_KEYS if k not in fields]
+    if missing:
+        raise CorruptQuantState(f"{where}: missing key(s) {missing}")
+    if fields["quant_type"] != quant_type:
+        raise CorruptQuantState(f"{where}: quant_type {fields['quant_type']!r} disagrees with the entry name")
+    if fields["dtype"] not in spec.NAME_DTYPES:
+        raise UnsupportedDtype(f"{where}: dtype {fields['dtype']!r} is not one of {sorted(spec.NAME_DTYPES)}")
+    shape = fields["shape"]
+    if not isinstance(shape, list) or not shape or not all(isinstance(d, int) and d > 0 for d in shape):
+        raise CorruptQuantState(f"{where}: shape {shape!r} must be a non-empty list of positive integers")
+    if not isinstance(fields["blocksize"], int):
+        raise CorruptQuantState(f"{where}: blocksize {fields['blocksize']!r} is not an integer")
+    check_blocksize(fields["blocksize"], where)
+    nested = [k for k in spec.NESTED_STATE_KEYS if k in fields]
+    if nested and len(nested) != len(spec.NESTED_STATE_KEYS):
+        raise CorruptQuantState(f"{where}: incomplete double-quant fields {nested}")
+    if nested:
+        if fields["nested_dtype"] != "float32":
+            raise CorruptQuantState(f"{where}: nested_dtype {fields['nested_dtype']!r} must be 'float32'")
+        if not isinstance(fields["nested_blocksize"], int) or fields["nested_blocksize"] <= 0:
+            raise CorruptQuantState(f"{where}: nested_blocksize {fields['nested_blocksize']!r} is invalid")
+        offset = fields["nested_offset"]
+        if not isinstance(offset, (int, float)) or not math.isfinite(offset):
+            raise CorruptQuantState(f"{where}: nested_offset {offset!r} is not a finite number")
+    return fields
+
+
+def _get(tensors: Mapping[str, torch.Tensor], key: str) -> torch.Tensor:
+    if key not in tensors:
+        raise MissingTensor(f"{key}: required by the quantized weight but absent from the checkpoint")
+    return tensors[key]
+
+
+def _expect(key: str, t: torch.Tensor, dtype: torch.dtype, shape: tuple[int, ...]) -> None:
+    if t.dtype != dtype or tuple(t.shape) != shape:
+        raise ShapeMismatch(f"{key}: expected {dtype} {shape}, found {t.dtype} {tuple(t.shape)}")
+
+
+def from_entries(name: str, tensors: Mapping[str, torch.Tensor]) -> Packed4bit:
+    """Rebuild one quantized weight from checkpoint entries, checking every shape against the JSON."""
+    found = [qt for qt in spec.QUANT_TYPES if f"{name}.{spec.QUANT_STATE_PREFIX}{qt}" in tensors]
+    if len(found) != 1:
+        raise MissingTensor(f"{name}: expected exactly one quant_state.bitsandbytes__nf4|fp4 entry, found {len(found)}")
+    quant_type = found[0]
+    check_quant_type(quant_type, name)
+    fields = decode_state_json(name, tensors[f"{name}.{spec.QUANT_STATE_PREFIX}{quant_type}"], quant_type)
+    shape, blocksize = tuple(fields["shape"]), fields["blocksize"]
+    n = math.prod(shape)
+    blocks = -(-n // blocksize)
+    data = _get(tensors, name)
+    _expect(name, data, torch.uint8, ((n + 1) // 2, 1))
+    code = _get(tensors, f"{name}.{spec.QUANT_MAP}")
+    _expect(f"{name}.{spec.QUANT_MAP}", code, torch.float32, (16,))
+    absmax = _get(tensors, f"{name}.{spec.ABSMAX}")
+    nested = None
+    if "nested_offset" in fields:
+        _expect(f"{name}.{spec.ABSMAX}", absmax, torch.uint8, (blocks,))
+        nblocks = -(-blocks // fields["nested_blocksize"])
+        nested_absmax = _get(tensors, f"{name}.{spec.NESTED_ABSMAX}")
+        _expect(f"{name}.{spec.NESTED_ABSMAX}", nested_absmax, torch.float32, (nblocks,))
+        nested_code = _get(tensors, f"{name}.{spec.NESTED_QUANT_MAP}")
+        _expect(f"{name}.{spec.NESTED_QUANT_MAP}", nested_code, torch.float32, (256,))
+        offset = torch.tensor(fields["nested_offset"], dtype=torch.float32, device=absmax.device)
+        nested = NestedAbsmax(nested_absmax, nested_code, offset, fields["nested_blocksize"])
+    else:
+        _expect(f"{name}.{spec.ABSMAX}", absmax, torch.float32, (blocks,))
+    state = QuantState(quant_type, blocksize, shape, spec.NAME_DTYPES[fields["dtype"]], absmax, code, nested)
+    return Packed4bit(data, state)
+
+
+def quantization_config(
+    quant_type: str = "nf4",
+    double_quant: bool = True,
+    compute_dtype: torch.dtype = torch.bfloat16,
+    skip_modules: list[str] | None = None,
+) -> dict:
+    """config.json's `quantization_config`, key for key what transformers writes for load_in_4bit."""
+    return {
+        "_load_in_4bit": True,
+        "_load_in_8bit": False,
+        "bnb_4bit_compute_dtype": spec.DTYPE_NAMES[compute_dtype],
+        "bnb_4bit_quant_storage": "uint8",
+        "bnb_4bit_quant_type": quant_type,
+        "bnb_4bit_use_double_quant": double_quant,
+        "llm_int8_enable_fp32_cpu_offload": False,
+        "llm_int8_has_fp16_weight": False,
+        "llm_int8_skip_modules": skip_modules,
+        "llm_int8_threshold": 6.0,
+        "load_in_4bit": True,
+        "load_in_8bit": False,
+        "quant_method": "bitsandbytes",
+    }

@@ -1,0 +1,155 @@
+"""PEFT's LoRA adapter layout: a folder with adapter_config.json and adapter_model.safetensors.
+
+Tensor names are PEFT's for a causal LM, without the adapter name:
+
+    base_model.model.<module path>.lora_A.weight   (r, in_features)
+    base_model.model.<module path>.lora_B.weight   (out_features, r)
+
+e.g. `base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight`. The update is
+W x + (lora_alpha / r) * B A x  (or lora_alpha / sqrt(r) with use_rslora). Pickled
+adapter_model.bin files are refused: adapters load from safetensors only.
+"""
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .errors import AdapterFormatError
+from .io import atomic_dir, load_safetensors, save_safetensors, write_json
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+KEY_PREFIX = "base_model.model."
+LORA_A, LORA_B = "lora_A.weight", "lora_B.weight"
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    """The adapter_config.json fields qlora-kit reads and writes; other keys are kept verbatim in `extra`."""
+
+    r: int
+    lora_alpha: float
+    target_modules: tuple[str, ...]
+    lora_dropout: float = 0.0
+    use_rslora: bool = False
+    base_model_name_or_path: str | None = None
+    rank_pattern: dict = field(default_factory=dict)
+    alpha_pattern: dict = field(default_factory=dict)
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if not isinstance(self.r, int) or self.r < 1:
+            raise AdapterFormatError(f"r={self.r!r}: must be an integer >= 1 (adapter_config.json key r)")
+        if not self.target_modules:
+            raise AdapterFormatError("target_modules is empty (adapter_config.json key target_modules)")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise AdapterFormatError(f"lora_dropout={self.lora_dropout}: must be in [0, 1)")
+
+    def scale(self, rank: int | None = None) -> float:
+        """s = alpha / r, or alpha / sqrt(r) with rsLoRA (Kalajdzievski 2023)."""
+        r = rank or self.r
+        return self.lora_alpha / (r**0.5 if self.use_rslora else r)
+
+    def to_json(self) -> dict:
+        out = {
+            "peft_type": "LORA",
+            "task_type": "CAUSAL_LM",
+            "base_model_name_or_path": self.base_model_name_or_path,
+            "r": self.r,
+            "lora_alpha": self.lora_alpha,
+            "lora_dropout": self.lora_dropout,
+            "target_modules": sorted(self.target_modules),
+            "use_rslora": self.use_rslora,
+            "bias": "none",
+            "fan_in_fan_out": False,
+            "inference_mode": True,
+            "init_lora_weights": True,
+            "modules_to_save": None,
+            "rank_pattern": self.rank_pattern,
+            "alpha_pattern": self.alpha_pattern,
+            "use_dora": False,
+        }
+        return {**self.extra, **out}
+
+    @classmethod
+    def from_json(cls, obj: dict, where: str = CONFIG_NAME) -> "LoraConfig":
+        if not isinstance(obj, dict):
+            raise AdapterFormatError(f"{where}: expected a JSON object")
+        if obj.get("peft_type", "LORA") != "LORA":
+            raise AdapterFormatError(f"{where}: peft_type {obj.get('peft_type')!r} is not LORA")
+        for key in ("r", "lora_alpha", "target_modules"):
+            if key not in obj:
+                raise AdapterFormatError(f"{where}: missing key {key!r}")
+        for key, bad in (("use_dora", True), ("fan_in_fan_out", True)):
+            if obj.get(key) is bad:
+                raise AdapterFormatError(f"{where}: {key}=true is not supported")
+        if obj.get("bias", "none") != "none":
+            raise AdapterFormatError(f"{where}: bias={obj['bias']!r} is not supported (only 'none')")
+        targets = obj["target_modules"]
+        targets = (targets,) if isinstance(targets, str) else tuple(targets)
+        known = {"r", "lora_alpha", "target_modules", "lora_dropout", "use_rslora", "base_model_name_or_path",
+                 "rank_pattern", "alpha_pattern"}
+        try:
+            return cls(
+                r=obj["r"], lora_alpha=obj["lora_alpha"], target_modules=targets,
+                lora_dropout=float(obj.get("lora_dropout") or 0.0), use_rslora=bool(obj.get("use_rslora", False)),
+                base_model_name_or_path=obj.get("base_model_name_or_path"),
+                rank_pattern=dict(obj.get("rank_pattern") or {}), alpha_pattern=dict(obj.get("alpha_pattern") or {}),
+                extra={k: v for k, v in obj.items() if k not in known},
+            )
+        except AdapterFormatError as e:
+            raise AdapterFormatError(f"{where}: {e}") from None
+
+
+def lora_pairs(tensors: dict[str, torch.Tensor], where: str = WEIGHTS_NAME) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Group adapter tensors by module path (without the `base_model.model.` prefix) into (A, B) pairs.
+
+    Raises AdapterFormatError on an unexpected key, an A without its B, or inconsistent ranks.
+    """
+    pairs: dict[str, dict[str, torch.Tensor]] = {}
+    for key, t in tensors.items():
+        if not key.startswith(KEY_PREFIX) or not key.endswith((LORA_A, LORA_B)):
+            raise AdapterFormatError(f"{where}: unexpected tensor {key!r} (expected {KEY_PREFIX}<module>.lora_A|B.weight)")
+        module, kind = key[len(KEY_PREFIX):].rsplit(".", 2)[0], key.rsplit(".", 2)[1]
+        pairs.setdefault(module, {})[kind] = t
+    out = {}
+    for module, p in pairs.items():
+        if set(p) != {"lora_A", "lora_B"}:
+            raise AdapterFormatError(f"{where}: module {module} has {sorted(p)} but needs both lora_A and lora_B")
+        a, b = p["lora_A"], p["lora_B"]
+        if a.dim() != 2 or b.dim() != 2 or a.shape[0] != b.shape[1]:
+            raise AdapterFormatError(f"{where}: module {module}: lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)} "
+                                     "do not form a rank-r pair (A: (r, in), B: (out, r))")
+        out[module] = (a, b)
+    if not out:
+        raise AdapterFormatError(f"{where}: holds no LoRA tensors")
+    return out
+
+
+def save_adapter(path: str | os.PathLike, config: LoraConfig, tensors: dict[str, torch.Tensor], overwrite: bool = False) -> None:
+    """Write an adapter folder atomically; `tensors` use PEFT's key names."""
+    lora_pairs(tensors)
+    with atomic_dir(path, overwrite=overwrite) as tmp:
+        write_json(tmp / CONFIG_NAME, config.to_json())
+        save_safetensors(tensors, tmp / WEIGHTS_NAME)
+
+
+def load_adapter(path: str | os.PathLike) -> tuple[LoraConfig, dict[str, torch.Tensor]]:
+    """Read and check an adapter folder. Raises AdapterFormatError naming the file at fault."""
+    path = Path(path)
+    cfg_path, weights = path / CONFIG_NAME, path / WEIGHTS_NAME
+    if not cfg_path.is_file():
+        raise AdapterFormatError(f"{cfg_path}: missing; not a PEFT adapter folder")
+    if not weights.is_file():
+        pickled = path / "adapter_model.bin"
+        hint = " (adapter_model.bin is pickle and is refused: convert it to safetensors)" if pickled.exists() else ""
+        raise AdapterFormatError(f"{weights}: missing{hint}")
+    try:
+        config = LoraConfig.from_json(json.loads(cfg_path.read_text()), str(cfg_path))
+    except json.JSONDecodeError as e:
+        raise AdapterFormatError(f"{cfg_path}: not valid JSON ({e})") from None
+    tensors = load_safetensors(weights)
+    lora_pairs(tensors, str(weights))
+    return config, tensors

@@ -1,0 +1,35 @@
+"""Shared fixtures. The Triton interpreter is switched on before anything imports triton, so the
+Triton kernels run on CPU tensors when a test forces backend="triton"."""
+import os
+
+if not os.environ.get("QLORA_KIT_NO_INTERPRET"):
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+SMOLLM2_DIR = Path(os.environ.get("QLORA_KIT_SMOLLM2", REPO / ".cache" / "smollm2-135m-instruct"))
+
+
+def requires_cuda(n: int = 1):
+    """The one skip for GPU tests: skip unless at least `n` CUDA devices are visible."""
+    have = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    return pytest.mark.skipif(have < n, reason=f"needs {n} CUDA device(s), found {have}")
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    random.seed(0)
+    torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def smollm2() -> Path:
+    """The bundled SmolLM2-135M-Instruct bf16 folder, built once into the gitignored .cache/."""
+    from tests.fixtures.smollm2 import build
+
+    return build(SMOLLM2_DIR)
