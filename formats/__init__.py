@@ -32,6 +32,7 @@ from .layout import (
     is_state_key,
     quantization_config,
     quantized_weight_names,
+    should_quantize,
     to_entries,
 )
 from .peft import LoraConfig, load_adapter, lora_pairs, save_adapter
@@ -43,5 +44,5 @@ __all__ = [
     "ShapeMismatch", "UnsupportedBlocksize", "UnsupportedDtype", "UnsupportedQuantType",
     "atomic_dir", "atomic_file", "load_safetensors", "open_safetensors", "read_header", "save_safetensors",
     "write_json", "decode_state_json", "encode_state_json", "from_entries", "is_state_key", "quantization_config",
-    "quantized_weight_names", "to_entries", "LoraConfig", "load_adapter", "lora_pairs", "save_adapter",
+    "quantized_weight_names", "should_quantize", "to_entries", "LoraConfig", "load_adapter", "lora_pairs", "save_adapter",
 ]

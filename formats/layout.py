@@ -170,3 +170,11 @@ def quantization_config(
         "load_in_8bit": False,
         "quant_method": "bitsandbytes",
     }
+
+
+def should_quantize(name: str, tensor: torch.Tensor) -> bool:
+    """The linear weights a 4-bit checkpoint stores packed: 2-d `*.weight` outside embeddings, head and norms."""
+    if not name.endswith(".weight") or tensor.dim() != 2:
+        return False
+    module = name[: -len(".weight")]
+    return not any(part in spec.NEVER_QUANTIZED or part.endswith("norm") for part in module.split("."))
