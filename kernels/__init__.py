@@ -1,5 +1,8 @@
 """Triton kernels, each beside a pure-torch twin in kernels/ref/. CUDA tensors run Triton, CPU tensors torch."""
 from ._dispatch import BackendError, use_triton
 from .dequant import dequant
+from .rmsnorm import rmsnorm
+from .rope import rope
+from .swiglu import swiglu
 
-__all__ = ["BackendError", "dequant", "use_triton"]
+__all__ = ["BackendError", "dequant", "rmsnorm", "rope", "swiglu", "use_triton"]
