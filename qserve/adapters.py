@@ -1,0 +1,416 @@
+"""Adapter registry: named LoRA adapters in three tiers, disk -> CPU -> resident (GPU slots).
+
+Plain Python (no torch). The real work is injected:
+
+- `loader(name, path) -> (payload, nbytes)` reads and validates an adapter folder into host memory (torch,
+  safetensors, shape checks against the base). It is slow, so the engine runs `load()` in a worker thread;
+  the registry's lock is never held while a loader runs.
+- `on_resident(name, payload, slot)` / `on_evict(name, slot)` copy an adapter into / out of one of the
+  `max_loras` resident slots the runner's per-row LoRA kernels index. They run under the registry lock, from
+  the engine loop (through `ensure_resident`).
+
+Reference counts: `acquire`/`release` count requests in flight (queued or running) and keep an adapter from
+being unloaded or dropped from the CPU tier; `pin`/`unpin` count requests in the running batch and keep it
+resident. An adapter with only queued requests may lose its slot (its KV is dropped on preemption anyway).
+`unload` of an adapter in use marks it draining: its requests finish, new ones get AdapterNotFound, and it
+disappears when the last one releases it.
+
+Each load gets a fresh `uid` (never reused); the KV prefix cache is salted with it, so re-registering a
+different adapter under an old name can never hit the old adapter's cached KV.
+"""
+import enum
+import itertools
+import os
+import re
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from .errors import AdapterExists, AdapterNotFound, AdapterPathRefused, AdapterRefused, QloraKitError
+
+CONFIG_NAME = "adapter_config.json"  # PEFT's names, as formats/peft.py (not imported: it pulls in torch)
+WEIGHTS_NAME = "adapter_model.safetensors"
+PICKLE_NAME = "adapter_model.bin"
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@/-]{0,127}")
+
+Loader = Callable[[str, str], tuple[Any, int]]
+
+
+class AdapterState(enum.Enum):
+    DISK = "disk"  # registered; not in memory
+    LOADING = "loading"  # a loader call is running
+    CPU = "cpu"  # in host memory
+    RESIDENT = "resident"  # in a resident slot, usable by the batch
+
+
+@dataclass(frozen=True, slots=True)
+class RegistryConfig:
+    """Adapter registry limits.
+
+    Args:
+        allowed_root: folder every dynamically loaded adapter must resolve under; None refuses untrusted paths.
+        max_loras: resident slots (distinct adapters in one batch), >= 1.
+        max_cpu_loras: adapters kept in host memory, >= max_loras; None = no count limit.
+        cpu_budget_bytes: host bytes for loaded adapters; None = unlimited.
+        resident_budget_bytes: device bytes for resident adapters; None = limited by slots only.
+    """
+
+    allowed_root: str | None = None
+    max_loras: int = 8
+    max_cpu_loras: int | None = None
+    cpu_budget_bytes: int | None = None
+    resident_budget_bytes: int | None = None
+
+    def __post_init__(self):
+        if not isinstance(self.max_loras, int) or self.max_loras < 1:
+            raise ValueError(f"max_loras={self.max_loras!r}: must be an integer >= 1 (flag --max-loras)")
+        if self.max_cpu_loras is not None and (not isinstance(self.max_cpu_loras, int)
+                                               or self.max_cpu_loras < self.max_loras):
+            raise ValueError(f"max_cpu_loras={self.max_cpu_loras!r}: must be >= max_loras={self.max_loras}")
+        for key in ("cpu_budget_bytes", "resident_budget_bytes"):
+            v = getattr(self, key)
+            if v is not None and (not isinstance(v, int) or v < 1):
+                raise ValueError(f"{key}={v!r}: must be a positive integer or None")
+        if self.allowed_root is not None and not os.path.isdir(self.allowed_root):
+            raise ValueError(f"allowed_root={self.allowed_root!r}: not an existing folder")
+
+
+@dataclass(frozen=True, slots=True)
+class AdapterInfo:
+    """A snapshot of one adapter for the admin API and /metrics."""
+
+    name: str
+    path: str
+    uid: int
+    state: AdapterState
+    nbytes: int | None
+    in_flight: int
+    running: int
+    slot: int
+    draining: bool
+    load_time_s: float | None
+
+
+class _Entry:
+    __slots__ = ("name", "path", "trusted", "uid", "state", "payload", "nbytes", "refs", "pins", "slot",
+                 "last_used", "draining", "load_time_s")
+
+    def __init__(self, name, path, trusted, uid):
+        self.name, self.path, self.trusted, self.uid = name, path, trusted, uid
+        self.state, self.payload, self.nbytes, self.load_time_s = AdapterState.DISK, None, None, None
+        self.refs = self.pins = 0
+        self.slot, self.last_used, self.draining = -1, 0, False
+
+    def info(self) -> AdapterInfo:
+        return AdapterInfo(self.name, self.path, self.uid, self.state, self.nbytes, self.refs, self.pins,
+                           self.slot, self.draining, self.load_time_s)
+
+
+class AdapterRegistry:
+    """Thread-safe registry of named adapters. See the module docstring for tiers and reference counts."""
+
+    def __init__(self, config: RegistryConfig, loader: Loader,
+                 on_resident: Callable[[str, Any, int], None] | None = None,
+                 on_evict: Callable[[str, int], None] | None = None):
+        self.config = config
+        self._loader, self._on_resident, self._on_evict = loader, on_resident, on_evict
+        self._lock = threading.RLock()
+        self._loaded = threading.Condition(self._lock)
+        self._entries: dict[str, _Entry] = {}
+        self._slots: list[str | None] = [None] * config.max_loras
+        self._uids = itertools.count(1)
+        self._clock = itertools.count(1)
+        self.loads = self.evictions = 0
+
+    @property
+    def max_loras(self) -> int:
+        return self.config.max_loras
+
+    # -- paths ----------------------------------------------------------------------------------------------
+    def resolve_path(self, path: str | os.PathLike, trusted: bool = False) -> Path:
+        """Check an adapter folder and return its real path.
+
+        Untrusted paths (the admin API) must resolve, symlinks followed, under `allowed_root`; relative paths
+        are taken from the root and may not contain `..`. The folder must hold adapter_config.json and
+        adapter_model.safetensors (pickled adapter_model.bin is refused), neither linking out of the root.
+        Trusted paths (operator flags at start-up) skip the root check only.
+
+        Raises:
+            AdapterPathRefused naming the path and the rule it breaks.
+        """
+        raw = os.fspath(path)
+        if not raw or "\x00" in raw:
+            raise AdapterPathRefused(f"adapter path {raw!r}: empty or contains NUL")
+        root = None
+        if not trusted:
+            if self.config.allowed_root is None:
+                raise AdapterPathRefused(f"adapter path {raw!r}: loading by path is disabled "
+                                         "(no allowed adapter root configured)")
+            root = os.path.realpath(self.config.allowed_root)
+            if ".." in Path(raw).parts:
+                raise AdapterPathRefused(f"adapter path {raw!r}: '..' is not allowed")
+        full = raw if os.path.isabs(raw) or root is None else os.path.join(root, raw)
+        real = os.path.realpath(full)
+        if root is not None and not _under(real, root):
+            raise AdapterPathRefused(f"adapter path {raw!r}: resolves to {real}, outside the allowed root {root}")
+        if not os.path.isdir(real):
+            raise AdapterPathRefused(f"adapter path {raw!r}: not a folder")
+        for fname in (CONFIG_NAME, WEIGHTS_NAME):
+            f = os.path.join(real, fname)
+            if not os.path.isfile(f):
+                pickled = fname == WEIGHTS_NAME and os.path.exists(os.path.join(real, PICKLE_NAME))
+                hint = f" ({PICKLE_NAME} is pickle and is refused: convert it to safetensors)" if pickled else ""
+                raise AdapterPathRefused(f"adapter path {raw!r}: {fname} missing{hint}")
+            if root is not None and not _under(os.path.realpath(f), root):
+                raise AdapterPathRefused(f"adapter path {raw!r}: {fname} links outside the allowed root {root}")
+        return Path(real)
+
+    # -- registration ---------------------------------------------------------------------------------------
+    def register(self, name: str, path: str | os.PathLike, trusted: bool = False) -> AdapterInfo:
+        """Add an adapter on disk (not loaded yet). Raises AdapterExists, AdapterPathRefused, AdapterRefused."""
+        if not isinstance(name, str) or not _NAME.fullmatch(name):
+            raise AdapterRefused(f"adapter name {name!r}: use 1-128 letters, digits or ._:@/- "
+                                 "starting with a letter or digit")
+        real = self.resolve_path(path, trusted)
+        with self._lock:
+            if name in self._entries:
+                state = "being unloaded" if self._entries[name].draining else "registered"
+                raise AdapterExists(f"adapter {name!r}: already {state}; unload it first")
+            e = self._entries[name] = _Entry(name, str(real), trusted, next(self._uids))
+            return e.info()
+
+    def add(self, name: str, path: str | os.PathLike, trusted: bool = False) -> AdapterInfo:
+        """Register and load (vLLM's load_lora_adapter). On a failed load nothing stays registered."""
+        self.register(name, path, trusted)
+        try:
+            return self.load(name)
+        except QloraKitError:
+            with self._lock:
+                e = self._entries.get(name)
+                if e is not None and e.refs == 0:
+                    self._remove(e)
+            raise
+
+    def load(self, name: str) -> AdapterInfo:
+        """Bring an adapter into the CPU tier by calling the loader (blocking; run it in a worker thread).
+
+        A no-op when already loaded; waits when another thread is loading it. Drops least recently used idle
+        adapters from the CPU tier to stay within `max_cpu_loras` and `cpu_budget_bytes`.
+
+        Raises:
+            AdapterNotFound; AdapterPathRefused if the folder changed; AdapterRefused if the loader fails
+            (its message is kept) or the adapter cannot fit the CPU budget.
+        """
+        with self._lock:
+            e = self._get(name, allow_draining=True)
+            while e.state is AdapterState.LOADING:
+                self._loaded.wait()
+            if self._entries.get(name) is not e:
+                raise AdapterNotFound(f"adapter {name!r}: was unloaded while loading")
+            if e.state is not AdapterState.DISK:
+                return e.info()
+            e.state, path, trusted = AdapterState.LOADING, e.path, e.trusted
+        t0 = time.perf_counter()
+        try:
+            real = str(self.resolve_path(path, trusted))  # again: the folder may have changed since register
+            payload, nbytes = self._loader(name, real)
+            if not isinstance(nbytes, int) or nbytes < 0:
+                raise AdapterRefused(f"adapter {name!r}: loader reported nbytes={nbytes!r}")
+            cap = self.config.resident_budget_bytes
+            if cap is not None and nbytes > cap:
+                raise AdapterRefused(f"adapter {name!r}: {nbytes} bytes exceed resident_budget_bytes={cap}")
+        except (QloraKitError, OSError, ValueError) as err:
+            with self._lock:
+                e.state = AdapterState.DISK
+                self._loaded.notify_all()
+            if isinstance(err, AdapterRefused):
+                raise
+            raise AdapterRefused(f"adapter {name!r}: {err}") from err
+        with self._lock:
+            e.state, e.payload, e.nbytes = AdapterState.CPU, payload, nbytes
+            e.load_time_s, e.last_used = time.perf_counter() - t0, next(self._clock)
+            self.loads += 1
+            self._loaded.notify_all()
+            if self._entries.get(name) is not e:
+                e.payload = None
+                raise AdapterNotFound(f"adapter {name!r}: was unloaded while loading")
+            try:
+                self._fit_cpu_tier(e)
+            except AdapterRefused:
+                e.state, e.payload = AdapterState.DISK, None
+                raise
+            return e.info()
+
+    def unload(self, name: str) -> bool:
+        """Remove an adapter. True if gone now; False if it drains (removed when its requests finish).
+
+        Raises AdapterNotFound if unknown or already draining.
+        """
+        with self._lock:
+            e = self._get(name)
+            if e.refs == 0:
+                self._remove(e)
+                return True
+            e.draining = True
+            return False
+
+    # -- requests -------------------------------------------------------------------------------------------
+    def acquire(self, name: str) -> int:
+        """Count one request in flight on `name`; returns its uid. Raises AdapterNotFound (also if draining)."""
+        with self._lock:
+            e = self._get(name)
+            e.refs += 1
+            return e.uid
+
+    def release(self, name: str) -> None:
+        """Undo one `acquire`; a draining adapter is removed with its last release."""
+        with self._lock:
+            e = self._entries.get(name)
+            if e is None or e.refs == 0:
+                raise RuntimeError(f"adapter {name!r}: release without acquire")
+            e.refs -= 1
+            if e.refs == 0 and e.draining:
+                self._remove(e)
+
+    def pin(self, name: str) -> None:
+        """Count one running request on a resident adapter (keeps its slot)."""
+        with self._lock:
+            e = self._entries[name]
+            if e.state is not AdapterState.RESIDENT:
+                raise RuntimeError(f"adapter {name!r}: pin while {e.state.value}")
+            e.pins += 1
+            e.last_used = next(self._clock)
+
+    def unpin(self, name: str) -> None:
+        with self._lock:
+            e = self._entries[name]
+            if e.pins == 0:
+                raise RuntimeError(f"adapter {name!r}: unpin without pin")
+            e.pins -= 1
+
+    def ensure_resident(self, name: str) -> int | None:
+        """The adapter's resident slot, making it resident if possible; None means "wait".
+
+        Evicts least recently used resident adapters that have no running requests. Returns None while the
+        adapter is on disk or loading (see `pending_loads`) or when every slot is held by running requests.
+        """
+        with self._lock:
+            e = self._entries.get(name)
+            if e is None:
+                raise AdapterNotFound(f"adapter {name!r}: not registered")
+            if e.state is AdapterState.RESIDENT:
+                e.last_used = next(self._clock)
+                return e.slot
+            if e.state is not AdapterState.CPU:
+                return None
+            budget = self.config.resident_budget_bytes
+            if budget is not None and e.nbytes > budget:
+                return None
+            while None not in self._slots or (budget is not None and self._resident_bytes() + e.nbytes > budget):
+                victims = [self._entries[n] for n in self._slots if n is not None and self._entries[n].pins == 0]
+                if not victims:
+                    return None
+                self._evict(min(victims, key=lambda v: v.last_used))
+            slot = self._slots.index(None)
+            if self._on_resident is not None:
+                self._on_resident(name, e.payload, slot)
+            self._slots[slot], e.slot, e.state = name, slot, AdapterState.RESIDENT
+            e.last_used = next(self._clock)
+            return slot
+
+    def pending_loads(self) -> list[str]:
+        """Adapters with requests in flight but not in memory: the engine should `load` them off-loop."""
+        with self._lock:
+            return [e.name for e in self._entries.values() if e.refs > 0 and e.state is AdapterState.DISK]
+
+    # -- inspection -----------------------------------------------------------------------------------------
+    def __contains__(self, name) -> bool:
+        with self._lock:
+            e = self._entries.get(name)
+            return e is not None and not e.draining
+
+    def get(self, name: str) -> AdapterInfo:
+        with self._lock:
+            return self._get(name, allow_draining=True).info()
+
+    def list(self) -> list[AdapterInfo]:
+        with self._lock:
+            return [e.info() for e in self._entries.values()]
+
+    def memory_report(self) -> dict:
+        """Bytes per adapter and how many more adapters of the mean known size fit each tier."""
+        with self._lock:
+            sizes = [e.nbytes for e in self._entries.values() if e.nbytes is not None]
+            mean = sum(sizes) / len(sizes) if sizes else None
+            cpu_used = sum(e.nbytes for e in self._entries.values() if e.payload is not None)
+            res_used = self._resident_bytes()
+            free_slots = self._slots.count(None)
+            res_fit = free_slots
+            if self.config.resident_budget_bytes is not None and mean:
+                res_fit = min(free_slots, int((self.config.resident_budget_bytes - res_used) // mean))
+            n_cpu = sum(1 for e in self._entries.values() if e.payload is not None)
+            cpu_fit = None if self.config.max_cpu_loras is None else self.config.max_cpu_loras - n_cpu
+            if self.config.cpu_budget_bytes is not None and mean:
+                by_bytes = int((self.config.cpu_budget_bytes - cpu_used) // mean)
+                cpu_fit = by_bytes if cpu_fit is None else min(cpu_fit, by_bytes)
+            return {
+                "adapters": {e.name: {"state": e.state.value, "bytes": e.nbytes, "slot": e.slot}
+                             for e in self._entries.values()},
+                "resident": {"used_bytes": res_used, "budget_bytes": self.config.resident_budget_bytes,
+                             "slots": self.config.max_loras, "free_slots": free_slots, "more_fit": max(0, res_fit)},
+                "cpu": {"used_bytes": cpu_used, "budget_bytes": self.config.cpu_budget_bytes,
+                        "more_fit": None if cpu_fit is None else max(0, cpu_fit)},
+            }
+
+    # -- internals ------------------------------------------------------------------------------------------
+    def _get(self, name, allow_draining=False) -> _Entry:
+        e = self._entries.get(name)
+        if e is None or (e.draining and not allow_draining):
+            why = "is being unloaded" if e is not None else "is not loaded"
+            raise AdapterNotFound(f"adapter {name!r}: {why}; see /v1/models for the adapters served")
+        return e
+
+    def _resident_bytes(self) -> int:
+        return sum(self._entries[n].nbytes or 0 for n in self._slots if n is not None)
+
+    def _evict(self, e: _Entry) -> None:
+        """Resident -> CPU tier."""
+        if self._on_evict is not None:
+            self._on_evict(e.name, e.slot)
+        self._slots[e.slot] = None
+        e.slot, e.state = -1, AdapterState.CPU
+        self.evictions += 1
+
+    def _remove(self, e: _Entry) -> None:
+        if e.state is AdapterState.RESIDENT:
+            self._evict(e)
+        e.payload, e.state = None, AdapterState.DISK
+        del self._entries[e.name]
+
+    def _fit_cpu_tier(self, new: _Entry) -> None:
+        """Drop idle CPU-tier adapters (LRU first) until `new` fits the count and byte limits."""
+        cfg = self.config
+
+        def over():
+            held = [e for e in self._entries.values() if e.payload is not None]
+            used = sum(e.nbytes for e in held)
+            return ((cfg.max_cpu_loras is not None and len(held) > cfg.max_cpu_loras)
+                    or (cfg.cpu_budget_bytes is not None and used > cfg.cpu_budget_bytes))
+
+        while over():
+            idle = [e for e in self._entries.values() if e is not new and e.payload is not None
+                    and e.refs == 0 and e.pins == 0]
+            if not idle:
+                raise AdapterRefused(f"adapter {new.name!r}: {new.nbytes} bytes do not fit the CPU tier "
+                                     f"(max_cpu_loras={cfg.max_cpu_loras}, cpu_budget_bytes={cfg.cpu_budget_bytes}) "
+                                     "while the adapters held there are in use")
+            victim = min(idle, key=lambda v: v.last_used)
+            if victim.state is AdapterState.RESIDENT:
+                self._evict(victim)
+            victim.payload, victim.state = None, AdapterState.DISK
+
+
+def _under(path: str, root: str) -> bool:
+    return os.path.commonpath([path, root]) == root
