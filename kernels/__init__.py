@@ -1,8 +1,9 @@
 """Triton kernels, each beside a pure-torch twin in kernels/ref/. CUDA tensors run Triton, CPU tensors torch."""
 from ._dispatch import BackendError, use_triton
+from .cross_entropy import chunked_cross_entropy
 from .dequant import dequant
 from .rmsnorm import rmsnorm
 from .rope import rope
 from .swiglu import swiglu
 
-__all__ = ["BackendError", "dequant", "rmsnorm", "rope", "swiglu", "use_triton"]
+__all__ = ["BackendError", "chunked_cross_entropy", "dequant", "rmsnorm", "rope", "swiglu", "use_triton"]

@@ -13,16 +13,20 @@ def _check_labels(labels: torch.Tensor, vocab: int, ignore_index: int) -> None:
         raise ValueError(f"chunked_cross_entropy: labels outside [0, {vocab}) that are not ignore_index={ignore_index}")
 
 
+def _needs_grad(hidden: torch.Tensor, weight: torch.Tensor) -> tuple[bool, bool]:
+    # decided outside autograd.Function.forward, where grad mode is always off
+    on = torch.is_grad_enabled()
+    return on and hidden.requires_grad, on and weight.requires_grad
+
+
 class _ChunkedCrossEntropyRef(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, labels, ignore_index, chunk_size, reduction):
+    def forward(ctx, hidden, weight, labels, ignore_index, chunk_size, reduction, need_h, need_w):
         h = hidden.reshape(-1, hidden.shape[-1])
         y = labels.reshape(-1)
         valid = y != ignore_index
         denom = valid.sum().clamp(min=1).float() if reduction == "mean" else torch.ones((), device=h.device)
         w32 = weight.float()  # no-op for fp32 heads; the twin is the readable oracle, not the memory-lean path
-        need_h = torch.is_grad_enabled() and hidden.requires_grad
-        need_w = torch.is_grad_enabled() and weight.requires_grad
         grad_h = torch.zeros_like(h) if need_h else None
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=h.device) if need_w else None
         total = torch.zeros((), dtype=torch.float32, device=h.device)
@@ -51,7 +55,7 @@ class _ChunkedCrossEntropyRef(torch.autograd.Function):
         grad_h, grad_w = ctx.saved_tensors
         dh = (grad_h * grad_out).reshape(ctx.hidden_shape) if grad_h is not None else None
         dw = (grad_w * grad_out).to(ctx.weight_dtype) if grad_w is not None else None
-        return dh, dw, None, None, None, None
+        return dh, dw, None, None, None, None, None, None
 
 
 def chunked_cross_entropy_ref(
@@ -73,4 +77,6 @@ def chunked_cross_entropy_ref(
     if chunk_size < 1:
         raise ValueError(f"chunked_cross_entropy: chunk_size={chunk_size} must be >= 1")
     _check_labels(labels, lm_head_weight.shape[0], ignore_index)
-    return _ChunkedCrossEntropyRef.apply(hidden, lm_head_weight, labels, ignore_index, chunk_size, reduction)
+    return _ChunkedCrossEntropyRef.apply(
+        hidden, lm_head_weight, labels, ignore_index, chunk_size, reduction, *_needs_grad(hidden, lm_head_weight)
+    )
