@@ -2,8 +2,9 @@
 from ._dispatch import BackendError, use_triton
 from .cross_entropy import chunked_cross_entropy
 from .dequant import dequant
+from .nf4_matmul import nf4_matmul
 from .rmsnorm import rmsnorm
 from .rope import rope
 from .swiglu import swiglu
 
-__all__ = ["BackendError", "chunked_cross_entropy", "dequant", "rmsnorm", "rope", "swiglu", "use_triton"]
+__all__ = ["BackendError", "chunked_cross_entropy", "dequant", "nf4_matmul", "rmsnorm", "rope", "swiglu", "use_triton"]

@@ -13,7 +13,8 @@ from .dequant import dequant_ref
 class _NF4MatmulRef(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, packed, bias):
-        w = dequant_ref(packed, torch.float32)
+        # W' is rounded to x's dtype first, as the GPU kernel feeds it to a bf16/fp16 tensor-core dot
+        w = dequant_ref(packed, x.dtype).float()
         y = x.reshape(-1, x.shape[-1]).float() @ w.t()
         if bias is not None:
             y += bias.float()
@@ -23,7 +24,7 @@ class _NF4MatmulRef(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_y):
         # W' is decoded again rather than saved: the point of a 4-bit base is not to hold it in 16 bits
-        w = dequant_ref(ctx.packed, torch.float32)
+        w = dequant_ref(ctx.packed, grad_y.dtype).float()
         g = grad_y.reshape(-1, grad_y.shape[-1])
         grad_x = (g.float() @ w).to(grad_y.dtype).reshape(*grad_y.shape[:-1], w.shape[1])
         grad_b = g.float().sum(0).to(grad_y.dtype) if ctx.has_bias and ctx.needs_input_grad[2] else None
