@@ -2,9 +2,10 @@
 from ._dispatch import BackendError, use_triton
 from .cross_entropy import chunked_cross_entropy
 from .dequant import dequant
+from .lora import lora, lora_multi
 from .nf4_matmul import nf4_matmul
 from .rmsnorm import rmsnorm
 from .rope import rope
 from .swiglu import swiglu
 
-__all__ = ["BackendError", "chunked_cross_entropy", "dequant", "nf4_matmul", "rmsnorm", "rope", "swiglu", "use_triton"]
+__all__ = ["BackendError", "chunked_cross_entropy", "dequant", "lora", "lora_multi", "nf4_matmul", "rmsnorm", "rope", "swiglu", "use_triton"]
