@@ -1,24 +1,127 @@
-"""qconvert: turn Hugging Face checkpoints into NF4 double-quantized checkpoints (FORMAT.md)."""
-import json
-import math
-import sys
+"""qconvert: turn Hugging Face checkpoints into NF4 double-quantized checkpoints (FORMAT.md).
 
+Each command parses its options, calls one library function and prints; errors go through
+formats._cli.cli_errors (one red line; exit 2 bad input, 1 failure, 130 Ctrl-C).
+"""
 import click
 from rich.console import Console
-from rich.table import Table
 
 from formats import spec
 from formats._cli import cli_errors
 
+from . import render
+from .convert import convert as run_convert
+from .dequantize import dequantize as run_dequantize
+from .errors import VerifyFailed
+from .inspection import as_json as inspection_json
+from .inspection import inspect_checkpoint
+from .options import ConvertConfig, parse_size
+from .publish import plan as publish_plan
+from .publish import upload
 from .report import as_json, quantization_report
+from .verify import DEFAULT_MIN_SQNR_DB, check_integrity, compare
+from .verify import as_json as verify_json
 
 console = Console()
+_DEFAULTS = ConvertConfig()
+_DTYPES = click.Choice(sorted(spec.NAME_DTYPES))
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="qlora-kit")
 def main():
     """Convert, inspect, verify, dequantize and publish 4-bit NF4 checkpoints."""
+
+
+@main.command()
+@click.argument("src")
+@click.argument("out", type=click.Path(file_okay=False))
+@click.option("--quant-type", type=click.Choice(spec.QUANT_TYPES), default=_DEFAULTS.quant_type, show_default=True)
+@click.option("--blocksize", type=click.Choice([str(b) for b in spec.BLOCKSIZES]), default=str(_DEFAULTS.blocksize),
+              show_default=True)
+@click.option("--double-quant/--no-double-quant", default=_DEFAULTS.double_quant, show_default=True)
+@click.option("--compute-dtype", type=_DTYPES, default=_DEFAULTS.compute_dtype, show_default=True)
+@click.option("--skip-modules", multiple=True, help="Module names kept unquantized, e.g. mlp.down_proj (repeatable, "
+              "or comma-separated). Embeddings, lm_head and norms are never quantized.")
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default=_DEFAULTS.device, show_default=True)
+@click.option("--max-shard-size", default="5GB", show_default=True)
+@click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
+@click.option("--revision", default=None, help="Hub revision of SRC.")
+@click.option("--token", envvar="HF_TOKEN", default=None, help="Hub token (default: $HF_TOKEN or the saved login).")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+@cli_errors
+def convert(src, out, quant_type, blocksize, double_quant, compute_dtype, skip_modules, device, max_shard_size,
+            overwrite, revision, token, quiet):
+    """Quantize SRC (a local HF folder or a Hub repo id) into the 4-bit checkpoint folder OUT."""
+    skips = tuple(s.strip() for item in skip_modules for s in item.split(",") if s.strip())
+    cfg = ConvertConfig(quant_type, int(blocksize), double_quant, compute_dtype, skips, device,
+                        parse_size(max_shard_size), overwrite)
+    r = run_convert(src, out, cfg, revision=revision, token=token, progress=not quiet)
+    console.print(f"wrote {r.out}: {r.quantized} quantized + {r.kept} kept tensors, {r.bytes_in / 2**20:.1f} MiB -> "
+                  f"{r.bytes_out / 2**20:.1f} MiB in {len(r.files)} file(s)")
+
+
+@main.command("inspect")
+@click.argument("path", type=click.Path(exists=True, file_okay=False))
+@click.option("--json", "as_json_", is_flag=True, help="Print JSON instead of a table.")
+@cli_errors
+def inspect_(path, as_json_):
+    """List PATH's tensors: stored type, bits per parameter, sizes, quantization settings, totals vs bf16."""
+    ins = inspect_checkpoint(path)
+    click.echo(inspection_json(ins)) if as_json_ else render.inspection(console, ins)
+
+
+@main.command()
+@click.argument("path", type=click.Path(exists=True, file_okay=False))
+@click.option("--against", default=None, help="Source checkpoint (folder or Hub id) to measure SQNR against.")
+@click.option("--min-sqnr", type=float, default=DEFAULT_MIN_SQNR_DB, show_default=True,
+              help="Fail when a tensor's SQNR (dB) vs --against is lower.")
+@click.option("--json", "as_json_", is_flag=True, help="Print JSON instead of a table.")
+@cli_errors
+def verify(path, against, min_sqnr, as_json_):
+    """Check PATH's integrity and, with --against, its per-tensor error; exit 2 on any problem."""
+    result = check_integrity(path)
+    if against:
+        compare(path, against, min_sqnr, result)
+    click.echo(verify_json(result)) if as_json_ else render.verification(console, result)
+    if not result.ok:
+        raise VerifyFailed(f"{path}: {len(result.problems)} problem(s); first: {result.problems[0]}")
+
+
+@main.command()
+@click.argument("path", type=click.Path(exists=True, file_okay=False))
+@click.argument("out", type=click.Path(file_okay=False))
+@click.option("--dtype", type=_DTYPES, default=None, help="Output dtype (default: each weight's recorded dtype).")
+@click.option("--max-shard-size", default="5GB", show_default=True)
+@click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+@cli_errors
+def dequantize(path, out, dtype, max_shard_size, overwrite, quiet):
+    """Decode the 4-bit checkpoint PATH back to a plain HF checkpoint OUT."""
+    files = run_dequantize(path, out, dtype, parse_size(max_shard_size), overwrite, progress=not quiet)
+    console.print(f"wrote {out}: {len(files)} file(s)")
+
+
+@main.command()
+@click.argument("path", type=click.Path(exists=True, file_okay=False))
+@click.argument("repo_id")
+@click.option("--private", is_flag=True, help="Create the repo private.")
+@click.option("--revision", default=None, help="Branch to upload to (created if missing).")
+@click.option("--dry-run", is_flag=True, help="Print the files and model card that would be uploaded; upload nothing.")
+@click.option("--against", default=None, help="Source checkpoint, to put an error table in the model card.")
+@click.option("--base-model", default=None, help="Hub id of the source (default: the one recorded by convert).")
+@click.option("--token", envvar="HF_TOKEN", default=None, help="Hub token (default: $HF_TOKEN or the saved login).")
+@cli_errors
+def publish(path, repo_id, private, revision, dry_run, against, base_model, token):
+    """Verify PATH, then create REPO_ID on the Hub and upload it with a generated model card."""
+    p = publish_plan(path, repo_id, revision, private, against, base_model)
+    if dry_run:
+        click.echo(f"would upload to {repo_id} (revision {revision or 'main'}, {'private' if private else 'public'}):")
+        for name, size in p.files:
+            click.echo(f"  {name}\t{size}")
+        click.echo("--- README.md ---\n" + p.card)
+        return
+    console.print(f"uploaded {len(p.files)} files: {upload(path, p, token)}")
 
 
 @main.command()
@@ -39,30 +142,4 @@ def report(src, quant_type, blocksize, double_quant, as_json_, show_all):
     if as_json_:
         click.echo(as_json(rows))
         return
-    quant = [r for r in rows if r.quantized]
-    shown = quant if show_all else sorted(quant, key=lambda r: r.sqnr_db)[:10]
-    table = Table(title=f"{quant_type} blocksize {blocksize} double-quant {double_quant}: "
-                        f"{'all' if show_all else 'worst 10 of'} {len(quant)} quantized tensors")
-    for col in ("tensor", "shape", "MiB in", "MiB out", "bits/param", "SQNR dB"):
-        table.add_column(col, justify="left" if col == "tensor" else "right")
-    for r in shown:
-        n = math.prod(r.shape)
-        table.add_row(r.name, "x".join(map(str, r.shape)), f"{r.bytes_in / 2**20:.2f}", f"{r.bytes_out / 2**20:.2f}",
-                      f"{8 * r.bytes_out / n:.3f}", f"{r.sqnr_db:.2f}")
-    console.print(table)
-    total_in, total_out = sum(r.bytes_in for r in rows), sum(r.bytes_out for r in rows)
-    lin_in, lin_out = sum(r.bytes_in for r in quant), sum(r.bytes_out for r in quant)
-    params = sum(math.prod(r.shape) for r in quant)
-    mean_sqnr = sum(r.sqnr_db for r in quant) / max(len(quant), 1)
-    console.print(f"linear weights: {lin_in / 2**20:.1f} MiB -> {lin_out / 2**20:.1f} MiB "
-                  f"({8 * lin_out / params:.3f} bits/param), mean SQNR {mean_sqnr:.2f} dB, "
-                  f"min {min(r.sqnr_db for r in quant):.2f} dB")
-    console.print(f"whole model:    {total_in / 2**20:.1f} MiB -> {total_out / 2**20:.1f} MiB "
-                  f"({total_in / total_out:.2f}x smaller; embeddings, head and norms stay {rows[0].dtype})")
-
-
-for _name in ("convert", "inspect", "verify", "dequantize", "publish"):
-    def _stub(_name=_name):
-        click.echo(f"qconvert {_name}: not implemented yet", err=True)
-        sys.exit(1)
-    main.command(_name, help=f"{_name.capitalize()} (not implemented yet).")(_stub)
+    render.report(console, rows, f"{quant_type} blocksize {blocksize} double-quant {double_quant}", show_all)
