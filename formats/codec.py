@@ -194,16 +194,19 @@ def unpack_codes(data: torch.Tensor, numel: int) -> torch.Tensor:
 
 
 def dequantize_4bit(packed: Packed4bit, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """Decode to `dtype` (default: the original dtype): W'_i = Q[code_i] * absmax_k in fp32, then cast."""
+    """Decode to `dtype` (default: the original dtype): W'_i = Q[code_i] * absmax_k in fp32, then cast.
+
+    Byte j is decoded in one lookup into a 256 x 2 table of (Q[j >> 4], Q[j & 15]) pairs.
+    """
     s = packed.state
-    values = s.code[unpack_codes(packed.data, s.numel)]
+    pairs = torch.stack([s.code.repeat_interleave(16), s.code.repeat(16)], dim=1)
+    values = pairs.index_select(0, packed.data.reshape(-1).int()).view(-1)[: s.numel]
     absmax = decode_absmax(s)
     full = s.numel - s.numel % s.blocksize
-    out = torch.empty(s.numel, dtype=torch.float32, device=values.device)
-    out[:full] = (values[:full].view(-1, s.blocksize) * absmax[: full // s.blocksize].unsqueeze(1)).reshape(-1)
+    values[:full].view(-1, s.blocksize).mul_(absmax[: full // s.blocksize].unsqueeze(1))
     if full < s.numel:
-        out[full:] = values[full:] * absmax[-1]
-    return out.view(s.shape).to(dtype or s.dtype)
+        values[full:].mul_(absmax[-1])
+    return values.view(s.shape).to(dtype or s.dtype)
 
 
 def sqnr_db(reference: torch.Tensor, approx: torch.Tensor) -> float:

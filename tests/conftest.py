@@ -33,3 +33,17 @@ def smollm2() -> Path:
     from tests.fixtures.smollm2 import build
 
     return build(SMOLLM2_DIR)
+
+
+@pytest.fixture(scope="session")
+def smollm2_bnb_nf4(smollm2, tmp_path_factory) -> Path:
+    """SmolLM2 quantized by transformers + bitsandbytes themselves (NF4, double quant, blocksize 64)."""
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    out = tmp_path_factory.mktemp("bnb") / "smollm2-bnb-nf4"
+    config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                bnb_4bit_compute_dtype=torch.bfloat16)
+    model = AutoModelForCausalLM.from_pretrained(smollm2, quantization_config=config, dtype=torch.bfloat16,
+                                                 device_map="cpu")
+    model.save_pretrained(out)
+    return out
