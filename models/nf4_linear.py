@@ -14,19 +14,19 @@ from formats import NestedAbsmax, Packed4bit, QuantState
 
 
 class _NF4Matmul(torch.autograd.Function):
-    """x @ dequant(W)^T with a backward that re-decodes W (nothing weight-sized is saved)."""
+    """x @ dequant(W)^T + b with a backward that re-decodes W (nothing weight-sized is saved)."""
 
     @staticmethod
-    def forward(ctx, x, packed: Packed4bit, backend: str | None):
+    def forward(ctx, x, bias, packed: Packed4bit, backend: str | None):
         ctx.packed, ctx.backend = packed, backend
-        return x @ kernels.dequant(packed, x.dtype, backend).t()
+        return F.linear(x, kernels.dequant(packed, x.dtype, backend), None if bias is None else bias.to(x.dtype))
 
     @staticmethod
     def backward(ctx, grad_out):
         if not ctx.needs_input_grad[0]:
-            return None, None, None
+            return None, None, None, None
         w = kernels.dequant(ctx.packed, grad_out.dtype, ctx.backend)
-        return grad_out @ w, None, None
+        return grad_out @ w, None, None, None
 
 
 class NF4Linear(nn.Module):
@@ -79,8 +79,7 @@ class NF4Linear(nn.Module):
         return kernels.dequant(self.packed, dtype, self.backend)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = _NF4Matmul.apply(x, self.packed, self.backend)
-        return y if self.bias is None else y + self.bias.to(y.dtype)
+        return _NF4Matmul.apply(x, self.bias, self.packed, self.backend)
 
     def extra_repr(self) -> str:
         qt = self._meta[0] if self._meta else "unloaded"
