@@ -1,0 +1,29 @@
+import pytest
+import torch
+
+from formats import quantize_4bit
+from qconvert.quantize import quantize_chunked
+
+pytestmark = pytest.mark.unit
+
+
+@pytest.mark.parametrize("shape", [(96, 70), (33, 65)])  # 6720 elements; 2145 (odd: padded last byte, tail block)
+@pytest.mark.parametrize("double_quant", [True, False])
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+def test_chunked_equals_whole_tensor_bytes(shape, double_quant, quant_type):
+    w = torch.randn(shape, dtype=torch.bfloat16)
+    whole = quantize_4bit(w, quant_type, 64, double_quant, name="w")
+    parts = quantize_chunked(w, quant_type, 64, double_quant, "w", chunk_elems=1000)  # -> 960-element chunks
+    assert torch.equal(parts.data, whole.data)
+    assert torch.equal(parts.state.absmax, whole.state.absmax)
+    assert parts.state.shape == whole.state.shape and parts.state.dtype == whole.state.dtype
+    if double_quant:
+        assert torch.equal(parts.state.nested.absmax, whole.state.nested.absmax)
+        assert torch.equal(parts.state.nested.offset, whole.state.nested.offset)
+
+
+def test_chunked_names_the_tensor_on_nan():
+    w = torch.randn(64, 64)
+    w[60, 3] = float("nan")
+    with pytest.raises(Exception, match="layer.weight: 1 NaN/Inf"):
+        quantize_chunked(w, "nf4", 64, True, "layer.weight", chunk_elems=512)
