@@ -52,8 +52,8 @@ def adamw8bit_ref(
     v = _dequant_states(state2.reshape(-1), absmax2, qmap2, blocksize)
     m = beta1 * m + (1 - beta1) * g
     v = beta2 * v + (1 - beta2) * (g * g)
-    denom = torch.sqrt(v) / math.sqrt(1 - beta2**step) + eps
-    p = param.reshape(-1).float() * (1 - lr * weight_decay)
+    denom = torch.sqrt(v) * (1.0 / math.sqrt(1 - beta2**step)) + eps
+    p = param.reshape(-1).float() * (1.0 - lr * weight_decay)
     p = p - (lr / (1 - beta1**step)) * (m / denom)
     param.copy_(p.view_as(param))
     q1, a1 = _requant_states(m, qmap1, blocksize)
