@@ -22,7 +22,7 @@ from .report import as_json, quantization_report
 from .verify import DEFAULT_MIN_SQNR_DB, check_integrity, compare
 from .verify import as_json as verify_json
 
-console = Console()
+console = Console(soft_wrap=True)
 _DEFAULTS = ConvertConfig()
 _DTYPES = click.Choice(sorted(spec.NAME_DTYPES))
 

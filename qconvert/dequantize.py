@@ -7,7 +7,6 @@ to `dtype` when given). config.json loses `quantization_config`. Streamed and at
 import shutil
 from pathlib import Path
 
-import torch
 
 from formats import atomic_dir, spec, write_json
 from kernels import dequant
