@@ -117,8 +117,8 @@ def test_8bit_step_matches_bitsandbytes_on_cpu():
     for k in ("absmax1", "absmax2"):
         torch.testing.assert_close(sa[k], sb[k], **tol("adamw8bit_vs_bnb"))
     for k, qmap in (("state1", signed_dynamic_map()), ("state2", unsigned_dynamic_map())):
-        # bnb's table is coarse near 0, where the map is dense: compare decoded levels, not code numbers
-        assert (qmap[sa[k].long()] - qmap[sb[k].long()]).abs().max() < 0.01 and (sa[k] != sb[k]).float().mean() < 0.05, k
+        # bnb's table can be one level off (1/64 near 1.0; several codes where the map is dense near 0)
+        assert (qmap[sa[k].long()] - qmap[sb[k].long()]).abs().max() <= 1.0 / 64 and (sa[k] != sb[k]).float().mean() < 0.05, k
 
     ref, _, _ = _train(lambda p: torch.optim.AdamW(p, lr=LR, weight_decay=0.01, foreach=False))
     mine, _, _ = _train(lambda p: AdamW8bit(p, lr=LR, weight_decay=0.01, min_8bit_size=0))
