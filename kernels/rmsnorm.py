@@ -56,7 +56,7 @@ def _rmsnorm_bwd_kernel(
     w = tl.load(w_ptr + col, mask=mask, other=0.0).to(tl.float32)
     dw = tl.zeros((BLOCK_N,), dtype=tl.float32)
     for row in range(pid, M, num_programs):
-        base = tl.full((), row, tl.int64) * N
+        base = (tl.zeros((), dtype=tl.int64) + row) * N  # int64 offsets whether row is a Python int (interpreter) or a tensor
         x = tl.load(x_ptr + base + col, mask=mask, other=0.0).to(tl.float32)
         dy = tl.load(dy_ptr + base + col, mask=mask, other=0.0).to(tl.float32)
         rstd = tl.load(rstd_ptr + row)
