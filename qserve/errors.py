@@ -1,7 +1,7 @@
 """Errors raised by qserve/. All derive from `ServeError`, itself a `formats.errors.QloraKitError`.
 
 Messages name the adapter, request field or limit at fault and, where there is one, the fix. The HTTP layer
-(`qserve/api/errors.py`, later) maps each class to one status code; the suggested code is noted per class.
+(`qserve/api/errors.py`) maps each class to one status code; the suggested code is noted per class.
 """
 from formats.errors import QloraKitError
 
@@ -40,3 +40,15 @@ class QueueFull(ServeError):
 
 class RequestNotFound(ServeError):
     """A request id the scheduler does not know (HTTP 404)."""
+
+
+class Unauthorized(ServeError):
+    """No API key, or one the key file does not list (HTTP 401)."""
+
+
+class Forbidden(ServeError):
+    """A valid key asking for an adapter of another tenant, or an admin call without the admin key (HTTP 403)."""
+
+
+class BodyTooLarge(ServeError):
+    """A request body over the server's max_body_bytes (HTTP 413)."""

@@ -1,0 +1,70 @@
+"""The one server config: engine geometry, adapter tiers, request limits and the listening address.
+
+Defaults live here only; `qserve serve` generates its flags from these fields.
+"""
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class ServeConfig:
+    """Everything `qserve serve` needs.
+
+    Args:
+        checkpoint: the 4-bit (or bf16, quantized at load) model folder.
+        adapters: (name, path) pairs loaded at start-up (trusted: operator-given).
+        api_keys: JSON key file (see qserve.api.auth); None = no authentication.
+        allowed_root: folder that adapters loaded through the admin API must live under; None refuses them.
+        base_names: extra names of the served base accepted in adapters' base_model_name_or_path.
+        host: listening address; port: 0 = any free port (printed at start-up).
+        device, dtype: where and in which compute dtype the model runs.
+        max_loras: resident adapter slots; max_cpu_loras: adapters kept in host memory (None = no limit).
+        max_num_seqs, max_num_batched_tokens, max_model_len, max_waiting: scheduler limits (max_waiting -> 429).
+        block_size, kv_cache_tokens: paged KV cache geometry (tokens in the cache, rounded up to blocks).
+        enable_prefix_caching: reuse KV of shared prompt prefixes (per adapter).
+        max_tokens_limit: largest max_tokens a request may ask for.
+        max_body_bytes: largest request body (413 beyond).
+    """
+
+    checkpoint: str
+    adapters: tuple[tuple[str, str], ...] = ()
+    api_keys: str | None = None
+    allowed_root: str | None = None
+    base_names: tuple[str, ...] = ()
+    host: str = "127.0.0.1"
+    port: int = 0
+    device: str = "cpu"
+    dtype: str = "bfloat16"
+    max_loras: int = 8
+    max_cpu_loras: int | None = None
+    max_num_seqs: int = 32
+    max_num_batched_tokens: int = 1024
+    max_model_len: int = 2048
+    max_waiting: int = 256
+    block_size: int = 16
+    kv_cache_tokens: int = 65536
+    enable_prefix_caching: bool = True
+    max_tokens_limit: int = 1024
+    max_body_bytes: int = 1 << 20
+
+    def __post_init__(self):
+        if not self.checkpoint:
+            raise ValueError("checkpoint: a model folder is required")
+        for key in ("max_loras", "max_num_seqs", "max_num_batched_tokens", "max_model_len", "max_waiting",
+                    "block_size", "kv_cache_tokens", "max_tokens_limit", "max_body_bytes"):
+            v = getattr(self, key)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ValueError(f"{key}={v!r}: must be an integer >= 1 (flag --{key.replace('_', '-')})")
+        if not isinstance(self.port, int) or not 0 <= self.port <= 65535:
+            raise ValueError(f"port={self.port!r}: must be in [0, 65535] (0 = any free port)")
+        if self.dtype not in ("bfloat16", "float16", "float32"):
+            raise ValueError(f"dtype={self.dtype!r}: must be bfloat16, float16 or float32")
+        if self.kv_cache_tokens < self.max_model_len:
+            raise ValueError(f"kv_cache_tokens={self.kv_cache_tokens} < max_model_len={self.max_model_len}: "
+                             "one full-length request must fit the KV cache")
+        names = [n for n, _ in self.adapters]
+        if len(set(names)) != len(names):
+            raise ValueError(f"adapters: duplicate names in {names}")
+
+    @property
+    def num_blocks(self) -> int:
+        return -(-self.kv_cache_tokens // self.block_size)

@@ -1,0 +1,291 @@
+"""The step loop: admit, schedule, run, sample, detokenize, check stop strings, stream to each request.
+
+One background thread owns the model. HTTP handlers call `add` (validates and queues synchronously, so
+404/413/429 are raised to the caller) and read `RequestHandle` as an async iterator of `Output`s; leaving the
+iterator early (client disconnected) cancels the request, which the scheduler frees at its next step.
+Adapters that queued requests need are loaded by a worker pool (never on the loop), then made resident at
+admission; a load that fails ends its waiting requests with an error instead of serving them on the base.
+"""
+import asyncio
+import logging
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+from ..adapters import AdapterRegistry, RegistryConfig
+from ..errors import InvalidRequest, ServeError
+from ..metrics import Metrics
+from .block_manager import BlockManager
+from .lora import evict, install, read_adapter
+from .request import FinishReason, Request, SamplingParams
+from .runner import ModelRunner
+from .scheduler import Scheduler, SchedulerConfig
+
+log = logging.getLogger("qserve")
+
+
+@dataclass(frozen=True, slots=True)
+class Output:
+    """One streamed update: new text and token ids; `finish_reason` set on the last one."""
+
+    request_id: str
+    text: str
+    token_ids: tuple[int, ...]
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: str | None = None
+    error: str | None = None
+
+
+class RequestHandle:
+    """Async iterator over a request's Outputs; closing it early cancels the request."""
+
+    def __init__(self, engine: "Engine", request: Request):
+        self.engine, self.request = engine, request
+        self._loop = asyncio.get_running_loop()
+        self._queue: asyncio.Queue = asyncio.Queue()
+
+    def _push(self, out: Output) -> None:  # engine thread
+        try:
+            self._loop.call_soon_threadsafe(self._queue.put_nowait, out)
+        except RuntimeError:  # the client's event loop is gone
+            self.request.cancel()
+
+    async def get(self) -> Output:
+        """The next Output (safe to cancel: the request keeps running until `close`)."""
+        return await self._queue.get()
+
+    def close(self) -> None:
+        """Cancel the request unless it already finished (client gone)."""
+        if not self.request.is_finished:
+            self.engine.cancel(self.request)
+
+    async def __aiter__(self):
+        try:
+            while True:
+                out = await self._queue.get()
+                yield out
+                if out.finish_reason is not None:
+                    return
+        finally:
+            self.close()
+
+
+class _Detokenizer:
+    """Incremental text of one request: holds back an incomplete UTF-8 character and any tail that could
+    still grow into a stop string; finds stop strings in the text."""
+
+    def __init__(self, stops: tuple[str, ...]):
+        self.stops, self.sent = stops, 0
+        self.hold = max((len(s) for s in stops), default=1) - 1
+
+    def step(self, text: str, final: bool) -> tuple[str, bool]:
+        """(new text to send, stop string seen); after a stop the text is cut before it."""
+        hit = None
+        for s in self.stops:
+            i = text.find(s, max(0, self.sent - len(s)))
+            if i >= 0 and (hit is None or i < hit):
+                hit = i
+        if hit is not None:
+            text, final = text[:hit], True
+        end = len(text) if final else max(self.sent, len(text) - self.hold)
+        if not final and text[self.sent:end].endswith("\ufffd"):
+            end = self.sent
+        delta = text[self.sent:end]
+        self.sent = end
+        return delta, hit is not None
+
+
+class Engine:
+    """Scheduler + block manager + adapter registry + model runner, driven by one thread.
+
+    Args:
+        model: models.Llama; tokenizer: models.Tokenizer.
+        config: qserve.config.ServeConfig.
+        base_names: names of the served base accepted in adapters' base_model_name_or_path.
+    """
+
+    def __init__(self, model, tokenizer, config, base_names: tuple[str, ...] = ()):
+        self.model, self.tokenizer, self.config = model, tokenizer, config
+        self.max_model_len = min(config.max_model_len, model.cfg.max_position_embeddings)
+        self.runner = ModelRunner(model, config.num_blocks, config.block_size)
+        self.registry = AdapterRegistry(
+            RegistryConfig(allowed_root=config.allowed_root, max_loras=config.max_loras,
+                           max_cpu_loras=config.max_cpu_loras),
+            loader=self._load, on_resident=self._install, on_evict=self._evict)
+        self.base_names = tuple(base_names) + tuple(config.base_names)
+        self.blocks = BlockManager(config.num_blocks, config.block_size, config.enable_prefix_caching)
+        self.scheduler = Scheduler(SchedulerConfig(
+            max_num_seqs=config.max_num_seqs, max_num_batched_tokens=config.max_num_batched_tokens,
+            max_model_len=self.max_model_len, max_waiting=config.max_waiting), self.blocks, self.registry)
+        self.metrics = Metrics()
+        self._lock = threading.Lock()  # the scheduler is single-threaded: add/schedule/update/finish under it
+        self._wake = threading.Event()
+        self._handles: dict[str, RequestHandle] = {}
+        self._text: dict[str, _Detokenizer] = {}
+        self._t0: dict[str, float] = {}
+        self._loads: dict[str, object] = {}
+        self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="qserve-load")
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self.steps = 0
+
+    # -- adapter callbacks ----------------------------------------------------------------------------------
+    def _load(self, name: str, path: str):
+        t0 = time.perf_counter()
+        try:
+            out = read_adapter(self.model, name, path, self.base_names)
+        except ServeError:
+            self.metrics.inc("adapter_load_failures_total")
+            raise
+        self.metrics.observe("adapter_load_seconds", time.perf_counter() - t0)
+        return out
+
+    def _install(self, name, payload, slot):
+        with self.runner.lock:
+            install(self.model, payload, slot)
+
+    def _evict(self, name, slot):
+        with self.runner.lock:
+            evict(self.model, slot)
+
+    # -- lifecycle ------------------------------------------------------------------------------------------
+    def start(self) -> "Engine":
+        self._thread = threading.Thread(target=self._run_loop, name="qserve-engine", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stopping = True
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    # -- intake ---------------------------------------------------------------------------------------------
+    def add(self, prompt_ids: list[int], sampling: SamplingParams, adapter: str | None = None) -> RequestHandle:
+        """Queue a request (call from the event loop). Raises ServeError subclasses (404, 413, 429, 400)."""
+        if sampling.max_tokens > self.config.max_tokens_limit:
+            raise InvalidRequest(f"max_tokens={sampling.max_tokens}: the limit is {self.config.max_tokens_limit}")
+        stops = () if sampling.ignore_eos else tuple(self.tokenizer.stop_token_ids)
+        sp = SamplingParams(temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k,
+                            max_tokens=sampling.max_tokens, seed=sampling.seed, stop=sampling.stop,
+                            stop_token_ids=tuple(sorted(set(sampling.stop_token_ids) | set(stops))),
+                            ignore_eos=sampling.ignore_eos)
+        req = Request(prompt_ids, sp, adapter)
+        handle = RequestHandle(self, req)
+        with self._lock:
+            self.scheduler.add(req)
+            self._handles[req.request_id] = handle
+            self._text[req.request_id] = _Detokenizer(sp.stop)
+            self._t0[req.request_id] = time.perf_counter()
+        self.metrics.inc("prompt_tokens_total", len(prompt_ids))
+        self._wake.set()
+        return handle
+
+    def cancel(self, request: Request) -> None:
+        request.cancel()
+        self._wake.set()
+
+    # -- the loop -------------------------------------------------------------------------------------------
+    def _run_loop(self) -> None:
+        while not self._stopping:
+            self._start_loads()
+            with self._lock:
+                batch = self.scheduler.schedule()
+                for req in batch.finished:
+                    self._finish_output(req, "")
+            if not batch.items:
+                self._wake.wait(0.05 if self.scheduler.has_unfinished else 0.5)
+                self._wake.clear()
+                continue
+            try:
+                sampled = self.runner.run(batch)
+            except Exception as err:  # a runner failure ends this batch's requests, never the server
+                log.exception("model step failed")
+                with self._lock:
+                    for it in batch.items:
+                        self.scheduler.finish(it.request, FinishReason.ERROR, f"model step failed: {err}")
+                        self._finish_output(it.request, "")
+                continue
+            self.steps += 1
+            with self._lock:
+                self.scheduler.update(batch, sampled)
+                for it in batch.items:
+                    if it.request.request_id in sampled:
+                        self._emit(it.request)
+
+    def _emit(self, req: Request) -> None:
+        rid = req.request_id
+        handle = self._handles.get(rid)
+        if handle is None:
+            return
+        if req.num_output_tokens == 1:
+            self.metrics.observe("time_to_first_token_seconds", time.perf_counter() - self._t0[rid])
+        text = self.tokenizer.decode(req.output_token_ids)
+        delta, stopped = self._text[rid].step(text, req.is_finished)
+        if stopped and not req.is_finished:
+            self.scheduler.finish(req, FinishReason.STOP)
+        if req.is_finished:
+            self._finish_output(req, delta, (req.output_token_ids[-1],))
+        else:
+            handle._push(Output(rid, delta, (req.output_token_ids[-1],), req.num_prompt_tokens,
+                                req.num_output_tokens))
+
+    def _finish_output(self, req: Request, delta: str, token_ids: tuple = ()) -> None:
+        rid = req.request_id
+        handle = self._handles.pop(rid, None)
+        self._text.pop(rid, None)
+        t0 = self._t0.pop(rid, None)
+        self.runner.release(rid)
+        reason = req.finish_reason.value if req.finish_reason is not None else "error"
+        self.metrics.inc("requests_total", finish_reason=reason)
+        self.metrics.inc("generation_tokens_total", req.num_output_tokens)
+        if t0 is not None:
+            self.metrics.observe("request_latency_seconds", time.perf_counter() - t0)
+        if handle is not None:
+            handle._push(Output(rid, delta, token_ids, req.num_prompt_tokens, req.num_output_tokens,
+                                reason, req.error))
+
+    def _start_loads(self) -> None:
+        for name in self.registry.pending_loads():
+            if name not in self._loads:
+                self._loads[name] = self._pool.submit(self._load_job, name)
+
+    def _load_job(self, name: str) -> None:
+        try:
+            self.registry.load(name)
+        except ServeError as err:
+            with self._lock:
+                for req in [r for r in self.scheduler.waiting if r.adapter == name]:
+                    self.scheduler.finish(req, FinishReason.ERROR, str(err))
+                    self._finish_output(req, "")
+        finally:
+            self._loads.pop(name, None)
+            self._wake.set()
+
+    # -- reporting ------------------------------------------------------------------------------------------
+    def gauges(self) -> dict[str, tuple[str, float]]:
+        s = self.scheduler.stats()
+        resident = sum(1 for a in self.registry.list() if a.state.value == "resident")
+        return {
+            "requests_waiting": ("Requests in the queue", s["waiting"]),
+            "requests_running": ("Requests in the running batch", s["running"]),
+            "preemptions_total": ("Requests preempted so far", s["preemptions"]),
+            "kv_cache_usage": ("Fraction of KV blocks in use", s["kv_usage"]),
+            "prefix_cache_query_tokens": ("Prompt tokens looked up in the prefix cache", s["kv_prefix_query_tokens"]),
+            "prefix_cache_hit_tokens": ("Prompt tokens served from the prefix cache", s["kv_prefix_hit_tokens"]),
+            "adapters_registered": ("Adapters registered", len(self.registry.list())),
+            "adapters_resident": ("Adapters in resident slots", resident),
+            "adapter_loads_total": ("Adapter loads completed", self.registry.loads),
+            "adapter_evictions_total": ("Adapter evictions from resident slots", self.registry.evictions),
+            "engine_steps_total": ("Model steps run", self.steps),
+        }
+
+    def memory_report(self) -> dict:
+        """Registry memory report plus the KV cache and base weights."""
+        rep = self.registry.memory_report()
+        rep["kv_cache_bytes"] = self.runner.cache.nbytes
+        rep["base_bytes"] = sum(t.nbytes for t in self.model.state_dict().values())
+        return rep

@@ -1,0 +1,100 @@
+"""Build the model, engine and HTTP app from a ServeConfig, and run them under uvicorn.
+
+`serve()` blocks (the CLI); `start()` runs the server in a background thread and returns a handle with its
+URL (tests, benchmarks). Port 0 binds any free port; the bound address is reported.
+"""
+import json
+import logging
+import os
+import socket
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import uvicorn
+
+from models import Tokenizer, load_model
+
+from .api import KeyStore, create_app
+from .config import ServeConfig
+from .engine.engine import Engine
+
+log = logging.getLogger("qserve")
+
+
+def base_names(folder: Path) -> tuple[str, ...]:
+    """Names an adapter may give for this base: the folder name and the config's _name_or_path."""
+    names = [folder.name]
+    cfg = json.loads((folder / "config.json").read_text())
+    if cfg.get("_name_or_path"):
+        names.append(cfg["_name_or_path"])
+    return tuple(names)
+
+
+def build_engine(config: ServeConfig) -> Engine:
+    """Load the model and tokenizer, start the engine, load the start-up adapters (refused ones raise)."""
+    folder = Path(config.checkpoint)
+    model = load_model(folder, compute_dtype=getattr(torch, config.dtype), device=config.device)
+    engine = Engine(model, Tokenizer(folder), config, base_names(folder)).start()
+    for name, path in config.adapters:
+        engine.registry.add(name, path, trusted=True)
+    return engine
+
+
+@dataclass
+class ServerHandle:
+    """A server running in a thread: `url` like http://127.0.0.1:PORT, `stop()` to shut it down."""
+
+    url: str
+    engine: Engine
+    server: uvicorn.Server
+    thread: threading.Thread
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
+        self.engine.stop()
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.listen(2048)
+    return sock
+
+
+def _server(config: ServeConfig, engine: Engine) -> uvicorn.Server:
+    keys = KeyStore.from_file(config.api_keys)
+    served = os.path.basename(os.path.normpath(config.checkpoint))
+    app = create_app(engine, keys, served)
+    return uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5))
+
+
+def start(config: ServeConfig, engine: Engine | None = None) -> ServerHandle:
+    """Run the server in a daemon thread; returns once it accepts connections."""
+    engine = engine or build_engine(config)
+    server = _server(config, engine)
+    sock = _bind(config.host, config.port)
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True, name="qserve-http")
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started and time.monotonic() < deadline:
+        time.sleep(0.02)
+    host, port = sock.getsockname()[:2]
+    return ServerHandle(f"http://{host}:{port}", engine, server, thread)
+
+
+def serve(config: ServeConfig, announce=print) -> None:
+    """Run until interrupted."""
+    engine = build_engine(config)
+    sock = _bind(config.host, config.port)
+    host, port = sock.getsockname()[:2]
+    announce(f"qserve: serving {config.checkpoint} as {os.path.basename(os.path.normpath(config.checkpoint))!r} "
+             f"on http://{host}:{port} ({len(config.adapters)} adapters)")
+    try:
+        _server(config, engine).run(sockets=[sock])
+    finally:
+        engine.stop()
