@@ -1,0 +1,72 @@
+"""trainer/data.py: record shapes, chat masking, line-numbered errors, length limits, eval split."""
+import pytest
+
+from trainer.data import IGNORE, load_examples, split_eval, tokenize_record
+from trainer.errors import DataError
+from tests.unit.trainer._tiny import chat, write_jsonl
+
+pytestmark = pytest.mark.unit
+
+
+def _loss_text(tok, ex):
+    """The text of the tokens that carry loss (labels are shifted: label t is token t + 1)."""
+    return tok.decode([y for y in ex.labels if y != IGNORE], skip_special_tokens=False)
+
+
+def test_chat_loss_only_on_assistant_turns(tiny_tok):
+    rec = {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi?"},
+                        {"role": "assistant", "content": "Hello there."}, {"role": "user", "content": "Bye?"},
+                        {"role": "assistant", "content": "Goodbye."}]}
+    ex = tokenize_record(tiny_tok, rec, "x:1")
+    full = tiny_tok.encode_chat(rec["messages"], add_generation_prompt=False)
+    assert list(ex.input_ids) == full  # piecewise tokenization == whole-text tokenization for this template
+    assert _loss_text(tiny_tok, ex) == "Hello there.<|im_end|>\nGoodbye.<|im_end|>\n"
+    assert ex.labels[-1] == IGNORE
+
+
+def test_prompt_completion_and_text(tiny_tok):
+    ex = tokenize_record(tiny_tok, {"prompt": "Q: two plus two? A:", "completion": " four"}, "x:1")
+    assert _loss_text(tiny_tok, ex) == " four" + tiny_tok.eos_token
+    ex = tokenize_record(tiny_tok, {"text": "plain text"}, "x:1")
+    assert _loss_text(tiny_tok, ex) == tiny_tok.decode(list(ex.input_ids[1:]), skip_special_tokens=False)
+
+
+@pytest.mark.parametrize("line, message", [
+    ('{"messages": [{"role": "user", "content": "hi"}', "data.jsonl:3: not valid JSON"),
+    ('{"question": "hi"}', "data.jsonl:3: expected {\"text\"}, {\"prompt\", \"completion\"} or {\"messages\"}"),
+    ('{"messages": [{"role": "user", "content": "only a question"}]}', "data.jsonl:3: no assistant message"),
+    ('{"messages": [{"role": "robot", "content": "x"}]}', "data.jsonl:3: messages[0] must be"),
+    ('[1, 2]', "data.jsonl:3: expected a JSON object"),
+    ('{"text": 5}', "data.jsonl:3: expected {\"text\"}"),
+])
+def test_malformed_line_names_file_and_line(tiny_tok, tmp_path, line, message):
+    path = write_jsonl(tmp_path / "data.jsonl", [chat("a", "b"), "", line, chat("c", "d")])
+    with pytest.raises(DataError) as e:
+        load_examples(path, tiny_tok, 128)
+    assert message in str(e.value)
+
+
+def test_empty_dataset(tiny_tok, tmp_path):
+    path = write_jsonl(tmp_path / "empty.jsonl", ["", "  "])
+    with pytest.raises(DataError, match="no examples"):
+        load_examples(path, tiny_tok, 128)
+    with pytest.raises(DataError, match="not found"):
+        load_examples(tmp_path / "missing.jsonl", tiny_tok, 128)
+
+
+def test_too_long_is_an_error_unless_truncate(tiny_tok, tmp_path):
+    path = write_jsonl(tmp_path / "long.jsonl", [chat("short", "ok"), chat("long", "word " * 200)])
+    with pytest.raises(DataError, match=r"long.jsonl:2: \d+ tokens exceed max_seq_len=64"):
+        load_examples(path, tiny_tok, 64)
+    ex = load_examples(path, tiny_tok, 64, truncate=True)
+    assert len(ex[1]) == 64 and ex[1].labels[-1] == IGNORE and ex[1].line == 2
+
+
+def test_split_eval_is_seeded_and_disjoint(tiny_tok, chat_data):
+    ex = load_examples(chat_data, tiny_tok, 128)
+    train, held = split_eval(ex, 0.25, seed=3)
+    assert len(held) == 6 and len(train) == 18
+    assert {e.line for e in train}.isdisjoint({e.line for e in held})
+    assert [e.line for e in split_eval(ex, 0.25, seed=3)[1]] == [e.line for e in held]
+    with pytest.raises(DataError, match="leaves no training examples"):
+        split_eval(ex[:1], 0.5, seed=0)

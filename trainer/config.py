@@ -1,0 +1,184 @@
+"""TrainConfig: every knob of one training run, with its default set once, here.
+
+Defaults are the QLoRA paper's recipe (Dettmers et al. 2023, section 4 and appendix B: r 64, alpha 16,
+dropout 0.1, LoRA on all linear layers, lr 2e-4, constant schedule, 3% warmup, max grad norm 0.3,
+paged AdamW, effective batch 16). A TOML/YAML file (`--config`) overrides them, and CLI flags, generated
+from these fields (trainer/cli.py), override the file. Keys are the field names (dashes allowed).
+"""
+import json
+import os
+import tomllib
+from dataclasses import MISSING, asdict, dataclass, field, fields, replace
+from pathlib import Path
+
+from .errors import ConfigError
+
+try:
+    import yaml
+
+    HAS_YAML = True
+except ImportError:
+    HAS_YAML = False
+
+OPTIMIZERS = ("adamw", "adamw8bit", "paged_adamw", "paged_adamw8bit")
+SCHEDULES = ("constant", "cosine", "linear")
+DTYPES = ("bfloat16", "float16", "float32")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def _f(default, help: str, **extra):
+    return field(default=default, metadata={"help": help, **extra})
+
+
+@dataclass(frozen=True, slots=True)
+class TrainConfig:
+    """One qtrain run. Raises ConfigError (a ValueError) naming the field on an out-of-range value."""
+
+    # what to train on and where to write
+    base: str = _f("", "4-bit checkpoint folder (qconvert convert) or a bf16 HF folder (quantized while loading)")
+    data: str = _f("", "training JSONL: {\"text\"}, {\"prompt\",\"completion\"} or {\"messages\"} per line")
+    out: str = _f("", "output folder (must not exist unless --resume): PEFT adapter, config, metrics, checkpoints")
+    eval_data: str = _f("", "held-out JSONL for eval loss (empty = split --eval-fraction off --data)")
+    eval_fraction: float = _f(0.0, "fraction of --data held out for eval loss when --eval-data is not given")
+    # data shaping
+    max_seq_len: int = _f(512, "tokens per row; a longer example is an error unless --truncate")
+    truncate: bool = _f(False, "cut examples longer than --max-seq-len instead of failing")
+    packing: bool = _f(True, "pack several examples per row (positions reset, attention kept within each example)")
+    group_by_length: bool = _f(True, "batch examples of similar length together (less padding)")
+    # adapter
+    r: int = _f(64, "LoRA rank")
+    lora_alpha: float = _f(16.0, "LoRA alpha (scale = alpha / r)")
+    lora_dropout: float = _f(0.1, "dropout on the LoRA input")
+    target_modules: tuple[str, ...] = _f(("all-linear",), "projections to adapt, comma-separated "
+                                         "(q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj) or all-linear")
+    # optimisation
+    learning_rate: float = _f(2e-4, "peak learning rate")
+    lr_scheduler: str = _f("constant", "learning-rate schedule after warmup", choices=SCHEDULES)
+    warmup_ratio: float = _f(0.03, "fraction of the steps spent warming up linearly")
+    warmup_steps: int = _f(0, "warmup steps; overrides --warmup-ratio when > 0")
+    max_grad_norm: float = _f(0.3, "clip the global gradient norm to this (0 = no clipping)")
+    weight_decay: float = _f(0.0, "decoupled weight decay")
+    adam_beta1: float = _f(0.9, "AdamW beta1")
+    adam_beta2: float = _f(0.999, "AdamW beta2")
+    adam_eps: float = _f(1e-8, "AdamW epsilon")
+    optimizer: str = _f("paged_adamw", "optimizer (trainer.optim)", choices=OPTIMIZERS)
+    gpu_memory_budget_mb: float = _f(-1.0, "paged optimizers: MiB of optimizer state kept on the GPU (-1 = page all)")
+    batch_size: int = _f(4, "rows per micro-batch")
+    grad_accum: int = _f(4, "micro-batches per optimizer step")
+    epochs: int = _f(1, "passes over the data (ignored when --max-steps > 0)")
+    max_steps: int = _f(0, "optimizer steps to run (0 = --epochs worth)")
+    seed: int = _f(42, "seed for adapter init, data order and dropout")
+    # compute
+    gradient_checkpointing: bool = _f(True, "recompute each decoder layer in backward instead of keeping activations")
+    compute_dtype: str = _f("bfloat16", "activation dtype", choices=DTYPES)
+    device: str = _f("auto", "cuda if available, else cpu", choices=DEVICES)
+    loss_chunk_size: int = _f(1024, "tokens per chunk of the LM-head cross-entropy (never the full logits)")
+    # bookkeeping
+    log_every: int = _f(1, "steps between metrics.jsonl lines")
+    eval_every: int = _f(0, "steps between eval losses (0 = only at the end)")
+    save_every: int = _f(0, "steps between resumable checkpoints (0 = none until the end)")
+    stop_after: int = _f(0, "stop with a resumable checkpoint after this many steps of this run (0 = run to the end)")
+    resume: str = _f("", "checkpoint folder (or run folder: its latest checkpoint) to continue from")
+    progress: bool = _f(True, "live progress display")
+
+    def __post_init__(self):
+        for name in ("base", "data", "out"):
+            if not getattr(self, name):
+                raise ConfigError(f"{name} is required (--{name} or config key {name})")
+        positive = ("max_seq_len", "r", "batch_size", "grad_accum", "epochs", "log_every", "loss_chunk_size")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name}={getattr(self, name)}: must be >= 1 (--{_flag(name)})")
+        nonneg = ("warmup_steps", "max_steps", "eval_every", "save_every", "stop_after", "max_grad_norm",
+                  "weight_decay", "learning_rate", "adam_eps")
+        for name in nonneg:
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name}={getattr(self, name)}: must be >= 0 (--{_flag(name)})")
+        for name in ("eval_fraction", "warmup_ratio", "lora_dropout", "adam_beta1", "adam_beta2"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ConfigError(f"{name}={getattr(self, name)}: must be in [0, 1) (--{_flag(name)})")
+        for f in fields(self):
+            choices = f.metadata.get("choices")
+            if choices and getattr(self, f.name) not in choices:
+                raise ConfigError(f"{f.name}={getattr(self, f.name)!r}: choose one of {', '.join(choices)} "
+                                  f"(--{_flag(f.name)})")
+        if not self.target_modules or any(not t for t in self.target_modules):
+            raise ConfigError(f"target_modules={list(self.target_modules)}: name at least one projection or all-linear")
+
+    def to_json(self) -> dict:
+        out = asdict(self)
+        out["target_modules"] = list(self.target_modules)
+        return out
+
+
+def _flag(name: str) -> str:
+    return name.replace("_", "-")
+
+
+def defaults() -> dict:
+    """Field name -> default value (the one place defaults are written is the dataclass above)."""
+    return {f.name: f.default for f in fields(TrainConfig) if f.default is not MISSING}
+
+
+def read_config_file(path: str | os.PathLike) -> dict:
+    """Parse a .toml, .yaml/.yml or .json file into {field: value}; unknown keys are errors naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    text = path.read_text()
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".toml":
+            raw = tomllib.loads(text)
+        elif suffix in (".yaml", ".yml"):
+            if not HAS_YAML:
+                raise ConfigError(f"{path}: reading YAML needs PyYAML (pip install pyyaml); or use a .toml file")
+            raw = yaml.safe_load(text) or {}
+        elif suffix == ".json":
+            raw = json.loads(text)
+        else:
+            raise ConfigError(f"{path}: unknown config type {suffix!r}; use .toml, .yaml/.yml or .json")
+    except (tomllib.TOMLDecodeError, json.JSONDecodeError) as e:
+        raise ConfigError(f"{path}: {e}") from None
+    except Exception as e:  # yaml.YAMLError carries the line and column in its text
+        if HAS_YAML and isinstance(e, yaml.YAMLError):
+            raise ConfigError(f"{path}: {' '.join(str(e).split())}") from None
+        raise
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a table of settings at the top level")
+    return _normalise(raw, str(path))
+
+
+def _normalise(raw: dict, where: str) -> dict:
+    known = {f.name: f for f in fields(TrainConfig)}
+    out = {}
+    for key, value in raw.items():
+        name = str(key).replace("-", "_")
+        if name not in known:
+            raise ConfigError(f"{where}: unknown key {key!r}; known keys: {', '.join(sorted(known))}")
+        default = known[name].default
+        if isinstance(default, tuple):
+            value = tuple(s.strip() for s in value.split(",")) if isinstance(value, str) else tuple(value)
+        elif isinstance(default, bool):
+            if not isinstance(value, bool):
+                raise ConfigError(f"{where}: {key}={value!r}: expected true or false")
+        elif isinstance(default, float) and isinstance(value, int):
+            value = float(value)
+        elif not isinstance(value, type(default)):
+            raise ConfigError(f"{where}: {key}={value!r}: expected a {type(default).__name__}")
+        out[name] = value
+    return out
+
+
+def build_config(file: str | os.PathLike | None = None, **overrides) -> TrainConfig:
+    """Defaults <- config file <- overrides (None values are 'not given' and skipped)."""
+    values = read_config_file(file) if file else {}
+    values.update(_normalise({k: v for k, v in overrides.items() if v is not None}, "command line"))
+    try:
+        return TrainConfig(**values)
+    except TypeError as e:  # pragma: no cover - _normalise rejects unknown keys first
+        raise ConfigError(str(e)) from None
+
+
+def with_overrides(cfg: TrainConfig, **changes) -> TrainConfig:
+    return replace(cfg, **changes)
