@@ -4,7 +4,9 @@ Weights are taken, in this order of preference, from model.safetensors.index.jso
 model.safetensors, pytorch_model.bin.index.json or pytorch_model.bin. Safetensors headers are
 checked against the file sizes (formats.io.read_header) before anything is converted; .bin files
 are opened with torch.load(weights_only=True, mmap=True), so no pickle code runs and tensors stay
-on disk until read.
+on disk until read. Safetensors tensors are read with plain reads into a fresh buffer rather than
+through a memory map: mapped pages would stay resident (and counted in RSS) for as long as the file is
+open, so memory would grow with the file instead of with the largest tensor.
 """
 import json
 import os
@@ -15,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from formats import FormatError, open_safetensors, read_header
+from formats import FormatError, read_header
 
 from .errors import SourceNotFound, UnsupportedArchitecture, UnsupportedSourceDtype
 
@@ -35,6 +37,7 @@ class TensorInfo:
     file: Path
     dtype: str  # safetensors dtype name, e.g. "BF16"
     shape: tuple[int, ...]
+    offset: int = 0  # absolute file offset of the first byte (safetensors only)
 
     @property
     def nbytes(self) -> int:
@@ -125,6 +128,15 @@ def _load_bin(path: Path) -> dict[str, torch.Tensor]:
     return state
 
 
+def _read(f, info: TensorInfo) -> torch.Tensor:
+    """One tensor read into its own buffer (offsets were checked against the file size by read_header)."""
+    buf = torch.empty(info.nbytes, dtype=torch.uint8)
+    f.seek(info.offset)
+    if f.readinto(memoryview(buf.numpy())) != info.nbytes:
+        raise FormatError(f"{info.file}: tensor {info.name}: file ended early (truncated while reading?)")
+    return buf.view(FLOAT_DTYPES[info.dtype]).reshape(info.shape)
+
+
 class SourceWeights:
     """The tensors of a checkpoint folder: headers read and checked up front, data read lazily."""
 
@@ -136,17 +148,21 @@ class SourceWeights:
         for file in self.files:
             if file.suffix == ".safetensors":
                 header = read_header(file)
-                items = [(k, v["dtype"], tuple(v["shape"])) for k, v in header.items() if k != "__metadata__"]
+                with open(file, "rb") as f:
+                    start = 8 + int.from_bytes(f.read(8), "little")
+                items = [(k, v["dtype"], tuple(v["shape"]), start + v["data_offsets"][0])
+                         for k, v in header.items() if k != "__metadata__"]
             else:
-                items = [(k, TORCH_TO_ST.get(t.dtype, str(t.dtype)), tuple(t.shape)) for k, t in _load_bin(file).items()]
-            for name, dtype, shape in sorted(items):
+                items = [(k, TORCH_TO_ST.get(t.dtype, str(t.dtype)), tuple(t.shape), 0)
+                         for k, t in _load_bin(file).items()]
+            for name, dtype, shape, offset in sorted(items):
                 if name in seen:
                     raise FormatError(f"{file}: tensor {name} also appears in {seen[name].name}")
                 seen[name] = file
                 if dtype not in FLOAT_DTYPES:
                     raise UnsupportedSourceDtype(f"{file}: tensor {name} has dtype {dtype}; qconvert converts "
                                                  f"float32, float16 and bfloat16 checkpoints only")
-                self.infos.append(TensorInfo(name, file, dtype, shape))
+                self.infos.append(TensorInfo(name, file, dtype, shape, offset))
 
     @property
     def total_bytes(self) -> int:
@@ -159,9 +175,9 @@ class SourceWeights:
             by_file.setdefault(info.file, []).append(info)
         for file, infos in by_file.items():
             if file.suffix == ".safetensors":
-                with open_safetensors(file) as f:
+                with open(file, "rb") as f:
                     for info in infos:
-                        yield info, f.get_tensor(info.name)
+                        yield info, _read(f, info)
             else:
                 state = _load_bin(file)
                 for info in infos:

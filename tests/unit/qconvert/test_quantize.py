@@ -1,13 +1,14 @@
 import pytest
 import torch
 
-from formats import quantize_4bit
+from formats import NonFiniteWeight, quantize_4bit
 from qconvert.quantize import quantize_chunked
 
 pytestmark = pytest.mark.unit
 
 
-@pytest.mark.parametrize("shape", [(96, 70), (33, 65)])  # 6720 elements; 2145 (odd: padded last byte, tail block)
+# 6720 elements (whole chunks of 960); 2145 (odd: padded last byte, tail block); 3100 (tail in the last chunk)
+@pytest.mark.parametrize("shape", [(96, 70), (33, 65), (31, 100)])
 @pytest.mark.parametrize("double_quant", [True, False])
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
 def test_chunked_equals_whole_tensor_bytes(shape, double_quant, quant_type):
@@ -22,8 +23,21 @@ def test_chunked_equals_whole_tensor_bytes(shape, double_quant, quant_type):
         assert torch.equal(parts.state.nested.offset, whole.state.nested.offset)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_chunked_equals_whole_for_other_dtypes_and_extremes(dtype):
+    w = torch.randn(40, 128, dtype=dtype)
+    w[3] = 0  # an all-zero block: absmax 0, clamped divisor
+    w[7, 5] = 1e4 if dtype == torch.float16 else 1e30
+    whole = quantize_4bit(w, "nf4", 64, True, name="w")
+    parts = quantize_chunked(w, "nf4", 64, True, "w", chunk_elems=256)
+    assert torch.equal(parts.data, whole.data) and torch.equal(parts.state.absmax, whole.state.absmax)
+
+
 def test_chunked_names_the_tensor_on_nan():
     w = torch.randn(64, 64)
     w[60, 3] = float("nan")
-    with pytest.raises(Exception, match="layer.weight: 1 NaN/Inf"):
+    with pytest.raises(NonFiniteWeight, match="layer.weight: 1 NaN/Inf"):
+        quantize_chunked(w, "nf4", 64, True, "layer.weight", chunk_elems=512)
+    w[60, 3] = float("inf")
+    with pytest.raises(NonFiniteWeight, match="layer.weight: 1 NaN/Inf"):
         quantize_chunked(w, "nf4", 64, True, "layer.weight", chunk_elems=512)
