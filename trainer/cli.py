@@ -11,6 +11,7 @@ from rich.console import Console
 
 from formats._cli import cli_errors
 
+from .ask import ask as run_ask
 from .config import TrainConfig, build_config, defaults
 from .loop import train as run_train
 
@@ -72,6 +73,21 @@ train = click.Command(
     + [_option(f) for f in fields(TrainConfig)],
     context_settings={"max_content_width": 110})
 main.add_command(train)
+
+
+@main.command()
+@click.option("--base", required=True, help="the checkpoint the adapter was trained on")
+@click.option("--adapter", required=True, help="adapter folder (qtrain train's --out, or any PEFT LoRA adapter)")
+@click.option("--max-tokens", default=48, show_default=True)
+@click.argument("questions", nargs=-1, required=True)
+@cli_errors
+def ask(base, adapter, max_tokens, questions):
+    """Answer QUESTIONS greedily with the base model and with the adapter, side by side."""
+    console = Console()
+    for a in run_ask(base, adapter, list(questions), max_tokens):
+        console.print(f"[bold]Q:[/bold] {a.question}", highlight=False)
+        console.print(f"  [dim]base   :[/dim] {a.base}", highlight=False)
+        console.print(f"  [green]adapter:[/green] {a.adapter}", highlight=False)
 
 
 @main.command("train-many")
