@@ -1,7 +1,8 @@
 """qconvert: turn Hugging Face checkpoints into NF4 double-quantized checkpoints (FORMAT.md).
 
 Each command parses its options, calls one library function and prints; errors go through
-formats._cli.cli_errors (one red line; exit 2 bad input, 1 failure, 130 Ctrl-C).
+formats._cli.cli_errors (one red line; exit 2 bad input, 1 failure, 130 Ctrl-C). Command modules are
+imported inside the commands, so `convert` never pays for Triton (kernels/) or the Hub client.
 """
 import click
 from rich.console import Console
@@ -9,18 +10,8 @@ from rich.console import Console
 from formats import spec
 from formats._cli import cli_errors
 
-from . import render
-from .convert import convert as run_convert
-from .dequantize import dequantize as run_dequantize
 from .errors import VerifyFailed
-from .inspection import as_json as inspection_json
-from .inspection import inspect_checkpoint
-from .options import ConvertConfig, parse_size
-from .publish import plan as publish_plan
-from .publish import upload
-from .report import as_json, quantization_report
-from .verify import DEFAULT_MIN_SQNR_DB, check_integrity, compare
-from .verify import as_json as verify_json
+from .options import DEFAULT_MIN_SQNR_DB, ConvertConfig, parse_size
 
 console = Console(soft_wrap=True)
 _DEFAULTS = ConvertConfig()
@@ -53,6 +44,8 @@ def main():
 def convert(src, out, quant_type, blocksize, double_quant, compute_dtype, skip_modules, device, max_shard_size,
             overwrite, revision, token, quiet):
     """Quantize SRC (a local HF folder or a Hub repo id) into the 4-bit checkpoint folder OUT."""
+    from .convert import convert as run_convert
+
     skips = tuple(s.strip() for item in skip_modules for s in item.split(",") if s.strip())
     cfg = ConvertConfig(quant_type, int(blocksize), double_quant, compute_dtype, skips, device,
                         parse_size(max_shard_size), overwrite)
@@ -67,6 +60,10 @@ def convert(src, out, quant_type, blocksize, double_quant, compute_dtype, skip_m
 @cli_errors
 def inspect_(path, as_json_):
     """List PATH's tensors: stored type, bits per parameter, sizes, quantization settings, totals vs bf16."""
+    from . import render
+    from .inspection import as_json as inspection_json
+    from .inspection import inspect_checkpoint
+
     ins = inspect_checkpoint(path)
     click.echo(inspection_json(ins)) if as_json_ else render.inspection(console, ins)
 
@@ -80,6 +77,10 @@ def inspect_(path, as_json_):
 @cli_errors
 def verify(path, against, min_sqnr, as_json_):
     """Check PATH's integrity and, with --against, its per-tensor error; exit 2 on any problem."""
+    from . import render
+    from .verify import as_json as verify_json
+    from .verify import check_integrity, compare
+
     result = check_integrity(path)
     if against:
         compare(path, against, min_sqnr, result)
@@ -98,6 +99,8 @@ def verify(path, against, min_sqnr, as_json_):
 @cli_errors
 def dequantize(path, out, dtype, max_shard_size, overwrite, quiet):
     """Decode the 4-bit checkpoint PATH back to a plain HF checkpoint OUT."""
+    from .dequantize import dequantize as run_dequantize
+
     files = run_dequantize(path, out, dtype, parse_size(max_shard_size), overwrite, progress=not quiet)
     console.print(f"wrote {out}: {len(files)} file(s)")
 
@@ -114,7 +117,10 @@ def dequantize(path, out, dtype, max_shard_size, overwrite, quiet):
 @cli_errors
 def publish(path, repo_id, private, revision, dry_run, against, base_model, token):
     """Verify PATH, then create REPO_ID on the Hub and upload it with a generated model card."""
-    p = publish_plan(path, repo_id, revision, private, against, base_model)
+    from .publish import plan as publish_plan
+    from .publish import upload
+
+    p = publish_plan(path, repo_id, revision, private, against, base_model, DEFAULT_MIN_SQNR_DB)
     if dry_run:
         click.echo(f"would upload to {repo_id} (revision {revision or 'main'}, {'private' if private else 'public'}):")
         for name, size in p.files:
@@ -138,6 +144,9 @@ def report(src, quant_type, blocksize, double_quant, as_json_, show_all):
     SRC is a local Hugging Face checkpoint folder (model.safetensors or a sharded index).
     Nothing is written.
     """
+    from . import render
+    from .report import as_json, quantization_report
+
     rows = quantization_report(src, quant_type, int(blocksize), double_quant, show_progress=not as_json_)
     if as_json_:
         click.echo(as_json(rows))

@@ -15,7 +15,8 @@ from .errors import PublishError, VerifyFailed
 from .inspection import inspect_checkpoint
 from .model_card import model_card
 from .source import REPO_ID_PATTERN
-from .verify import DEFAULT_MIN_SQNR_DB, check_integrity, compare
+from .options import DEFAULT_MIN_SQNR_DB
+from .verify import check_integrity, compare
 
 CARD = "README.md"
 

@@ -21,9 +21,9 @@ from formats import FormatError, decode_absmax, is_state_key, sqnr_db, spec
 from kernels import dequant
 
 from .checkpoint import Checkpoint
+from .options import DEFAULT_MIN_SQNR_DB
 from .source import SourceWeights, resolve
 
-DEFAULT_MIN_SQNR_DB = 15.0  # NF4/blocksize 64 on LLM weights gives ~20 dB (qconvert report on SmolLM2: min 19.8)
 _CODE_ATOL = 1e-6
 
 
