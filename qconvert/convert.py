@@ -15,6 +15,7 @@ import torch
 
 from formats import atomic_dir, quantization_config, should_quantize, to_entries, write_json
 
+from .errors import InvalidOption
 from .options import ConvertConfig
 from .progress import byte_progress
 from .quantize import quantize_chunked
@@ -77,6 +78,8 @@ def convert(src: str, out: str | Path, cfg: ConvertConfig = ConvertConfig(), rev
     config = read_config(folder)
     weights = SourceWeights(folder)
     out = Path(out)
+    if out.resolve() == folder.resolve() or folder.resolve() in out.resolve().parents:
+        raise InvalidOption(f"{out}: OUT must not be SRC ({folder}) or lie inside it")
     if out.exists() and not cfg.overwrite:
         raise FileExistsError(f"{out}: already exists (pass --overwrite to replace it)")
     quantized = kept = 0

@@ -6,6 +6,7 @@ from safetensors.torch import load_file
 
 from formats import dequantize_4bit, from_entries, quantization_config, quantize_4bit, spec
 from qconvert.convert import convert
+from qconvert.errors import InvalidOption
 from qconvert.options import ConvertConfig
 
 from .tiny import CONFIG, tiny_state, write_tiny
@@ -67,3 +68,17 @@ def test_overwrite_replaces_existing_output(tiny_src, tiny_out):
     convert(str(tiny_src), tiny_out, ConvertConfig(overwrite=True), progress=False)
     assert not (tiny_out / "stale.txt").exists() and (tiny_out / "model.safetensors").exists()
     assert [p.name for p in tiny_out.parent.iterdir() if p.name.startswith(".")] == []
+
+
+def test_out_may_not_be_src(tiny_src):
+    with pytest.raises(InvalidOption, match="OUT must not be SRC"):
+        convert(str(tiny_src), tiny_src, ConvertConfig(overwrite=True), progress=False)
+    with pytest.raises(InvalidOption, match="OUT must not be SRC"):
+        convert(str(tiny_src), tiny_src / "q", progress=False)
+    assert (tiny_src / "model.safetensors").exists() and not (tiny_src / "q").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA error")
+def test_cuda_device_without_cuda_is_an_error():
+    with pytest.raises(InvalidOption, match="--device cuda: no CUDA device is visible"):
+        ConvertConfig(device="cuda")

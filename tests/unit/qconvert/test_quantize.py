@@ -3,6 +3,7 @@ import torch
 
 from formats import NonFiniteWeight, quantize_4bit
 from qconvert.quantize import quantize_chunked
+from tests.conftest import requires_cuda
 
 pytestmark = pytest.mark.unit
 
@@ -41,3 +42,12 @@ def test_chunked_names_the_tensor_on_nan():
     w[60, 3] = float("inf")
     with pytest.raises(NonFiniteWeight, match="layer.weight: 1 NaN/Inf"):
         quantize_chunked(w, "nf4", 64, True, "layer.weight", chunk_elems=512)
+
+
+@requires_cuda()
+@pytest.mark.gpu
+def test_cuda_chunked_equals_cpu_bytes():
+    w = torch.randn(300, 1000, dtype=torch.bfloat16)
+    cpu = quantize_chunked(w, "nf4", 64, True, "w", chunk_elems=4096)
+    gpu = quantize_chunked(w.cuda(), "nf4", 64, True, "w", chunk_elems=4096).to("cpu")
+    assert torch.equal(gpu.data, cpu.data) and torch.equal(gpu.state.absmax, cpu.state.absmax)
