@@ -15,7 +15,8 @@ from pathlib import Path
 import torch
 import uvicorn
 
-from models import Tokenizer, load_model
+from models import NF4Linear, Tokenizer, load_model
+from models.nf4_linear import dense_linear
 
 from .api import KeyStore, create_app
 from .config import ServeConfig
@@ -33,10 +34,28 @@ def base_names(folder: Path) -> tuple[str, ...]:
     return tuple(names)
 
 
+def dequantize_bases(model) -> int:
+    """Swap every NF4 projection for a dense one holding its dequantized weight (ServeConfig.dequantize_base):
+    on CPU the per-step dequantization dominates a decode step, at 4x the weight memory. Returns the count."""
+    n = 0
+    for layer in model.lora_layers().values():
+        base = layer.base
+        if isinstance(base, NF4Linear):
+            dense = dense_linear(base.in_features, base.out_features, base.bias is not None)
+            dense.weight = torch.nn.Parameter(base.dequantized(model.dtype), requires_grad=False)
+            if base.bias is not None:
+                dense.bias = torch.nn.Parameter(base.bias.detach().to(model.dtype), requires_grad=False)
+            layer.base = dense
+            n += 1
+    return n
+
+
 def build_engine(config: ServeConfig) -> Engine:
     """Load the model and tokenizer, start the engine, load the start-up adapters (refused ones raise)."""
     folder = Path(config.checkpoint)
     model = load_model(folder, compute_dtype=getattr(torch, config.dtype), device=config.device)
+    if config.dequantize_base:
+        dequantize_bases(model)
     engine = Engine(model, Tokenizer(folder), config, base_names(folder)).start()
     for name, path in config.adapters:
         engine.registry.add(name, path, trusted=True)

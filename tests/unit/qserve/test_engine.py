@@ -1,0 +1,93 @@
+"""Engine step loop on a tiny model: streaming deltas, stop strings, cancellation, adapter loads off the loop,
+refused adapters failing their requests (never served as base), metrics."""
+import asyncio
+
+import pytest
+
+from qserve.config import ServeConfig
+from qserve.engine import SamplingParams
+from qserve.engine.engine import Engine, _Detokenizer
+from qserve.errors import AdapterRefused, InvalidRequest, PromptTooLong
+
+from ._tiny_serve import CharTokenizer, make_adapter, tiny_model
+
+pytestmark = pytest.mark.unit
+
+
+def test_detokenizer_holds_back_partial_stop_and_cuts_at_stop():
+    d = _Detokenizer(("STOP",))
+    assert d.step("abcST", False) == ("ab", False)  # "cST" could start "STOP"... hold 3 chars
+    assert d.step("abcSTOPxyz", False) == ("c", True)
+    d = _Detokenizer(())
+    assert d.step("ab\ufffd", False) == ("", False)
+    assert d.step("abc", True) == ("abc", False)
+
+
+@pytest.fixture(scope="module")
+def engine(tmp_path_factory):
+    root = tmp_path_factory.mktemp("eng")
+    folder, model = tiny_model(root)
+    make_adapter(model, root / "allowed" / "good", 4, 1)
+    bad = make_adapter(model, root / "allowed" / "bad", 4, 2)
+    (bad / "adapter_config.json").write_text((bad / "adapter_config.json").read_text().replace(
+        '"llama"', '"some-other-model"'))
+    cfg = ServeConfig(str(folder), allowed_root=str(root / "allowed"), max_model_len=64, kv_cache_tokens=512,
+                      block_size=4, max_tokens_limit=32, max_num_seqs=8, max_num_batched_tokens=64)
+    eng = Engine(model, CharTokenizer(), cfg, base_names=("llama",)).start()
+    yield eng
+    eng.stop()
+
+
+async def _collect(handle):
+    outs = [o async for o in handle]
+    return "".join(o.text for o in outs), outs[-1]
+
+
+def test_streams_and_stop_string(engine):
+    async def go():
+        text, last = await _collect(engine.add([1, 2, 3], SamplingParams(temperature=0, max_tokens=12)))
+        assert last.finish_reason == "length" and last.completion_tokens == 12 and len(text) == 12
+        stop = text[4:6]
+        t2, last2 = await _collect(engine.add([1, 2, 3], SamplingParams(temperature=0, max_tokens=12, stop=(stop,))))
+        assert t2 == text[:text.find(stop)] and last2.finish_reason == "stop"
+    asyncio.run(go())
+
+
+def test_cancel_frees_the_request(engine):
+    async def go():
+        h = engine.add([5, 6], SamplingParams(temperature=0, max_tokens=30))
+        await h.get()
+        h.close()
+        for _ in range(100):
+            if not engine.scheduler.has_unfinished:
+                break
+            await asyncio.sleep(0.02)
+        assert not engine.scheduler.has_unfinished and engine.blocks.usage() == 0
+    asyncio.run(go())
+
+
+def test_adapter_loaded_off_loop_and_refused_one_errors(engine):
+    engine.registry.register("good", "good")
+    engine.registry.register("bad", "bad")
+
+    async def go():
+        text, last = await _collect(engine.add([1, 2], SamplingParams(temperature=0, max_tokens=6), "good"))
+        assert last.finish_reason == "length"
+        base, _ = await _collect(engine.add([1, 2], SamplingParams(temperature=0, max_tokens=6)))
+        assert text != base
+        _, last = await _collect(engine.add([1, 2], SamplingParams(temperature=0, max_tokens=6), "bad"))
+        assert last.finish_reason == "error" and "some-other-model" in last.error
+    asyncio.run(go())
+    with pytest.raises(AdapterRefused, match="some-other-model"):
+        engine.registry.load("bad")
+
+
+def test_limits(engine):
+    async def go():
+        with pytest.raises(InvalidRequest, match="max_tokens=33"):
+            engine.add([1], SamplingParams(max_tokens=33))
+        with pytest.raises(PromptTooLong):
+            engine.add(list(range(64)), SamplingParams(max_tokens=1))
+    asyncio.run(go())
+    text = engine.metrics.render(engine.gauges())
+    assert 'qserve_requests_total{finish_reason="length"}' in text and "qserve_requests_waiting 0" in text
