@@ -19,4 +19,4 @@ echo "== the same questions (not in the training data) to the base model and to 
 qtrain ask --base "$nf4" --adapter "$out" \
     "How long do I have to return a tin I bought?" \
     "Who created Quillfeather Tea and where?" \
-    "What is your signature blend?"
+    "Which of your teas would you suggest for a newcomer?"

@@ -87,8 +87,10 @@ def tokenize_record(tok: Tokenizer, rec: dict, where: str, line: int = 0) -> Exa
     if not isinstance(rec, dict):
         raise DataError(f"{where}: expected a JSON object, got {type(rec).__name__}")
     ids, loss = [], []
-    for text, carries in _pieces(tok, rec, where):
-        piece = tok.encode(text, add_special_tokens=False) if text else []
+    for k, (text, carries) in enumerate(_pieces(tok, rec, where)):
+        # plain records get the tokenizer's own specials (e.g. BOS) once; chat templates write theirs as text
+        special = k == 0 and "messages" not in rec
+        piece = tok.encode(text, add_special_tokens=special) if text else []
         ids += piece
         loss += [carries] * len(piece)
     if not any(loss):
