@@ -5,7 +5,12 @@ device anchor vLLM's LoRA layers look for) and remembers the layer's partition g
 model loader (_loader.py) fills `layer.qlora_parts` with this rank's shard of each logical weight (q, k, v
 or gate, up); after loading they are glued into one Packed4bit and `apply` is one `kernels.nf4_matmul`
 (Triton on CUDA, the torch twin on CPU).
+
+With QLORA_KIT_VLLM_DEQUANTIZE=1 (set by `qserve serve --backend vllm --dequantize-base`) each layer is
+decoded once after loading, by `kernels.dequant`, and kept dense: on CPU, where decoding every step dominates,
+that is much faster, at 4x the weight memory (the native backend's ServeConfig.dequantize_base).
 """
+import os
 from typing import Any
 
 import torch
@@ -37,6 +42,7 @@ class QloraNF4Config(QuantizationConfig):
         self.quant_type = quant_type
         self.double_quant = double_quant
         self.skip_modules = list(skip_modules or [])
+        self.dequantize = os.environ.get("QLORA_KIT_VLLM_DEQUANTIZE") == "1"
 
     def __repr__(self) -> str:
         return f"QloraNF4Config(quant_type={self.quant_type}, double_quant={self.double_quant})"
@@ -99,8 +105,9 @@ class QloraNF4LinearMethod(LinearMethodBase):
         layer.register_parameter("weight", weight)
         set_weight_attrs(weight, {**extra_weight_attrs, "weight_loader": _refuse_default_loader})
         layer.qlora_geometry = (input_size_per_partition, tuple(output_partition_sizes), input_size, output_size)
+        layer.qlora_dtype = params_dtype
         layer.qlora_parts = {}
-        layer.qlora_packed = None
+        layer.qlora_packed = layer.qlora_dense = None
 
     def process_weights_after_loading(self, layer) -> None:
         sizes = layer.qlora_geometry[1]
@@ -114,9 +121,15 @@ class QloraNF4LinearMethod(LinearMethodBase):
         if tuple(packed.state.shape) != want:
             raise CheckpointMismatch(f"{where}: 4-bit weight shard is {packed.state.shape}, vLLM expects {want}")
         layer.qlora_packed, layer.qlora_parts = packed, {}
-        layer.weight = torch.nn.Parameter(packed.data, requires_grad=False)
+        if self.config.dequantize:
+            layer.qlora_dense = dequant(packed, layer.qlora_dtype)
+            layer.weight = torch.nn.Parameter(layer.qlora_dense, requires_grad=False)
+        else:
+            layer.weight = torch.nn.Parameter(packed.data, requires_grad=False)
 
     def apply(self, layer, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        if layer.qlora_dense is not None:
+            return torch.nn.functional.linear(x, layer.qlora_dense, bias)
         return nf4_matmul(x, layer.qlora_packed, bias)
 
     def dequantize_weight(self, layer) -> torch.Tensor:

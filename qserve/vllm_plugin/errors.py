@@ -12,3 +12,7 @@ class ShardSplitError(PluginError):
 
 class CheckpointMismatch(PluginError):
     """The checkpoint and vLLM's model disagree: a tensor with no layer, a layer with no tensor, a bad config."""
+
+
+class BackendStartError(PluginError):
+    """vLLM's server process (qserve serve --backend vllm) exited or did not become ready in time."""

@@ -1,0 +1,102 @@
+"""`qserve serve CKPT --backend vllm`: vLLM (with the qlora_nf4 plugin) behind qserve's own front.
+
+    qserve front (this process)      API keys, tenants' adapter access, adapter root, admin API, metrics
+        │ loopback + private key
+    vLLM OpenAI server (child)       --quantization/--load-format qlora_nf4, LoRA on, TP/PP/DP
+
+`start()` runs both and returns a handle (tests, benchmarks); `serve()` blocks (the CLI). Nothing here imports
+vLLM: the child process does, through the plugin's entry point.
+"""
+import os
+import socket
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import uvicorn
+
+from ..adapters import AdapterRegistry, RegistryConfig
+from ..api.auth import KeyStore
+from ..config import ServeConfig
+from ..server import base_names
+from .front import adapter_loader, create_front
+from .launch import VllmOptions, VllmProcess, adapter_rank, launch, lora_rank, vllm_command
+
+__all__ = ["VllmHandle", "VllmOptions", "adapter_rank", "lora_rank", "serve", "start", "vllm_command"]
+
+
+@dataclass
+class VllmHandle:
+    """A running front (`url`) and its vLLM child (`vllm`); `stop()` ends both."""
+
+    url: str
+    vllm: VllmProcess
+    registry: AdapterRegistry
+    server: uvicorn.Server
+    thread: threading.Thread | None
+    max_lora_rank: int
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        if self.thread is not None:
+            self.thread.join(timeout=30)
+        self.vllm.stop()
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.listen(2048)
+    return sock
+
+
+def _build(config: ServeConfig, opts: VllmOptions, log) -> tuple[VllmProcess, AdapterRegistry, uvicorn.Server, int]:
+    folder = Path(config.checkpoint)
+    served = os.path.basename(os.path.normpath(config.checkpoint))
+    keys = KeyStore.from_file(config.api_keys)  # bad key files fail before vLLM spends a minute loading
+    names = base_names(folder) + tuple(config.base_names)
+    rank = lora_rank(config, opts)
+    registry = AdapterRegistry(RegistryConfig(config.allowed_root, config.max_loras), adapter_loader(names, rank))
+    for name, path in config.adapters:
+        registry.add(name, path, trusted=True)
+    proc = launch(config, opts, served, rank, log)
+    app = create_front(proc.url, proc.key, keys, served, registry, config.max_tokens_limit, config.max_body_bytes)
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5))
+    return proc, registry, server, rank
+
+
+def start(config: ServeConfig, opts: VllmOptions = VllmOptions(), log: str | os.PathLike | None = None) -> VllmHandle:
+    """Start vLLM and the front (in a daemon thread); returns once both accept connections.
+
+    Raises:
+        BackendStartError when vLLM exits or is not ready within opts.startup_timeout_s (log: its output file).
+    """
+    proc, registry, server, rank = _build(config, opts, log)
+    try:
+        sock = _bind(config.host, config.port)
+    except OSError:
+        proc.stop()
+        raise
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True, name="qserve-vllm-front")
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started and time.monotonic() < deadline:
+        time.sleep(0.02)
+    host, port = sock.getsockname()[:2]
+    return VllmHandle(f"http://{host}:{port}", proc, registry, server, thread, rank)
+
+
+def serve(config: ServeConfig, opts: VllmOptions = VllmOptions(), announce=print) -> None:
+    """Run until interrupted."""
+    proc, _, server, rank = _build(config, opts, None)
+    try:
+        sock = _bind(config.host, config.port)
+        host, port = sock.getsockname()[:2]
+        announce(f"qserve: serving {config.checkpoint} on http://{host}:{port} through vLLM at {proc.url} "
+                 f"(tp={opts.tensor_parallel_size} pp={opts.pipeline_parallel_size} dp={opts.data_parallel_size}, "
+                 f"max LoRA rank {rank}, {len(config.adapters)} adapters)")
+        server.run(sockets=[sock])
+    finally:
+        proc.stop()

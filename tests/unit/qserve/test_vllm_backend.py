@@ -1,0 +1,77 @@
+"""qserve.vllm_backend without vLLM: the child's command line and environment, the max LoRA rank taken from the
+adapters, option checks, and the front's adapter checks (rank above the server's, another base model)."""
+import json
+
+import pytest
+import torch
+
+from formats import LoraConfig, save_adapter
+from qserve.config import ServeConfig
+from qserve.errors import AdapterRefused
+from qserve.vllm_backend import VllmOptions, lora_rank, vllm_command
+from qserve.vllm_backend.front import adapter_loader
+
+pytestmark = pytest.mark.unit
+KEY = "base_model.model.model.layers.0.self_attn.q_proj."
+
+
+def _ckpt(tmp_path):
+    ckpt = tmp_path / "tiny-nf4"
+    ckpt.mkdir()
+    (ckpt / "config.json").write_text(json.dumps({"num_hidden_layers": 30, "num_attention_heads": 9,
+                                                  "num_key_value_heads": 3, "hidden_size": 576}))
+    return ckpt
+
+
+def _adapter(folder, rank, base="tiny-nf4", rank_pattern=None):
+    cfg = LoraConfig(r=rank, lora_alpha=rank, target_modules=("q_proj",), base_model_name_or_path=base,
+                     rank_pattern=rank_pattern or {})
+    save_adapter(folder, cfg, {KEY + "lora_A.weight": torch.zeros(rank, 8), KEY + "lora_B.weight": torch.zeros(8, rank)})
+    return folder
+
+
+def test_command_has_plugin_lora_and_parallel_flags(tmp_path, monkeypatch):
+    monkeypatch.delenv("VLLM_CPU_KVCACHE_SPACE", raising=False)
+    ckpt = _ckpt(tmp_path)
+    a = _adapter(tmp_path / "a", 8)
+    config = ServeConfig(str(ckpt), adapters=(("a", str(a)),), max_loras=3, max_cpu_loras=5, max_model_len=512,
+                         kv_cache_tokens=100_000, dtype="bfloat16", dequantize_base=True)
+    opts = VllmOptions(python="/x/python", tensor_parallel_size=2, pipeline_parallel_size=3, data_parallel_size=4)
+    argv, env = vllm_command(config, opts, 8123, "sk-secret", "tiny-nf4", 8)
+    line = " ".join(argv)
+    assert argv[:3] == ["/x/python", "-m", "vllm.entrypoints.openai.api_server"]
+    for want in ("--quantization qlora_nf4", "--load-format qlora_nf4", "--enable-lora", "--max-lora-rank 8",
+                 "--max-loras 3", "--max-cpu-loras 5", "--tensor-parallel-size 2", "--pipeline-parallel-size 3",
+                 "--data-parallel-size 4", f"--lora-modules a={a}", "--host 127.0.0.1", "--port 8123",
+                 "--api-key sk-secret", "--served-model-name tiny-nf4", "--enforce-eager", "--dtype bfloat16"):
+        assert want in line, want
+    assert env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] == "True" and env["QLORA_KIT_VLLM_DEQUANTIZE"] == "1"
+    # 100k tokens * 2 (k, v) * 30 layers * 3 heads * 64 dims * 2 bytes = 2.15 GiB -> 3 whole GiB
+    assert env["VLLM_CPU_KVCACHE_SPACE"] == "3"
+
+
+def test_max_lora_rank_from_adapters_rounded_to_vllm_ranks(tmp_path):
+    ckpt = _ckpt(tmp_path)
+    root = tmp_path / "root"
+    _adapter(root / "team" / "x", 8)
+    _adapter(root / "y", 4, rank_pattern={"q_proj": 24})
+    assert lora_rank(ServeConfig(str(ckpt), allowed_root=str(root)), VllmOptions()) == 32
+    assert lora_rank(ServeConfig(str(ckpt)), VllmOptions()) == 16
+    assert lora_rank(ServeConfig(str(ckpt)), VllmOptions(max_lora_rank=100)) == 128
+
+
+def test_options_are_checked():
+    with pytest.raises(ValueError, match=r"tensor_parallel_size=0: must be an integer >= 1 \(flag --tensor-parallel-size\)"):
+        VllmOptions(tensor_parallel_size=0)
+    with pytest.raises(ValueError, match=r"max_lora_rank=1000: must be in \[1, 512\]"):
+        VllmOptions(max_lora_rank=1000)
+
+
+def test_front_refuses_rank_above_server_and_other_base(tmp_path):
+    load = adapter_loader(("tiny-nf4",), 16)
+    cfg, nbytes = load("ok", str(_adapter(tmp_path / "ok", 16)))
+    assert cfg.r == 16 and nbytes == 2 * 16 * 8 * 4
+    with pytest.raises(AdapterRefused, match=r"rank 32 is above the vLLM server's --max-lora-rank 16"):
+        load("big", str(_adapter(tmp_path / "big", 32)))
+    with pytest.raises(AdapterRefused, match="trained for base model 'other/Model-7B'"):
+        load("other", str(_adapter(tmp_path / "other", 8, base="other/Model-7B")))
