@@ -14,16 +14,13 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import uvicorn
-
 from ..adapters import AdapterRegistry, RegistryConfig
-from ..api.auth import KeyStore
 from ..config import ServeConfig
-from ..server import base_names
-from .front import adapter_loader, create_front
-from .launch import VllmOptions, VllmProcess, adapter_rank, launch, lora_rank, vllm_command
+from .launch import (VllmOptions, VllmProcess, adapter_rank, launch, lora_rank, pop_vllm_options, vllm_cli_options,
+                     vllm_command)
 
-__all__ = ["VllmHandle", "VllmOptions", "adapter_rank", "lora_rank", "serve", "start", "vllm_command"]
+__all__ = ["VllmHandle", "VllmOptions", "adapter_rank", "lora_rank", "pop_vllm_options", "serve", "start",
+           "vllm_cli_options", "vllm_command"]
 
 
 @dataclass
@@ -33,7 +30,7 @@ class VllmHandle:
     url: str
     vllm: VllmProcess
     registry: AdapterRegistry
-    server: uvicorn.Server
+    server: object  # uvicorn.Server
     thread: threading.Thread | None
     max_lora_rank: int
 
@@ -52,7 +49,13 @@ def _bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-def _build(config: ServeConfig, opts: VllmOptions, log) -> tuple[VllmProcess, AdapterRegistry, uvicorn.Server, int]:
+def _build(config: ServeConfig, opts: VllmOptions, log):
+    import uvicorn  # the HTTP stack and torch load only when serving (`qserve --help` stays fast)
+
+    from ..api.auth import KeyStore
+    from ..server import base_names
+    from .front import adapter_loader, create_front
+
     folder = Path(config.checkpoint)
     served = os.path.basename(os.path.normpath(config.checkpoint))
     keys = KeyStore.from_file(config.api_keys)  # bad key files fail before vLLM spends a minute loading

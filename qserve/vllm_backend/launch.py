@@ -5,6 +5,7 @@ installed (the `vllm` extra; the `vllm` console script of the CPU build is broke
 only, on a free port, behind a random API key that only qserve's front knows, so tenants cannot reach it
 around the front's authentication and per-tenant adapter checks.
 """
+import ctypes
 import json
 import math
 import os
@@ -16,8 +17,10 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
+
+import click
 
 from ..config import ServeConfig
 from ..vllm_plugin import NAME
@@ -59,6 +62,32 @@ class VllmOptions:
             raise ValueError(f"max_lora_rank={self.max_lora_rank!r}: must be in [1, {VLLM_RANKS[-1]}]")
         if self.startup_timeout_s <= 0:
             raise ValueError(f"startup_timeout_s={self.startup_timeout_s!r}: must be > 0")
+
+
+_FLAG_NAMES = {"python": "--vllm-python", "startup_timeout_s": "--vllm-startup-timeout", "extra_args": "--vllm-arg"}
+
+
+def vllm_cli_options(fn):
+    """`qserve serve` flags for VllmOptions (keyword names prefixed `vllm_`), defaults left to the dataclass."""
+    for f in reversed(fields(VllmOptions)):
+        flag = _FLAG_NAMES.get(f.name, "--" + f.name.replace("_", "-"))
+        kw = "vllm_" + f.name
+        help_ = f"[--backend vllm; default: {f.default if f.default is not None else 'auto'}]"
+        if f.name == "enforce_eager":
+            fn = click.option(f"{flag}/--no-enforce-eager", kw, default=None, help=help_)(fn)
+        elif f.name == "extra_args":
+            fn = click.option(flag, kw, multiple=True, help="[--backend vllm] one extra vLLM argument (repeatable)")(fn)
+        else:
+            kind = {"python": str, "startup_timeout_s": float}.get(f.name, int)
+            fn = click.option(flag, kw, type=kind, default=None, help=help_)(fn)
+    return fn
+
+
+def pop_vllm_options(flags: dict) -> VllmOptions:
+    """Remove the `vllm_*` keywords of vllm_cli_options from `flags` and build VllmOptions (ValueError if bad)."""
+    got = {k[len("vllm_"):]: flags.pop(k) for k in [k for k in flags if k.startswith("vllm_")]}
+    got = {k: (tuple(v) if k == "extra_args" else v) for k, v in got.items() if v is not None and v != ()}
+    return VllmOptions(**got)
 
 
 def adapter_rank(folder: str | os.PathLike) -> int:
@@ -137,6 +166,14 @@ def vllm_command(config: ServeConfig, opts: VllmOptions, port: int, key: str, se
     return argv, env
 
 
+def _die_with_parent() -> None:
+    """In the child before exec: get SIGTERM when the parent dies (Linux), so no engine outlives its front."""
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG = 1
+    except OSError:
+        pass
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as s:
         s.bind((host, 0))
@@ -155,7 +192,7 @@ class VllmProcess:
     def start(self, timeout_s: float) -> "VllmProcess":
         out = open(self.log, "ab") if self.log else None
         self.proc = subprocess.Popen(self.argv, env=self.env, stdout=out, stderr=subprocess.STDOUT if out else None,
-                                     start_new_session=True)
+                                     start_new_session=True, preexec_fn=_die_with_parent)
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:

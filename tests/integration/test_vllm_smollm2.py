@@ -20,6 +20,7 @@ from formats import LoraConfig
 from models import SamplingParams, Tokenizer, add_adapter, adapter_params, generate, load_model, load_peft_adapter
 from models import remove_adapter, save_peft_adapter
 from qserve.config import ServeConfig
+from qserve.server import dequantize_bases
 
 REPO = Path(__file__).resolve().parents[2]
 VLLM_PYTHON = Path(os.environ.get("QSERVE_VLLM_PYTHON", REPO / ".venv-vllm" / "bin" / "python"))
@@ -29,7 +30,7 @@ pytestmark = [pytest.mark.vllm, pytest.mark.slow, pytest.mark.integration,
 
 SERVED = "smollm2-135m-instruct"
 ADMIN, ACME, GLOBEX = "sk-admin-0000", "sk-acme-00000", "sk-globex-0000"
-PROMPTS = ["The capital of France is", "Water boils at", "List three colors:"]
+PROMPTS = ["The capital of France is", "List three colors:"]
 ALL = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -72,6 +73,7 @@ def env(smollm2, tmp_path_factory):
                          max_tokens_limit=64)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     handle = start(config, VllmOptions(python=str(VLLM_PYTHON), startup_timeout_s=400), log=root / "vllm.log")
+    dequantize_bases(model)  # the reference runs dense fp32 (same decoded weights): minutes faster on CPU
     handle.model, handle.tok, handle.allowed, handle.root = model, Tokenizer(ckpt), allowed, root
     yield handle
     handle.stop()
