@@ -16,6 +16,7 @@ import click
 from formats._cli import cli_errors
 
 from .config import ServeConfig
+from .vllm_backend.launch import pop_vllm_options, vllm_cli_options
 
 _SPECIAL = {"checkpoint", "adapters", "base_names"}
 
@@ -47,9 +48,12 @@ def main():
 @click.argument("checkpoint", type=click.Path(exists=True, file_okay=False))
 @click.option("--adapter", "adapters", multiple=True, metavar="NAME=PATH", help="Adapter loaded at start-up.")
 @click.option("--base-name", "base_names", multiple=True, help="Another name of the base for adapter checks.")
+@click.option("--backend", type=click.Choice(["native", "vllm"]), default="native", show_default=True,
+              help="vllm: vLLM with the qlora_nf4 plugin (TP/PP/DP) behind this server's keys, tenants and metrics.")
+@vllm_cli_options
 @_config_options
 @cli_errors
-def serve(checkpoint, adapters, base_names, **flags):
+def serve(checkpoint, adapters, base_names, backend, **flags):
     """Start the HTTP server for CHECKPOINT (a qconvert output folder)."""
     pairs = []
     for item in adapters:
@@ -58,10 +62,15 @@ def serve(checkpoint, adapters, base_names, **flags):
             raise click.BadParameter(f"{item!r}: expected NAME=PATH", param_hint="--adapter")
         pairs.append((name, path))
     try:
+        vllm_opts = pop_vllm_options(flags)
         config = ServeConfig(checkpoint, tuple(pairs), base_names=tuple(base_names),
                              **{k: v for k, v in flags.items() if v is not None})
     except ValueError as e:
         raise click.UsageError(str(e)) from None
+    if backend == "vllm":
+        from .vllm_backend import serve as run_vllm
+
+        return run_vllm(config, vllm_opts, announce=lambda msg: click.echo(msg, err=True))
     from .server import serve as run_server  # torch and the model load only for this command
 
     run_server(config, announce=lambda msg: click.echo(msg, err=True))
