@@ -49,3 +49,14 @@ def test_existing_out_exit_2(tiny_chat, chat_data, tmp_path):
     res = CliRunner().invoke(main, ["train", "--base", str(tiny_chat), "--data", str(chat_data), "--out",
                                     str(tmp_path / "o")])
     assert res.exit_code == 2 and "already exists" in res.output
+
+
+def test_ask_prints_base_and_adapter_answers(tiny_chat, chat_data, tmp_path):
+    out = tmp_path / "o"
+    res = CliRunner().invoke(main, ["train", "--base", str(tiny_chat), "--data", str(chat_data), "--out", str(out),
+                                    "--r", "2", "--max-steps", "1", "--max-seq-len", "128", "--no-progress"])
+    assert res.exit_code == 0, res.output
+    res = CliRunner().invoke(main, ["ask", "--base", str(tiny_chat), "--adapter", str(out), "--max-tokens", "3",
+                                    "What is fact number 3?"])
+    assert res.exit_code == 0, res.output
+    assert "Q: What is fact number 3?" in res.output and "base" in res.output and "adapter:" in res.output
