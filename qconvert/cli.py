@@ -37,18 +37,19 @@ def main():
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default=_DEFAULTS.device, show_default=True)
 @click.option("--max-shard-size", default="5GB", show_default=True)
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
+@click.option("--threads", type=int, default=_DEFAULTS.threads, show_default=True, help="CPU threads for quantizing.")
 @click.option("--revision", default=None, help="Hub revision of SRC.")
 @click.option("--token", envvar="HF_TOKEN", default=None, help="Hub token (default: $HF_TOKEN or the saved login).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @cli_errors
 def convert(src, out, quant_type, blocksize, double_quant, compute_dtype, skip_modules, device, max_shard_size,
-            overwrite, revision, token, quiet):
+            overwrite, threads, revision, token, quiet):
     """Quantize SRC (a local HF folder or a Hub repo id) into the 4-bit checkpoint folder OUT."""
     from .convert import convert as run_convert
 
     skips = tuple(s.strip() for item in skip_modules for s in item.split(",") if s.strip())
     cfg = ConvertConfig(quant_type, int(blocksize), double_quant, compute_dtype, skips, device,
-                        parse_size(max_shard_size), overwrite)
+                        parse_size(max_shard_size), overwrite, threads)
     r = run_convert(src, out, cfg, revision=revision, token=token, progress=not quiet)
     console.print(f"wrote {r.out}: {r.quantized} quantized + {r.kept} kept tensors, {r.bytes_in / 2**20:.1f} MiB -> "
                   f"{r.bytes_out / 2**20:.1f} MiB in {len(r.files)} file(s)")

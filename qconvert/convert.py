@@ -82,13 +82,30 @@ def convert(src: str, out: str | Path, cfg: ConvertConfig = ConvertConfig(), rev
         raise InvalidOption(f"{out}: OUT must not be SRC ({folder}) or lie inside it")
     if out.exists() and not cfg.overwrite:
         raise FileExistsError(f"{out}: already exists (pass --overwrite to replace it)")
-    quantized = kept = 0
+    threads = torch.get_num_threads()
+    torch.set_num_threads(cfg.threads)
+    try:
+        files = _write(folder, out, weights, config, cfg, src, progress)
+    finally:
+        torch.set_num_threads(threads)
+    return ConvertResult(out, files, weights.total_bytes, sum(f.stat().st_size for f in files),
+                         *_counts(weights, cfg))
+
+
+def _counts(weights: SourceWeights, cfg: ConvertConfig) -> tuple[int, int]:
+    """(quantized, kept) tensor counts, from names and shapes alone."""
+    quantized = sum(should_quantize(i.name, torch.empty(i.shape, device="meta")) and not cfg.skips(i.name)
+                    for i in weights.infos)
+    return quantized, len(weights.infos) - quantized
+
+
+def _write(folder: Path, out: Path, weights: SourceWeights, config: dict, cfg: ConvertConfig, src: str,
+           progress: bool) -> list[Path]:
     with atomic_dir(out, overwrite=cfg.overwrite) as tmp, byte_progress(progress) as bar:
         task = bar.add_task(f"converting {folder.name}", total=weights.total_bytes)
         writer = ShardWriter(tmp, cfg.max_shard_size, {SOURCE_KEY: str(src)})
         for info, tensor in weights:
             entries = convert_tensor(info.name, tensor, cfg)
-            quantized, kept = quantized + (len(entries) > 1), kept + (len(entries) == 1)
             writer.add_group(entries)
             del tensor, entries
             bar.advance(task, info.nbytes)
@@ -97,5 +114,4 @@ def convert(src: str, out: str | Path, cfg: ConvertConfig = ConvertConfig(), rev
             if name != "config.json":
                 shutil.copyfile(folder / name, tmp / name)
         write_json(tmp / "config.json", converted_config(config, cfg))
-    files = [out / f.name for f in files]
-    return ConvertResult(out, files, weights.total_bytes, sum(f.stat().st_size for f in files), quantized, kept)
+    return [out / f.name for f in files]

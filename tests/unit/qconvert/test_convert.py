@@ -82,3 +82,12 @@ def test_out_may_not_be_src(tiny_src):
 def test_cuda_device_without_cuda_is_an_error():
     with pytest.raises(InvalidOption, match="--device cuda: no CUDA device is visible"):
         ConvertConfig(device="cuda")
+
+
+def test_threads_setting_is_restored(tiny_src, tmp_path):
+    before = torch.get_num_threads()
+    result = convert(str(tiny_src), tmp_path / "o", ConvertConfig(threads=1), progress=False)
+    assert torch.get_num_threads() == before
+    assert (result.quantized, result.kept) == (14, 7)
+    with pytest.raises(InvalidOption, match="--threads 0"):
+        ConvertConfig(threads=0)
