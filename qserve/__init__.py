@@ -1,9 +1,10 @@
 """qserve: one 4-bit base, many hot-swappable LoRA adapters, OpenAI-compatible HTTP API.
 
-The engine core (scheduler, block manager, adapter registry) is plain Python; torch enters only through the
-model runner, which is not imported here.
+The engine core (scheduler, block manager, adapter registry, config) is plain Python; torch enters only through
+the model runner, engine loop and server (qserve.engine.runner / .engine / qserve.server), not imported here.
 """
 from .adapters import AdapterInfo, AdapterRegistry, AdapterState, RegistryConfig
+from .config import ServeConfig
 from .engine import (
     BlockManager,
     FinishReason,
@@ -20,11 +21,14 @@ from .errors import (
     AdapterNotFound,
     AdapterPathRefused,
     AdapterRefused,
+    BodyTooLarge,
+    Forbidden,
     InvalidRequest,
     PromptTooLong,
     QueueFull,
     RequestNotFound,
     ServeError,
+    Unauthorized,
 )
 
 __all__ = [
@@ -36,6 +40,8 @@ __all__ = [
     "AdapterRegistry",
     "AdapterState",
     "BlockManager",
+    "BodyTooLarge",
+    "Forbidden",
     "FinishReason",
     "InvalidRequest",
     "PromptTooLong",
@@ -48,5 +54,7 @@ __all__ = [
     "ScheduledRequest",
     "Scheduler",
     "SchedulerConfig",
+    "ServeConfig",
     "ServeError",
+    "Unauthorized",
 ]

@@ -12,6 +12,8 @@ from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException
 
+from models import TokenizerError
+
 from ..errors import (
     AdapterExists,
     AdapterNotFound,
@@ -71,6 +73,10 @@ def install(app: FastAPI) -> None:
     async def _serve_error(request: Request, err: ServeError):
         status, kind = status_of(err)
         return error_response(str(err), status, kind)
+
+    @app.exception_handler(TokenizerError)
+    async def _tokenizer(request: Request, err: TokenizerError):
+        return error_response(str(err), 400)
 
     @app.exception_handler(RequestValidationError)
     async def _request_validation(request: Request, err: RequestValidationError):

@@ -4,7 +4,7 @@ from pathlib import Path
 import torch
 
 from formats import LoraConfig
-from models import add_adapter, adapter_params, load_model, remove_adapter, save_peft_adapter
+from models import TokenizerError, add_adapter, adapter_params, load_model, remove_adapter, save_peft_adapter
 from tests.unit.models._tiny import write_tiny
 
 
@@ -17,7 +17,10 @@ class CharTokenizer:
         return "".join(chr(65 + t % 26) for t in ids)
 
     def encode(self, text, add_special_tokens=True):
-        return [ord(c) - 65 for c in text]
+        return [ord(c) % 128 for c in text]
+
+    def encode_chat(self, messages, add_generation_prompt=True):
+        raise TokenizerError("this tokenizer has no chat template")
 
 
 def tiny_model(root: Path, variant: str = "llama"):

@@ -15,7 +15,7 @@ pytestmark = pytest.mark.unit
 
 REPO = Path(__file__).resolve().parents[3]
 MODULES = ["qserve", "qserve.errors", "qserve.adapters", "qserve.engine", "qserve.engine.request",
-           "qserve.engine.block_manager", "qserve.engine.scheduler"]
+           "qserve.engine.block_manager", "qserve.engine.scheduler", "qserve.config", "qserve.metrics"]
 
 
 def _run(code: str) -> subprocess.CompletedProcess:
