@@ -177,14 +177,20 @@ async def _sse(handle, rid: str, model: str, chat: bool, include_usage: bool):
         return f"data: {json.dumps(body)}\n\n"
 
     first = True
-    async for out in handle:
-        if out.finish_reason == "error":
-            err = errors.error_body(out.error or "generation failed", "server_error", 500)
-            yield f"data: {json.dumps(err)}\n\n"
-            break
-        if out.text or out.finish_reason is not None or first:
-            yield chunk(out.text, out.finish_reason, first)
-            first = False
-        if out.finish_reason is not None and include_usage:
-            yield chunk("", None, usage=_usage(out))
-    yield "data: [DONE]\n\n"
+    try:
+        while True:
+            out = await handle.get()
+            if out.finish_reason == "error":
+                err = errors.error_body(out.error or "generation failed", "server_error", 500)
+                yield f"data: {json.dumps(err)}\n\n"
+                break
+            if out.text or out.finish_reason is not None or first:
+                yield chunk(out.text, out.finish_reason, first)
+                first = False
+            if out.finish_reason is not None:
+                if include_usage:
+                    yield chunk("", None, usage=_usage(out))
+                break
+        yield "data: [DONE]\n\n"
+    finally:  # client gone (the response task is cancelled) or done: free the request's KV blocks now
+        handle.close()

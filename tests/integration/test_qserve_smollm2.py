@@ -272,7 +272,7 @@ async def _load_round(server, n_requests, concurrency, n_adapters, max_tokens):
     return lat, toks, fails, wall
 
 
-@pytest.mark.parametrize("n_requests,concurrency,max_tokens", [(int(os.environ.get("QSERVE_LOAD_N", 100)),
+@pytest.mark.parametrize("n_requests,concurrency,max_tokens", [(int(os.environ.get("QSERVE_LOAD_N", 64)),
                                                                int(os.environ.get("QSERVE_LOAD_C", 16)), 4)])
 def test_bounded_load_over_32_adapters(server, n_requests, concurrency, max_tokens):
     """Smaller than issue 9's 500 x 64 to stay in the suite's time budget; set QSERVE_LOAD_N=500

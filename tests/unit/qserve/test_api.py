@@ -76,3 +76,34 @@ def test_errors(server, body, status, needle):
 def test_health_and_metrics(server):
     assert httpx.get(server.url + "/health").json() == {"status": "ok"}
     assert "qserve_engine_steps_total" in httpx.get(server.url + "/metrics").text
+
+
+def test_cli_adapters_commands(server):
+    from click.testing import CliRunner
+
+    from qserve.cli import main
+
+    run = CliRunner()
+    out = run.invoke(main, ["adapters", "load", "a2", "a1", "--url", server.url, "--api-key", ADMIN])
+    assert out.exit_code == 0 and "added successfully" in out.output, out.output
+    out = run.invoke(main, ["adapters", "list", "--url", server.url, "--api-key", ADMIN])
+    assert out.exit_code == 0 and "a2\t" in out.output and "slots free" in out.output, out.output
+    out = run.invoke(main, ["adapters", "unload", "a2", "--url", server.url, "--api-key", USER])
+    assert out.exit_code == 1 and "HTTP 403" in out.output
+    out = run.invoke(main, ["adapters", "unload", "a2", "--url", server.url, "--api-key", ADMIN])
+    assert out.exit_code == 0 and "unloaded" in out.output
+
+
+def test_disconnected_stream_is_cancelled(server):
+    body = {"model": "llama", "prompt": [1, 2], "max_tokens": 32, "stream": True, "ignore_eos": True}
+    with httpx.stream("POST", server.url + "/v1/completions", json=body,
+                      headers={"Authorization": f"Bearer {USER}"}) as r:
+        next(r.iter_lines())
+    import time
+
+    for _ in range(200):
+        if not server.engine.scheduler.has_unfinished:
+            break
+        time.sleep(0.02)
+    assert not server.engine.scheduler.has_unfinished
+    assert server.engine.metrics.counters.get(("requests_total", (("finish_reason", "cancelled"),)), 0) >= 1
