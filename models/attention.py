@@ -97,6 +97,9 @@ class StaticKVCache(KVCache):
         self.valid[:, start:end] = True if batch.attention_mask is None else batch.attention_mask.bool()
         self.key_pos[:, start:end] = positions
         self.length = end
+        window_binds = sliding_window is not None and end > sliding_window
+        if not window_binds and (T == 1 or start == 0) and bool(self.valid[:, :end].all()):
+            return AttentionMeta(None, positions, start)  # plain causal: SDPA's own path, as without a cache
         q_idx = torch.arange(start, end, device=self.valid.device)
         k_idx = torch.arange(end, device=self.valid.device)
         ok = _allowed(q_idx, k_idx, positions, self.key_pos[:, :end], sliding_window)

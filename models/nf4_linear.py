@@ -37,7 +37,8 @@ class NF4Linear(nn.Module):
         bias: whether a (frozen) bias is added; set by `load_bias` or `set_packed`'s caller.
         backend: None (CUDA -> Triton, CPU -> torch), "torch" or "triton" (see kernels/_dispatch.py).
 
-    The codes and quantization state are buffers (so `.to(device)` and state_dict see them); they are
+    `keep_dequantized = True` keeps the decoded weight between no-grad forwards (same values, more
+    memory; for CPU inference where decoding dominates). The codes and quantization state are buffers (so `.to(device)` and state_dict see them); they are
     set by `set_packed`. Forward: (..., in_features) -> (..., out_features) in x's dtype.
     """
 
@@ -46,9 +47,12 @@ class NF4Linear(nn.Module):
         self.in_features, self.out_features, self.backend = in_features, out_features, backend
         self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False) if bias else None
         self._meta: tuple | None = None  # (quant_type, blocksize, shape, dtype, nested_blocksize)
+        self.keep_dequantized = False
+        self._dequantized: torch.Tensor | None = None
 
     def set_packed(self, packed: Packed4bit) -> None:
         """Take the codes and state of a quantized (out_features, in_features) weight."""
+        self._dequantized = None
         s = packed.state
         if tuple(s.shape) != (self.out_features, self.in_features):
             raise ValueError(f"NF4Linear: packed weight {tuple(s.shape)} != ({self.out_features}, {self.in_features})")
@@ -79,6 +83,11 @@ class NF4Linear(nn.Module):
         return kernels.dequant(self.packed, dtype, self.backend)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.keep_dequantized and not torch.is_grad_enabled():
+            # Inference-only trade of memory for speed (CPU serving, tests): decode once, reuse the same bits.
+            if self._dequantized is None or self._dequantized.dtype != x.dtype or self._dequantized.device != x.device:
+                self._dequantized = self.dequantized(x.dtype)
+            return F.linear(x, self._dequantized, None if self.bias is None else self.bias.to(x.dtype))
         return _NF4Matmul.apply(x, self.bias, self.packed, self.backend)
 
     def extra_repr(self) -> str:

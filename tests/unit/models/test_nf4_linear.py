@@ -72,3 +72,12 @@ def test_wrong_shape_is_refused():
     layer = NF4Linear(64, 16)
     with pytest.raises(ValueError, match=r"packed weight \(8, 64\) != \(16, 64\)"):
         layer.set_packed(quantize_4bit(torch.randn(8, 64)))
+
+
+def test_keep_dequantized_gives_the_same_bits_without_grad():
+    layer, _ = _layer(32, 64, bias=True)
+    x = torch.randn(2, 64)
+    with torch.no_grad():
+        ref = layer(x)
+        layer.keep_dequantized = True
+        assert torch.equal(layer(x), ref) and layer._dequantized is not None
