@@ -4,6 +4,11 @@ mixed-adapter generate (`adapter_names`) as the peer, in the same run.
 
     python -m bench.serve [--batch 128] [--new-tokens 8] [--prompt-tokens 8] [--device cpu] [--dtype float32]
                           [--adapters 1,8,32,128] [--rank 16] [--json]
+    python -m bench.serve --load-test 500,64 [--adapters 32] [--new-tokens 4]
+
+The second form is issue 9's bounded load test over HTTP (the suite runs a smaller one): the openai client on
+loopback sends N requests over `adapters` adapters at concurrency C, two rounds, and prints failures, p50/p99
+latency, generated tok/s and the process RSS after each round.
 
 Workload: `batch` requests submitted at once, row i uses adapter i % n (r16, all linear projections, random
 non-zero B), seeded random prompts of `prompt-tokens` tokens, greedy, exactly `new-tokens` new tokens each
@@ -101,8 +106,12 @@ def _peer(folders, prompts, counts, new_tokens, dtype, device):
 @click.option("--dtype", default="float32", show_default=True)
 @click.option("--peer/--no-peer", default=True, show_default=True)
 @click.option("--as-json", "as_json", is_flag=True)
-def main(batch, new_tokens, prompt_tokens, counts, rank, device, dtype, peer, as_json):
+@click.option("--load-test", default=None, metavar="N,C", help="HTTP load test: N requests at concurrency C.")
+def main(batch, new_tokens, prompt_tokens, counts, rank, device, dtype, peer, as_json, load_test):
     counts = tuple(int(c) for c in counts.split(","))
+    if load_test:
+        n, c = (int(x) for x in load_test.split(","))
+        return _load_test(n, c, counts[0], new_tokens, rank, device, dtype)
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = Path(tmp) / "smollm2-135m-instruct"
         convert(str(SRC), ckpt, progress=False)
@@ -134,6 +143,60 @@ def main(batch, new_tokens, prompt_tokens, counts, rank, device, dtype, peer, as
         pb = f"{p / theirs[0]:8.2f}" if p else f"{'-':>8}"
         print(f"{n if n else 'base':>8} {o:11.1f} {o / ours[0]:8.2f} {p or 0:11.1f} {pb} "
               f"{(o / p if p else float('nan')):9.2f}")
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) / 1024 for line in f if line.startswith("VmRSS:"))
+
+
+async def _http_round(url, names, n, concurrency, new_tokens):
+    import openai
+
+    client = openai.AsyncOpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=3600)
+    sem, lat, toks, fails = asyncio.Semaphore(concurrency), [], [], []
+
+    async def one(i):
+        async with sem:
+            t0 = time.perf_counter()
+            try:
+                r = await client.completions.create(model=names[i % len(names)], prompt=f"Request {i}: tell me",
+                                                    max_tokens=new_tokens, temperature=0)
+                toks.append(r.usage.completion_tokens)
+                lat.append(time.perf_counter() - t0)
+            except openai.OpenAIError as e:
+                fails.append(repr(e))
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*(one(i) for i in range(n)))
+    wall = time.perf_counter() - t0
+    await client.close()
+    return lat, toks, fails, wall
+
+
+def _load_test(n, concurrency, n_adapters, new_tokens, rank, device, dtype):
+    import statistics
+
+    from qserve.server import start
+
+    with tempfile.TemporaryDirectory() as tmp:
+        ckpt = Path(tmp) / "smollm2-135m-instruct"
+        convert(str(SRC), ckpt, progress=False)
+        config = ServeConfig(str(ckpt), device=device, dtype=dtype, dequantize_base=device == "cpu",
+                             max_loras=min(n_adapters, 32), max_num_seqs=concurrency, max_waiting=max(n, 256),
+                             max_model_len=256, kv_cache_tokens=concurrency * 64, allowed_root=tmp)
+        handle = start(config)
+        folders = _make_adapters(handle.engine.model, Path(tmp) / "adapters", n_adapters, rank)
+        names = [f"a{i:03d}" for i in range(n_adapters)]
+        for name, f in zip(names, folders):
+            handle.engine.registry.add(name, f, trusted=True)
+        for rnd in range(2):
+            lat, toks, fails, wall = asyncio.run(_http_round(handle.url, names, n, concurrency, new_tokens))
+            q = statistics.quantiles(lat, n=100) if len(lat) > 1 else [float("nan")] * 99
+            print(f"round {rnd}: {n} requests over {n_adapters} adapters at concurrency {concurrency}: "
+                  f"{len(fails)} failures, p50 {q[49]:.2f} s, p99 {q[98]:.2f} s, "
+                  f"{sum(toks) / wall:.1f} generated tok/s, wall {wall:.1f} s, RSS {_rss_mb():.0f} MB", flush=True)
+        handle.stop()
 
 
 if __name__ == "__main__":
