@@ -8,7 +8,7 @@ import torch
 from models import SamplingParams as ModelSampling
 from models import generate, load_peft_adapter, remove_adapter
 from qserve.engine import BlockManager, Request, SamplingParams, Scheduler, SchedulerConfig
-from qserve.engine.lora import install, read_adapter
+from qserve.engine.lora import evict, install, read_adapter
 from qserve.engine.runner import ModelRunner
 
 from ._tiny_serve import make_adapter, tiny_model
@@ -57,9 +57,20 @@ def _drive(model, requests, num_blocks, block_size, budget, slots):
     return sched
 
 
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root, cache = tmp_path_factory.mktemp("runner"), {}
+
+    def get(variant):
+        if variant not in cache:
+            cache[variant] = tiny_model(root, variant)[1]
+        return cache[variant]
+    return get
+
+
 @pytest.mark.parametrize("variant,num_blocks,budget", [("llama", 64, 48), ("llama", 8, 12), ("mistral", 64, 10)])
-def test_batches_equal_offline_generate(tmp_path, variant, num_blocks, budget):
-    folder, model = tiny_model(tmp_path, variant)
+def test_batches_equal_offline_generate(tiny, tmp_path, variant, num_blocks, budget):
+    model = tiny(variant)
     folders = [make_adapter(model, tmp_path / f"a{i}", rank=r, seed=i) for i, r in enumerate((2, 8, 16))]
     slots = {}
     for i, f in enumerate(folders):
@@ -77,16 +88,14 @@ def test_batches_equal_offline_generate(tmp_path, variant, num_blocks, budget):
     if num_blocks == 8:
         assert sched.num_preemptions > 0  # the small cache forces recompute preemption
     for i in range(3):
-        from qserve.engine.lora import evict
-
         evict(model, i)
     for req, (prompt, adapter, n) in zip(reqs, cases):
         f = None if adapter is None else folders[int(adapter[1])]
         assert req.output_token_ids == _offline(model, f, prompt, n), (adapter, prompt)
 
 
-def test_seeded_sampling_is_reproducible(tmp_path):
-    _, model = tiny_model(tmp_path)
+def test_seeded_sampling_is_reproducible(tiny):
+    model = tiny("llama")
     outs = []
     for _ in range(2):
         reqs = [Request([1, 2, 3, 4, 5], SamplingParams(temperature=1.0, top_p=0.9, max_tokens=12, seed=s))
