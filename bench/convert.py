@@ -10,6 +10,10 @@ runs is reported per tool (the machine may be shared; CPU time is the steadier f
 --threads N sets OMP_NUM_THREADS for both tools alike. --synthetic writes a Llama-shaped bf16 checkpoint of random weights to a
 temporary folder (streamed, never held in memory) and converts it, to show that peak memory follows the
 largest tensor rather than the model size.
+
+This parent process imports neither torch nor qlora-kit, and the synthetic checkpoint is written by a
+child of its own: Linux folds the pre-exec memory of a forked child into its ru_maxrss, so a fat parent
+would inflate every figure.
 """
 import json
 import math
@@ -21,9 +25,6 @@ import time
 from pathlib import Path
 
 import click
-import torch
-
-from qconvert.shards import ShardWriter
 
 OURS = "import sys; from qconvert.cli import main; sys.argv[0] = 'qconvert'; main()"
 PEER = """
@@ -61,6 +62,10 @@ def best(fn, repeat: int) -> tuple[float, float, int, list[float]]:
 
 def synthetic(folder: Path, params: float) -> tuple[int, int]:
     """Write a Llama-shaped random bf16 checkpoint of about `params` parameters; return (params, largest tensor)."""
+    import torch
+
+    from qconvert.shards import ShardWriter
+
     hidden, inter, heads, kv, vocab = 2048, 5632, 32, 4, 32000
     head_dim = hidden // heads
     per_layer = 2 * hidden * hidden + 2 * hidden * kv * head_dim + 3 * hidden * inter + 2 * hidden
@@ -93,17 +98,23 @@ def synthetic(folder: Path, params: float) -> tuple[int, int]:
 @click.option("--synthetic", "synth", is_flag=True, help="Convert a large random Llama-shaped checkpoint instead.")
 @click.option("--params", default=1.5e9, show_default=True, help="Parameters of the --synthetic checkpoint.")
 @click.option("--threads", type=int, default=None, help="OMP_NUM_THREADS for both tools (default: inherit).")
-def main(model, repeat, synth, params, threads):
+@click.option("--write-synthetic", type=click.Path(), default=None, hidden=True)
+def main(model, repeat, synth, params, threads, write_synthetic):
     gib = 2**30
+    if write_synthetic:  # the child that writes the synthetic checkpoint
+        print(json.dumps(synthetic(Path(write_synthetic), params)))
+        return
     if threads:
         THREADS["OMP_NUM_THREADS"] = str(threads)
-    print(f"threads: {threads or torch.get_num_threads()}, load average before: "
-          f"{', '.join(f'{x:.1f}' for x in os.getloadavg())}")
+    print(f"threads: {threads or 'inherited'} (qconvert convert uses --threads, default 1), "
+          f"load average before: {', '.join(f'{x:.1f}' for x in os.getloadavg())}")
     with tempfile.TemporaryDirectory(prefix="bench-convert-") as tmp:
         tmp = Path(tmp)
         ours = lambda src, i: run([sys.executable, "-c", OURS, "convert", str(src), str(tmp / f"ours{i}"), "--quiet"])
         if synth:
-            n, largest = synthetic(tmp / "src", params)
+            made = subprocess.run([sys.executable, "-m", "bench.convert", "--params", str(params),
+                                   "--write-synthetic", str(tmp / "src")], check=True, capture_output=True, text=True)
+            n, largest = json.loads(made.stdout.strip().splitlines()[-1])
             size = sum(f.stat().st_size for f in (tmp / "src").glob("*.safetensors"))
             wall, cpu, rss, walls = best(lambda i: ours(tmp / "src", i), repeat)
             print(f"synthetic Llama: {n / 1e9:.2f}B params, {size / gib:.2f} GiB bf16 on disk, largest tensor "
