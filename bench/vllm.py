@@ -2,7 +2,7 @@
 
     python -m bench.vllm [--batch 16] [--new-tokens 32] [--prompt-tokens 32] [--adapters 0,1,8] [--rank 16]
                          [--dtype bfloat16] [--ours-python .venv-vllm/bin/python]
-                         [--peer-python .venv-vllm027/bin/python] [--ckpt DIR] [--json]
+                         [--peer-python .venv-vllm027/bin/python] [--ckpt DIR] [--dequantize] [--json]
 
 Workload (as ANCHORS.md's vLLM 0.27.1 CPU row): `batch` streamed completion requests sent at once, row i on
 adapter i % n (n = 0: the base; r16 LoRA on all linear projections, random non-zero B), seeded random prompts
@@ -11,6 +11,8 @@ of `prompt-tokens` ids, greedy, exactly `new-tokens` tokens each (ignore_eos). t
 first streamed token. One warm-up batch per engine and adapter count. Both servers get the same flags
 (eager, max_model_len 512, max_num_seqs = batch, max_loras 8, LoRA rank 16) and differ only in
 --quantization/--load-format (qlora_nf4 vs bitsandbytes) and in the interpreter they run in.
+--dequantize adds a third engine: ours with QLORA_KIT_VLLM_DEQUANTIZE=1 (weights decoded once at load by
+kernels.dequant and kept dense: 4x the weight memory, the native backend's --dequantize-base).
 """
 import asyncio
 import json
@@ -84,10 +86,10 @@ async def _batch(url, key, prompts, n_adapters, new_tokens) -> tuple[float, floa
     return len(prompts) * new_tokens / wall, statistics.median(firsts)
 
 
-def _engine(python, method, ckpt, adapters, counts, prompts, new_tokens, dtype, rank, log) -> dict:
+def _engine(python, method, extra_env, ckpt, adapters, counts, prompts, new_tokens, dtype, rank, log) -> dict:
     port, key = free_port(), "sk-bench-0000"
     argv = _argv(python, method, ckpt, port, key, len(prompts), dtype, rank, adapters)
-    env = dict(os.environ, VLLM_HOST_IP="127.0.0.1", VLLM_CPU_KVCACHE_SPACE="1", HF_HUB_OFFLINE="1")
+    env = dict(os.environ, VLLM_HOST_IP="127.0.0.1", VLLM_CPU_KVCACHE_SPACE="1", HF_HUB_OFFLINE="1", **extra_env)
     t = time.perf_counter()
     proc = VllmProcess(argv, env, port, key, log).start(900)
     out = {"startup_s": time.perf_counter() - t}
@@ -110,8 +112,9 @@ def _engine(python, method, ckpt, adapters, counts, prompts, new_tokens, dtype, 
 @click.option("--ours-python", default=".venv-vllm/bin/python", show_default=True)
 @click.option("--peer-python", default=".venv-vllm027/bin/python", show_default=True)
 @click.option("--ckpt", type=click.Path(path_type=Path), default=None, help="NF4 checkpoint (default: convert SRC).")
+@click.option("--dequantize", is_flag=True, help="Also run ours with weights dequantized once at load.")
 @click.option("--json", "as_json", is_flag=True)
-def main(batch, new_tokens, prompt_tokens, counts, rank, dtype, ours_python, peer_python, ckpt, as_json):
+def main(batch, new_tokens, prompt_tokens, counts, rank, dtype, ours_python, peer_python, ckpt, dequantize, as_json):
     counts = [int(c) for c in counts.split(",")]
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -123,27 +126,30 @@ def main(batch, new_tokens, prompt_tokens, counts, rank, dtype, ours_python, pee
         rng = random.Random(0)
         prompts = [[rng.randrange(100, vocab - 100) for _ in range(prompt_tokens)] for _ in range(batch)]
         args = (ckpt, adapters, counts, prompts, new_tokens, dtype, rank)
-        ours = _engine(ours_python, "qlora_nf4", *args, tmp / "ours.log")
-        peer = _engine(peer_python, "bitsandbytes", *args, tmp / "peer.log")
+        variants = {"ours": {}, **({"ours-dequantized": {"QLORA_KIT_VLLM_DEQUANTIZE": "1"}} if dequantize else {})}
+        results = {name: _engine(ours_python, "qlora_nf4", env, *args, tmp / f"{name}.log")
+                   for name, env in variants.items()}
+        peer = _engine(peer_python, "bitsandbytes", {}, *args, tmp / "peer.log")
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     rows = []
-    for n in counts:
-        (o_tps, o_ttft), (p_tps, p_ttft) = ours[n], peer[n]
-        rows.append({"adapters": n, "ours_tok_s": round(o_tps, 1), "peer_tok_s": round(p_tps, 1),
-                     "tok_s_ratio": round(o_tps / p_tps, 2), "ours_ttft_s": round(o_ttft, 3),
-                     "peer_ttft_s": round(p_ttft, 3), "ttft_ratio": round(o_ttft / p_ttft, 2)})
+    for name, ours in results.items():
+        for n in counts:
+            (o_tps, o_ttft), (p_tps, p_ttft) = ours[n], peer[n]
+            rows.append({"ours": name, "adapters": n, "ours_tok_s": round(o_tps, 1), "peer_tok_s": round(p_tps, 1),
+                         "tok_s_ratio": round(o_tps / p_tps, 2), "ours_ttft_s": round(o_ttft, 3),
+                         "peer_ttft_s": round(p_ttft, 3), "ttft_ratio": round(o_ttft / p_ttft, 2)})
+    startup = {name: round(r["startup_s"], 1) for name, r in results.items()} | {"peer": round(peer["startup_s"], 1)}
     if as_json:
         print(json.dumps({"bench": "vllm", "commit": commit, "batch": batch, "new_tokens": new_tokens,
-                          "prompt_tokens": prompt_tokens, "dtype": dtype, "device": "cpu",
-                          "startup_s": {"ours": round(ours["startup_s"], 1), "peer": round(peer["startup_s"], 1)},
+                          "prompt_tokens": prompt_tokens, "dtype": dtype, "device": "cpu", "startup_s": startup,
                           "rows": rows}))
         return
     print(f"vLLM 0.32 + qlora_nf4 (ours) vs vLLM 0.27.1 bitsandbytes (peer); batch {batch}, {new_tokens} new tokens, "
           f"{dtype}, commit {commit}")
-    print(f"start-up s: ours {ours['startup_s']:.1f}, peer {peer['startup_s']:.1f}")
-    print("adapters  ours tok/s  peer tok/s  ratio   ours TTFT s  peer TTFT s  ratio (lower is better)")
+    print("start-up s: " + ", ".join(f"{k} {v}" for k, v in startup.items()))
+    print("ours              adapters  ours tok/s  peer tok/s  ratio   ours TTFT s  peer TTFT s  ratio (lower is better)")
     for r in rows:
-        print(f"{r['adapters']:>8}  {r['ours_tok_s']:>10}  {r['peer_tok_s']:>10}  {r['tok_s_ratio']:>5}   "
+        print(f"{r['ours']:<16}  {r['adapters']:>8}  {r['ours_tok_s']:>10}  {r['peer_tok_s']:>10}  {r['tok_s_ratio']:>5}   "
               f"{r['ours_ttft_s']:>11}  {r['peer_ttft_s']:>11}  {r['ttft_ratio']:>5}")
 
 

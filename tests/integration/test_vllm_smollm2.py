@@ -41,7 +41,7 @@ def _adapter(model, folder, rank, seed, targets=ALL):
     with torch.no_grad():
         for name, p in adapter_params(model, 99).items():
             if ".lora_b." in name:
-                p.copy_(0.05 * torch.randn_like(p))
+                p.copy_(0.2 * torch.randn_like(p))
     save_peft_adapter(model, 99, folder, cfg)
     remove_adapter(model, 99)
     return folder
