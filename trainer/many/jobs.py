@@ -119,12 +119,12 @@ def load_jobs(run: ManyConfig) -> list[JobSpec]:
         raise ConfigError(f"{path}: no jobs; add one [[jobs]] table per adapter")
     specs, seen = [], set()
     for i, job in enumerate(jobs):
-        where = f"{path} jobs[{i}]"
-        values = {**shared, **_job_values(job, where)}
-        name = values.pop("name", None)
+        name = job.get("name") if isinstance(job, dict) else None
         if not isinstance(name, str):
-            raise ConfigError(f"{where}: name is required (a string)")
+            raise ConfigError(f"{path} jobs[{i}]: name is required (a string)")
         where = f"{path} job {name!r}"
+        values = {**shared, **_job_values(job, where)}
+        values.pop("name")
         if name in seen:
             raise ConfigError(f"{where}: duplicate job name")
         seen.add(name)

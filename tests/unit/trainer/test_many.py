@@ -1,0 +1,143 @@
+"""trainer/many on a tiny model: 4 mixed jobs equal 4 solo `train` runs, failing jobs are skipped, resume after a
+crash continues each job, and jobs-file errors name the file and job."""
+import json
+
+import pytest
+import torch
+
+from formats import load_adapter
+from trainer import ConfigError, build_config, train
+from trainer.many import ManyConfig, load_jobs, train_many
+from tests.unit.trainer._tiny import chat, write_jsonl
+
+pytestmark = pytest.mark.unit
+
+DEFAULTS = dict(max_steps=3, batch_size=2, grad_accum=2, max_seq_len=96, lora_dropout=0.0, learning_rate=1e-2, r=4)
+# rank, targets, packing, accumulation, schedule, optimizer and step count differ per job
+JOBS = {
+    "a": dict(data="d0.jsonl"),
+    "b": dict(data="d1.jsonl", r=2, target_modules=["q_proj", "v_proj"], packing=False, seed=7, grad_accum=1),
+    "c": dict(data="d2.jsonl", r=8, learning_rate=5e-3, lr_scheduler="cosine", warmup_steps=1, max_steps=2),
+    "d": dict(data="d0.jsonl", optimizer="adamw8bit", max_grad_norm=0.0, seed=3, group_by_length=False),
+}
+
+
+def _toml(value) -> str:
+    return json.dumps(value)  # strings, numbers, bools and string lists read the same in TOML
+
+
+def write_jobs(path, jobs: dict, defaults: dict = DEFAULTS):
+    lines = ["[defaults]"] + [f"{k} = {_toml(v)}" for k, v in defaults.items()]
+    for name, kw in jobs.items():
+        lines += ["", "[[jobs]]", f'name = "{name}"'] + [f"{k} = {_toml(v)}" for k, v in kw.items()]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One intra-op thread: on a busy shared CPU, OpenMP's spinning makes tiny ops (index_add) 1000x slower."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def world(tiny_chat, tmp_path_factory):
+    """Datasets, the 4-job run and each job trained alone (shared by the tests of this module)."""
+    root = tmp_path_factory.mktemp("many")
+    for k in range(3):
+        write_jsonl(root / f"d{k}.jsonl", [chat(f"Customer {k} question {i}?", f"Answer {k}.{i}: " + "ok " * (i % 5 + k))
+                                           for i in range(12)])
+    jobs = write_jobs(root / "jobs.toml", JOBS)
+    res = train_many(ManyConfig(base=str(tiny_chat), jobs=str(jobs), out=str(root / "many"), compute_dtype="float32",
+                                progress=False))
+    solo = {}
+    for name, kw in JOBS.items():
+        kw = {**DEFAULTS, **kw, "data": str(root / kw["data"])}
+        kw = {k: tuple(v) if isinstance(v, list) else v for k, v in kw.items()}
+        solo[name] = train(build_config(None, base=str(tiny_chat), out=str(root / f"solo_{name}"), compute_dtype="float32",
+                                        progress=False, **kw))
+    return root, res, solo
+
+
+def _assert_same_adapter(x, y, atol=1e-5):
+    cx, tx = load_adapter(x)
+    cy, ty = load_adapter(y)
+    assert cx.to_json() | {"base_model_name_or_path": ""} == cy.to_json() | {"base_model_name_or_path": ""}
+    assert sorted(tx) == sorted(ty)
+    for k in tx:
+        torch.testing.assert_close(tx[k], ty[k], atol=atol, rtol=1e-4, msg=k)
+
+
+def test_four_jobs_in_one_run_equal_four_solo_runs(world):
+    root, res, solo = world
+    assert [r["job"] for r in res.jobs] == list(JOBS) and {r["status"] for r in res.jobs} == {"done"}
+    for row in res.jobs:
+        name = row["job"]
+        assert row["steps"] == len(solo[name].losses)
+        torch.testing.assert_close(torch.tensor([row["first_loss"], row["last_loss"]]),
+                                   torch.tensor([solo[name].losses[0], solo[name].losses[-1]]), atol=1e-4, rtol=1e-5)
+        _assert_same_adapter(root / "many" / name, root / f"solo_{name}")
+        lines = [json.loads(s) for s in (root / "many" / name / "metrics.jsonl").read_text().splitlines()]
+        assert [r["step"] for r in lines] == list(range(1, len(solo[name].losses) + 1))
+    summary = json.loads((root / "many" / "summary.json").read_text())
+    assert [r["job"] for r in summary["jobs"]] == list(JOBS) and summary["run"]["world_size"] == 1
+
+
+def test_resume_after_a_crash_continues_each_job(world, tiny_chat):
+    root, ref, _ = world
+    jobs = write_jobs(root / "crash.toml", JOBS, {**DEFAULTS, "save_every": 2})
+    run = ManyConfig(base=str(tiny_chat), jobs=str(jobs), out=str(root / "crash"), compute_dtype="float32", progress=False)
+
+    def crash(rnd, losses):
+        if rnd == 2:
+            raise RuntimeError("simulated crash")
+
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train_many(run, on_step=crash)
+    assert (root / "crash" / "c" / "adapter_model.safetensors").is_file()  # c had 2 steps: done before the crash
+    assert (root / "crash" / "a" / "checkpoints" / "step-000002").is_dir()
+    resumed = {}
+    res = train_many(ManyConfig(**{**run_kw(run), "resume": True}), on_step=lambda r, l: resumed.update(l))
+    assert {r["status"] for r in res.jobs} == {"done"} and set(resumed) == {"a", "b", "d"}
+    for name in JOBS:
+        _assert_same_adapter(root / "crash" / name, root / "many" / name, atol=1e-6)
+        steps = [json.loads(s)["step"] for s in (root / "crash" / name / "metrics.jsonl").read_text().splitlines()]
+        assert steps == list(range(1, len(steps) + 1))
+
+
+def run_kw(run: ManyConfig) -> dict:
+    return {k: getattr(run, k) for k in ManyConfig.__dataclass_fields__}
+
+
+def test_failing_jobs_are_reported_and_skipped(world, tiny_chat):
+    root, _, solo = world
+    write_jsonl(root / "bad.jsonl", ['{"messages": [}'])
+    jobs = write_jobs(root / "failing.toml", {"a": JOBS["a"], "bad_data": dict(data="bad.jsonl"),
+                                              "diverges": dict(data="d1.jsonl", learning_rate=1e30)})
+    res = train_many(ManyConfig(base=str(tiny_chat), jobs=str(jobs), out=str(root / "failing"), compute_dtype="float32",
+                                progress=False))
+    rows = {r["job"]: r for r in res.jobs}
+    assert rows["a"]["status"] == "done"
+    assert rows["bad_data"]["status"] == "failed" and "bad.jsonl:1: not valid JSON" in rows["bad_data"]["error"]
+    assert rows["diverges"]["status"] == "failed" and rows["diverges"]["error"].startswith("loss is ")
+    assert rows["diverges"]["steps"] >= 1 and not (root / "failing" / "diverges" / "adapter_model.safetensors").exists()
+    _assert_same_adapter(root / "failing" / "a", root / "solo_a")
+
+
+@pytest.mark.parametrize("text, message", [
+    ('[[jobs]]\nname = "x"\ndata = "d.jsonl"\ncompute_dtype = "float16"\n', "job 'x': compute_dtype is run-wide"),
+    ('[[jobs]]\nname = "x"\ndata = "d.jsonl"\n[[jobs]]\nname = "x"\ndata = "d.jsonl"\n', "job 'x': duplicate job name"),
+    ('[[jobs]]\nname = "x"\ndata = "d.jsonl"\nr = 0\n', "job 'x': r=0: must be >= 1"),
+    ('[[jobs]]\nname = "x"\ndata = "d.jsonl"\nranks = 4\n', "job 'x': unknown key 'ranks'"),
+    ('[defaults]\nr = 4\n', "no jobs; add one [[jobs]] table"),
+    ('[[jobs]]\nname = "x"\ndata = "d.jsonl"\nearly_stop_patience = 2\n', "early_stop_patience needs an eval set"),
+])
+def test_jobs_file_errors_name_the_file_and_job(tmp_path, text, message):
+    path = tmp_path / "jobs.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as e:
+        load_jobs(ManyConfig(base="m", jobs=str(path), out=str(tmp_path / "o")))
+    assert message in str(e.value) and "jobs.toml" in str(e.value)
