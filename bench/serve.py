@@ -93,6 +93,7 @@ def _peer(folders, prompts, counts, new_tokens, dtype, device):
             t0 = time.perf_counter()
             peft.generate(input_ids=ids, attention_mask=torch.ones_like(ids), adapter_names=names, **kw)
             out[n] = len(prompts) * new_tokens / (time.perf_counter() - t0)
+            print(f"peft, {n or 'base'} adapters: {out[n]:.1f} tok/s", flush=True)
     return out
 
 
@@ -130,6 +131,8 @@ def main(batch, new_tokens, prompt_tokens, counts, rank, device, dtype, peer, as
             if n == 0:
                 asyncio.run(_run_ours(engine, prompts[:4], names[:4], 2))  # warm-up
             ours[n] = asyncio.run(_run_ours(engine, prompts, names, new_tokens))
+            if not as_json:
+                print(f"ours, {n or 'base'} adapters: {ours[n]:.1f} tok/s", flush=True)
         engine.stop()
         theirs = _peer(folders, prompts, counts, new_tokens, getattr(torch, dtype), device) if peer else {}
     head = f"batch {batch}, prompt {prompt_tokens}, {new_tokens} new tokens, r{rank} all-linear, {device} {dtype}"
