@@ -10,7 +10,6 @@ from trainer import ConfigError, build_config, train
 from trainer.many import ManyConfig, load_jobs, train_many
 from tests.unit.trainer._tiny import chat, write_jsonl
 
-pytestmark = pytest.mark.unit
 
 DEFAULTS = dict(max_steps=3, batch_size=2, grad_accum=2, max_seq_len=96, lora_dropout=0.0, learning_rate=1e-2, r=4)
 # rank, targets, packing, accumulation, schedule, optimizer and step count differ per job
@@ -71,6 +70,7 @@ def _assert_same_adapter(x, y, atol=1e-5):
         torch.testing.assert_close(tx[k], ty[k], atol=atol, rtol=1e-4, msg=k)
 
 
+@pytest.mark.integration  # trains 4-6 tiny runs (~20 s together); -m unit stays fast
 def test_four_jobs_in_one_run_equal_four_solo_runs(world):
     root, res, solo = world
     assert [r["job"] for r in res.jobs] == list(JOBS) and {r["status"] for r in res.jobs} == {"done"}
@@ -86,6 +86,7 @@ def test_four_jobs_in_one_run_equal_four_solo_runs(world):
     assert [r["job"] for r in summary["jobs"]] == list(JOBS) and summary["run"]["world_size"] == 1
 
 
+@pytest.mark.integration
 def test_resume_after_a_crash_continues_each_job(world, tiny_chat):
     root, ref, _ = world
     jobs = write_jobs(root / "crash.toml", JOBS, {**DEFAULTS, "save_every": 2})
@@ -112,6 +113,7 @@ def run_kw(run: ManyConfig) -> dict:
     return {k: getattr(run, k) for k in ManyConfig.__dataclass_fields__}
 
 
+@pytest.mark.integration
 def test_failing_jobs_are_reported_and_skipped(world, tiny_chat):
     root, _, solo = world
     write_jsonl(root / "bad.jsonl", ['{"messages": [}'])
@@ -127,6 +129,7 @@ def test_failing_jobs_are_reported_and_skipped(world, tiny_chat):
     _assert_same_adapter(root / "failing" / "a", root / "solo_a")
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("text, message", [
     ('[[jobs]]\nname = "x"\ndata = "d.jsonl"\ncompute_dtype = "float16"\n', "job 'x': compute_dtype is run-wide"),
     ('[[jobs]]\nname = "x"\ndata = "d.jsonl"\n[[jobs]]\nname = "x"\ndata = "d.jsonl"\n', "job 'x': duplicate job name"),
