@@ -75,3 +75,17 @@ def test_front_refuses_rank_above_server_and_other_base(tmp_path):
         load("big", str(_adapter(tmp_path / "big", 32)))
     with pytest.raises(AdapterRefused, match="trained for base model 'other/Model-7B'"):
         load("other", str(_adapter(tmp_path / "other", 8, base="other/Model-7B")))
+
+
+def test_child_that_dies_at_start_up_is_reported_with_its_log(tmp_path):
+    import os
+    import sys
+
+    from qserve.vllm_backend.launch import VllmProcess, free_port
+    from qserve.vllm_plugin.errors import BackendStartError
+
+    argv = [sys.executable, "-c", "print('ValueError: bad flag --max-lora-rank 7'); raise SystemExit(3)"]
+    proc = VllmProcess(argv, dict(os.environ), free_port(), "sk-x", tmp_path / "vllm.log")
+    with pytest.raises(BackendStartError, match=r"vLLM exited with code 3 while starting \(log .*vllm.log: "
+                                                r"ValueError: bad flag --max-lora-rank 7\)"):
+        proc.start(timeout_s=60)
