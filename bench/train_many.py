@@ -14,6 +14,10 @@ Scaling: train-many over 1, 4, 16, 64 jobs; tok/s = trained tokens / training-lo
 Without --base, a small random Llama (SmolLM2's tokenizer, hidden 128, 4 layers) is written to a temp dir,
 so the figures are about the trainer's overheads rather than a model's FLOPs; pass --base for a real model.
 Children get --threads intra-op threads (OMP_NUM_THREADS): on a shared CPU 1 avoids OpenMP oversubscription.
+--mmap-threshold sets MALLOC_MMAP_THRESHOLD_ (bytes) in every child, both sides alike (0 = glibc's default).
+With glibc's default dynamic threshold, the per-adapter out-of-place index_add in models.LoraLinear (one new
+activation-sized tensor per adapter per projection) fragments the heap, and peak RSS grows with the number of
+adapters far past the live tensors (64 jobs: 8.8 GB RSS; with a fixed 128 KiB threshold much less).
 """
 import json
 import os
@@ -63,9 +67,14 @@ def _settings(steps: int, seq: int, batch: int, rank: int) -> dict:
                 lora_dropout=0.0, warmup_steps=1)
 
 
+MMAP_THRESHOLD = [0]  # set once from --mmap-threshold
+
+
 def _run_measured(cmd: list[str], threads: int) -> tuple[float, float, str]:
     """(wall seconds, peak RSS MiB, stdout) of one child process."""
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    if MMAP_THRESHOLD[0]:
+        env["MALLOC_MMAP_THRESHOLD_"] = str(MMAP_THRESHOLD[0])
     t = time.perf_counter()
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
         proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=err, text=True, cwd=REPO)
@@ -87,8 +96,8 @@ def _jobs_file(path: Path, shards: list[Path], settings: dict) -> Path:
     return path
 
 
-def _many(base: Path, jobs: Path, out: Path, threads: int) -> dict:
-    cmd = [sys.executable, "-m", "bench.train_many", "--child-many", str(base), str(jobs), str(out)]
+def _many(base: Path, jobs: Path, out: Path, threads: int, rows_per_pass: int = 0) -> dict:
+    cmd = [sys.executable, "-m", "bench.train_many", "--child-many", str(base), str(jobs), str(out), str(rows_per_pass)]
     wall, rss, stdout = _run_measured(cmd, threads)
     return {"wall_s": wall, "peak_rss_mb": rss, **json.loads(stdout.strip().splitlines()[-1])}
 
@@ -104,12 +113,13 @@ def _sequential(base: Path, shards: list[Path], settings: dict, out: Path, threa
     return {"wall_s": wall, "peak_rss_mb": peak, "sum_peak_rss_mb": total}
 
 
-def run_child_many(base: str, jobs: str, out: str) -> None:
+def run_child_many(base: str, jobs: str, out: str, rows_per_pass: str) -> None:
     """Run train-many in this process and print one JSON line (used by the parent for its figures)."""
     from trainer.many import ManyConfig, train_many
 
     t = time.perf_counter()
-    res = train_many(ManyConfig(base=base, jobs=jobs, out=out, compute_dtype="float32", progress=False))
+    res = train_many(ManyConfig(base=base, jobs=jobs, out=out, compute_dtype="float32", progress=False,
+                                rows_per_pass=int(rows_per_pass)))
     done = sum(r["status"] == "done" for r in res.jobs)
     print(json.dumps({"train_s": time.perf_counter() - t, "tokens_per_s": res.tokens_per_s, "jobs_done": done,
                       "tokens": sum(r["tokens"] for r in res.jobs)}))
@@ -124,13 +134,19 @@ def run_child_many(base: str, jobs: str, out: str) -> None:
 @click.option("--rank", default=8, show_default=True)
 @click.option("--scaling", default="1,4,16,64", show_default=True, help="job counts for the throughput sweep")
 @click.option("--threads", default=1, show_default=True)
+@click.option("--mmap-threshold", default=131072, show_default=True, help="MALLOC_MMAP_THRESHOLD_ for children (0 = off)")
 @click.option("--json", "as_json", is_flag=True)
-@click.option("--child-many", nargs=3, default=None, hidden=True)
-def main(base, n_jobs, steps, seq, batch, rank, scaling, threads, as_json, child_many):
+@click.option("--rows-per-pass", default=0, show_default=True, help="train-many --rows-per-pass in the sweep "
+              "(0 = all jobs in one pass; a cap bounds the per-adapter LoRA loop's cost at many jobs)")
+@click.option("--child-many", nargs=4, default=None, hidden=True)
+def main(base, n_jobs, steps, seq, batch, rank, scaling, threads, mmap_threshold, rows_per_pass, as_json,
+         child_many):
     if child_many:
         return run_child_many(*child_many)
+    MMAP_THRESHOLD[0] = mmap_threshold
     with tempfile.TemporaryDirectory(prefix="bench_train_many_") as tmp:
         root = Path(tmp)
+        base_name = base or "small random Llama (hidden 128, 4 layers, SmolLM2 tokenizer)"
         base = Path(base) if base else _small_model(root / "model")
         settings = _settings(steps, seq, batch, rank)
         shards = _shards(root, n_jobs)
@@ -138,17 +154,20 @@ def main(base, n_jobs, steps, seq, batch, rank, scaling, threads, as_json, child
         seq_ = _sequential(base, shards, settings, root / "seq", threads)
         sweep = []
         for n in [int(s) for s in scaling.split(",") if s]:
-            r = _many(base, _jobs_file(root / f"jobs{n}.toml", _shards(root, n), settings), root / f"many{n}", threads)
+            r = _many(base, _jobs_file(root / f"jobs{n}.toml", _shards(root, n), settings), root / f"many{n}", threads,
+                      rows_per_pass)
             sweep.append({"jobs": n, **r})
-    report = {"base": str(base) if base else "small random Llama", "jobs": n_jobs, "settings": settings,
-              "threads": threads, "train_many": many, "sequential": seq_,
+    report = {"base": base_name, "jobs": n_jobs, "settings": settings,
+              "threads": threads, "mmap_threshold": mmap_threshold, "rows_per_pass": rows_per_pass,
+              "train_many": many, "sequential": seq_,
               "speedup": seq_["wall_s"] / many["wall_s"], "memory_ratio": seq_["peak_rss_mb"] / many["peak_rss_mb"],
               "memory_ratio_concurrent": seq_["sum_peak_rss_mb"] / many["peak_rss_mb"],
               "scaling": sweep}
     if as_json:
         click.echo(json.dumps(report))
         return
-    click.echo(f"{n_jobs} jobs, {steps} steps each (seq {seq}, batch {batch}, r {rank}), {threads} thread(s)")
+    click.echo(f"{n_jobs} jobs, {steps} steps each (seq {seq}, batch {batch}, r {rank}), {threads} thread(s), "
+               f"MALLOC_MMAP_THRESHOLD_={mmap_threshold or 'default'}")
     click.echo(f"  sequential qtrain train: {seq_['wall_s']:8.1f} s  peak RSS {seq_['peak_rss_mb']:8.0f} MiB (largest run)")
     click.echo(f"  one train-many run:      {many['wall_s']:8.1f} s  peak RSS {many['peak_rss_mb']:8.0f} MiB")
     click.echo(f"  speedup {report['speedup']:.2f}x; memory sequential/many {report['memory_ratio']:.2f}x (one at a time), "
