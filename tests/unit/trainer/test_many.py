@@ -1,6 +1,9 @@
 """trainer/many on a tiny model: 4 mixed jobs equal 4 solo `train` runs, failing jobs are skipped, resume after a
 crash continues each job, and jobs-file errors name the file and job."""
 import json
+import os
+import signal
+from dataclasses import replace
 
 import pytest
 import torch
@@ -103,7 +106,7 @@ def test_resume_after_a_crash_continues_each_job(world, tiny_chat):
     assert (root / "crash" / "c" / "adapter_model.safetensors").is_file()  # c had 2 steps: done before the crash
     assert (root / "crash" / "a" / "checkpoints" / "step-000002").is_dir()
     resumed = {}
-    res = train_many(ManyConfig(**{**run_kw(run), "resume": True}), on_step=lambda r, l: resumed.update(l))
+    res = train_many(replace(run, resume=True), on_step=lambda r, l: resumed.update(l))
     assert {r["status"] for r in res.jobs} == {"done"} and set(resumed) == {"a", "b", "d"}
     for name in JOBS:
         _assert_same_adapter(root / "crash" / name, root / "many" / name)
@@ -111,8 +114,24 @@ def test_resume_after_a_crash_continues_each_job(world, tiny_chat):
         assert steps == list(range(1, len(steps) + 1))
 
 
-def run_kw(run: ManyConfig) -> dict:
-    return {k: getattr(run, k) for k in ManyConfig.__dataclass_fields__}
+@pytest.mark.integration
+def test_ctrl_c_checkpoints_every_running_job_and_resume_finishes(world, tiny_chat):
+    root = world[0]
+    jobs = write_jobs(root / "ctrlc.toml", {"a": JOBS["a"], "b": JOBS["b"]})
+    run = ManyConfig(base=str(tiny_chat), jobs=str(jobs), out=str(root / "ctrlc"), compute_dtype="float32",
+                     progress=False)
+
+    def press_ctrl_c(rnd, losses):
+        if rnd == 1:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    res = train_many(run, on_step=press_ctrl_c)
+    assert res.interrupted and [(r["status"], r["steps"]) for r in res.jobs] == [("stopped", 1)] * 2
+    assert (root / "ctrlc" / "b" / "checkpoints" / "step-000001").is_dir()
+    res = train_many(replace(run, resume=True))
+    assert not res.interrupted and {r["status"] for r in res.jobs} == {"done"}
+    for name in ("a", "b"):
+        _assert_same_adapter(root / "ctrlc" / name, root / "many" / name)
 
 
 @pytest.mark.integration
