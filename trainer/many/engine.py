@@ -56,7 +56,7 @@ def run_jobs(model, jobs: list[JobRun], device, *, pad_id: int, checkpointing: b
                 running = [j for j in running if j.status == RUNNING]
                 if not running:
                     break
-                parts, stepping = [], []
+                parts, stepping, t_round = [], [], time.perf_counter()
                 for j in running:
                     steps = j.next_step()
                     if steps is None:
@@ -84,13 +84,14 @@ def run_jobs(model, jobs: list[JobRun], device, *, pad_id: int, checkpointing: b
                         if terms:
                             torch.stack(terms).sum().backward()
                 rnd += 1
+                seconds = time.perf_counter() - t_round
                 losses = {}
                 for j in stepping:
                     loss = j.loss_sum if dp is None else dp.all_reduce_sum(j.loss_sum)
                     if id(j) in bad:
                         loss = float("nan") if math.isfinite(loss) else loss
                     tokens += j.step_tokens
-                    j.finish_step(loss, device)
+                    j.finish_step(loss, device, seconds)
                     losses[j.spec.name] = loss
                 finite = [v for v in losses.values() if math.isfinite(v)]
                 dt = time.perf_counter() - t0

@@ -22,7 +22,7 @@ from ..checkpoint import Position, find_checkpoint, load_checkpoint, save_checkp
 from ..errors import ConfigError, ResumeError
 from ..forward import summed_loss
 from ..loop import CONFIG_USED, LOSS_CURVE, micro_batches
-from ..metrics import METRICS_NAME, MetricsLog
+from ..metrics import METRICS_NAME, MetricsLog, peak_memory_mb
 from ..plot import write_loss_curve
 from ..schedule import lr_at, warmup_steps
 from .jobs import JobSpec
@@ -129,8 +129,11 @@ class JobRun:
         self.loss_sum = 0.0
         return steps
 
-    def finish_step(self, loss: float, device) -> None:
-        """Clip, update, log, eval / early-stop, checkpoint; a non-finite loss or gradient fails the job."""
+    def finish_step(self, loss: float, device, seconds: float = 0.0) -> None:
+        """Clip, update, log, eval / early-stop, checkpoint; a non-finite loss or gradient fails the job.
+
+        `seconds` is the round's wall time (shared by every job in it), so tokens_per_s is this job's share.
+        """
         n = self.pos.step + 1
         if not math.isfinite(loss):
             return self.fail(f"loss is {loss} at step {n}")
@@ -144,7 +147,9 @@ class JobRun:
         self.losses.append(loss)
         self.tokens += self.step_tokens
         if self.log is not None and (n % self.cfg.log_every == 0 or n == self.total):
-            self.log.write({"step": n, "loss": loss, "lr": self.lr, "grad_norm": norm, "tokens": self.step_tokens})
+            self.log.write({"step": n, "loss": loss, "lr": self.lr, "grad_norm": norm, "tokens": self.step_tokens,
+                            "tokens_per_s": self.step_tokens / max(seconds, 1e-9),
+                            "peak_memory_mb": peak_memory_mb(device)})
         if self.data.eval and self.cfg.eval_every and n % self.cfg.eval_every == 0 and n < self.total:
             self._eval(device)
             if self.status == EARLY:
