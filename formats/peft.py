@@ -60,7 +60,8 @@ class LoraConfig:
             "r": self.r,
             "lora_alpha": self.lora_alpha,
             "lora_dropout": self.lora_dropout,
-            "target_modules": sorted(self.target_modules),
+            # PEFT reads the list ["all-linear"] as a module named "all-linear"; its shorthand is the string
+            "target_modules": "all-linear" if self.target_modules == ("all-linear",) else sorted(self.target_modules),
             "use_rslora": self.use_rslora,
             "bias": "none",
             "fan_in_fan_out": False,

@@ -70,6 +70,9 @@ def test_round_trip_keeps_unknown_keys(tmp_path):
     assert again.extra["some_future_key"] == {"x": 1} and again.r == 4
     assert all(torch.equal(again_tensors[k], tensors[k]) for k in tensors)
     assert LoraConfig(r=16, lora_alpha=32, target_modules=("q_proj",), use_rslora=True).scale() == 8.0
+    assert LoraConfig(r=4, lora_alpha=8, target_modules=("all-linear",)).to_json()["target_modules"] == "all-linear"
+    assert PeftLoraConfig(target_modules=LoraConfig(r=4, lora_alpha=8, target_modules=("all-linear",))
+                          .to_json()["target_modules"]).target_modules == "all-linear"
 
 
 def test_bad_adapters_are_refused_with_the_file_named(tmp_path):
