@@ -136,21 +136,25 @@ def run_child_many(base: str, jobs: str, out: str, rows_per_pass: str) -> None:
 @click.option("--threads", default=1, show_default=True)
 @click.option("--mmap-threshold", default=131072, show_default=True, help="MALLOC_MMAP_THRESHOLD_ for children (0 = off)")
 @click.option("--json", "as_json", is_flag=True)
-@click.option("--rows-per-pass", default=0, show_default=True, help="train-many --rows-per-pass in the sweep "
-              "(0 = all jobs in one pass; a cap bounds the per-adapter LoRA loop's cost at many jobs)")
+@click.option("--rows-per-pass", default=None, type=int, help="train-many --rows-per-pass for every train-many run "
+              "(default: ManyConfig's; 0 = all jobs in one pass)")
 @click.option("--child-many", nargs=4, default=None, hidden=True)
 def main(base, n_jobs, steps, seq, batch, rank, scaling, threads, mmap_threshold, rows_per_pass, as_json,
          child_many):
     if child_many:
         return run_child_many(*child_many)
     MMAP_THRESHOLD[0] = mmap_threshold
+    if rows_per_pass is None:
+        from trainer.many import ManyConfig
+
+        rows_per_pass = ManyConfig.__dataclass_fields__["rows_per_pass"].default
     with tempfile.TemporaryDirectory(prefix="bench_train_many_") as tmp:
         root = Path(tmp)
         base_name = base or "small random Llama (hidden 128, 4 layers, SmolLM2 tokenizer)"
         base = Path(base) if base else _small_model(root / "model")
         settings = _settings(steps, seq, batch, rank)
         shards = _shards(root, n_jobs)
-        many = _many(base, _jobs_file(root / "jobs.toml", shards, settings), root / "many", threads)
+        many = _many(base, _jobs_file(root / "jobs.toml", shards, settings), root / "many", threads, rows_per_pass)
         seq_ = _sequential(base, shards, settings, root / "seq", threads)
         sweep = []
         for n in [int(s) for s in scaling.split(",") if s]:
