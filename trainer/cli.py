@@ -13,7 +13,10 @@ from formats._cli import cli_errors
 
 from .ask import ask as run_ask
 from .config import TrainConfig, build_config, defaults
+from .distributed import from_env, under_torchrun
 from .loop import train as run_train
+from .many import train_data_parallel
+from .many.cli import train_many
 
 PRESET = """\b
 Defaults are the QLoRA paper's recipe (Dettmers et al. 2023):
@@ -56,7 +59,9 @@ def _train(config, **flags):
             flags[name] = tuple(s.strip() for s in flags[name].split(",") if s.strip())
     cfg = build_config(config, **flags)
     console = Console(stderr=True)
-    result = run_train(cfg, console=console)
+    result = (train_data_parallel if under_torchrun() else run_train)(cfg, console=console)  # torchrun: DDP
+    if not from_env().is_main:
+        return
     if result.interrupted:
         console.print(f"checkpoint {result.checkpoint}: continue with  qtrain train --config ... --resume {result.out}")
         sys.exit(130)
@@ -90,8 +95,4 @@ def ask(base, adapter, max_tokens, questions):
         console.print(f"  [green]adapter:[/green] {a.adapter}", highlight=False)
 
 
-@main.command("train-many")
-def train_many():
-    """Train many per-customer adapters in one run (not implemented yet)."""
-    click.echo("qtrain train-many: not implemented yet", err=True)
-    sys.exit(1)
+main.add_command(train_many)  # trainer/many/cli.py

@@ -79,8 +79,11 @@ def _torchrun(args: list[str]) -> None:
 
 
 def test_torchrun_two_ranks_train_equals_one_process(tiny_chat, data, tmp_path):
-    common = ["--base", str(tiny_chat), "--data", str(data / "d0.jsonl"), "--compute-dtype", "float32",
-              "--no-progress", *_flags(SETTINGS)]
+    # settings go in --config: torchrun's own parser reads a bare `--r` as an abbreviation of its --rdzv-* options
+    config = tmp_path / "run.toml"
+    config.write_text("".join(f"{k} = {json.dumps(v)}\n" for k, v in SETTINGS.items()))
+    common = ["--config", str(config), "--base", str(tiny_chat), "--data", str(data / "d0.jsonl"), "--compute-dtype",
+              "float32", "--no-progress"]
     one = CliRunner().invoke(main, ["train", *common, "--out", str(tmp_path / "one")])
     assert one.exit_code == 0, one.output
     _torchrun(["train", *common, "--out", str(tmp_path / "two")])
