@@ -10,6 +10,8 @@ LOCAL_RANK; we join the process group (gloo on CPU, NCCL on CUDA) and:
   * train-many: job i goes to rank i mod N; each rank trains its jobs with no communication and writes
     their folders; rank 0 gathers the rows and writes summary.json. Job checkpoints are per job, so a
     resumed run may use any world size.
+torchrun's own argument parser accepts abbreviations, so a bare `--r 8` after `-m trainer train` is taken as an
+ambiguous --rdzv-* option: put r in --config (or write --r=8 after a `--`-free form such as the config file).
 """
 import math
 import os

@@ -1,6 +1,7 @@
 """trainer/distributed.py: sharding rules, and 2-process gloo runs on loopback (torch.multiprocessing, the
 environment torchrun sets) against 1 process: data-parallel `train` equals a 1-process run with the same global
-batch, its checkpoint resumes in a 1-process run, and train-many over 2 ranks gives the same adapters as 1 rank."""
+batch, its checkpoint resumes in a 1-process run, and train-many over 2 ranks gives the same adapters as 1 rank
+and resumes under 1 rank. (tests/integration/test_qtrain_many.py runs the same through real torchrun.)"""
 import json
 import os
 import socket
@@ -94,7 +95,8 @@ def test_two_rank_data_parallel_equals_one_process_and_resumes_in_one(tiny_chat,
 def test_train_many_over_two_ranks_equals_one_rank(tiny_chat, data, tmp_path):
     jobs = {"a": dict(data=str(data / "d0.jsonl")), "b": dict(data=str(data / "d1.jsonl"), r=2, seed=5),
             "c": dict(data=str(data / "d0.jsonl"), packing=False, max_steps=2)}
-    path = write_jobs(tmp_path / "jobs.toml", jobs, {k: v for k, v in KW.items() if k not in ("compute_dtype", "progress")})
+    defaults = {k: v for k, v in KW.items() if k not in ("compute_dtype", "progress")}
+    path = write_jobs(tmp_path / "jobs.toml", jobs, defaults)
     run = dict(base=str(tiny_chat), jobs=str(path), compute_dtype="float32", progress=False)
     train_many(ManyConfig(**run, out=str(tmp_path / "one")))
     _spawn(2, "many", dict(run, out=str(tmp_path / "two")))
@@ -103,3 +105,11 @@ def test_train_many_over_two_ranks_equals_one_rank(tiny_chat, data, tmp_path):
     assert {r["status"] for r in summary["jobs"]} == {"done"}
     for name in jobs:
         _same(tmp_path / "two" / name, tmp_path / "one" / name)
+    # stopped after 1 step under 2 ranks, resumed by 1 rank: per-job checkpoints do not depend on the world size
+    cut = write_jobs(tmp_path / "cut.toml", jobs, {**defaults, "stop_after": 1})
+    _spawn(2, "many", dict(run, jobs=str(cut), out=str(tmp_path / "cut")))
+    assert {r["status"] for r in json.loads((tmp_path / "cut" / "summary.json").read_text())["jobs"]} == {"stopped"}
+    res = train_many(ManyConfig(**run, out=str(tmp_path / "cut"), resume=True))
+    assert {r["status"] for r in res.jobs} == {"done"}
+    for name in jobs:
+        _same(tmp_path / "cut" / name, tmp_path / "one" / name)
