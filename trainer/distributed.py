@@ -11,7 +11,7 @@ LOCAL_RANK; we join the process group (gloo on CPU, NCCL on CUDA) and:
     their folders; rank 0 gathers the rows and writes summary.json. Job checkpoints are per job, so a
     resumed run may use any world size.
 torchrun's own argument parser accepts abbreviations, so a bare `--r 8` after `-m trainer train` is taken as an
-ambiguous --rdzv-* option: put r in --config (or write --r=8 after a `--`-free form such as the config file).
+ambiguous --rdzv-* option: put r in the --config file instead.
 """
 import math
 import os
