@@ -63,8 +63,9 @@ def _shards(root: Path, n: int) -> list[Path]:
 
 
 def _settings(steps: int, seq: int, batch: int, rank: int) -> dict:
-    return dict(max_steps=steps, max_seq_len=seq, batch_size=batch, grad_accum=1, r=rank, lora_alpha=2.0 * rank,
-                lora_dropout=0.0, warmup_steps=1)
+    return {"max_steps": steps, "max_seq_len": seq, "batch_size": batch, "grad_accum": 1, "r": rank,
+            "lora_alpha": 2.0 * rank,
+                "lora_dropout": 0.0, "warmup_steps": 1}
 
 
 MMAP_THRESHOLD = [0]  # set once from --mmap-threshold
@@ -134,7 +135,8 @@ def run_child_many(base: str, jobs: str, out: str, rows_per_pass: str) -> None:
 @click.option("--rank", default=8, show_default=True)
 @click.option("--scaling", default="1,4,16,64", show_default=True, help="job counts for the throughput sweep")
 @click.option("--threads", default=1, show_default=True)
-@click.option("--mmap-threshold", default=131072, show_default=True, help="MALLOC_MMAP_THRESHOLD_ for children (0 = off)")
+@click.option("--mmap-threshold", default=131072, show_default=True,
+              help="MALLOC_MMAP_THRESHOLD_ for children (0 = off)")
 @click.option("--json", "as_json", is_flag=True)
 @click.option("--rows-per-pass", default=None, type=int, help="train-many --rows-per-pass for every train-many run "
               "(default: ManyConfig's; 0 = all jobs in one pass)")
@@ -172,9 +174,11 @@ def main(base, n_jobs, steps, seq, batch, rank, scaling, threads, mmap_threshold
         return
     click.echo(f"{n_jobs} jobs, {steps} steps each (seq {seq}, batch {batch}, r {rank}), {threads} thread(s), "
                f"MALLOC_MMAP_THRESHOLD_={mmap_threshold or 'default'}")
-    click.echo(f"  sequential qtrain train: {seq_['wall_s']:8.1f} s  peak RSS {seq_['peak_rss_mb']:8.0f} MiB (largest run)")
+    click.echo(f"  sequential qtrain train: {seq_['wall_s']:8.1f} s  peak RSS {seq_['peak_rss_mb']:8.0f} MiB "
+               "(largest run)")
     click.echo(f"  one train-many run:      {many['wall_s']:8.1f} s  peak RSS {many['peak_rss_mb']:8.0f} MiB")
-    click.echo(f"  speedup {report['speedup']:.2f}x; memory sequential/many {report['memory_ratio']:.2f}x (one at a time), "
+    click.echo(f"  speedup {report['speedup']:.2f}x; memory sequential/many {report['memory_ratio']:.2f}x "
+               "(one at a time), "
                f"{report['memory_ratio_concurrent']:.2f}x if the {n_jobs} runs were side by side (sum of peaks)")
     click.echo("  jobs  wall s  train s   tok/s  peak RSS MiB  s/job")
     for r in sweep:

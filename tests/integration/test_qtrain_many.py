@@ -11,14 +11,15 @@ import torch
 from click.testing import CliRunner
 
 from formats import load_adapter
-from trainer.cli import main
 from tests.unit.trainer._tiny import chat, write_jsonl
 from tests.unit.trainer.conftest import tiny_chat  # noqa: F401  (shared fixture)
 from tests.unit.trainer.test_many import one_thread, write_jobs  # noqa: F401  (autouse: 1 intra-op thread)
+from trainer.cli import main
 
 pytestmark = pytest.mark.integration
 
-SETTINGS = dict(r=4, max_seq_len=96, batch_size=2, grad_accum=2, lora_dropout=0.0, learning_rate=1e-2, max_steps=2)
+SETTINGS = {"r": 4, "max_seq_len": 96, "batch_size": 2, "grad_accum": 2, "lora_dropout": 0.0, "learning_rate": 1e-2,
+            "max_steps": 2}
 
 
 @pytest.fixture(scope="module")
@@ -44,9 +45,9 @@ def _same(x, y, atol=1e-5):
 
 
 def test_train_many_cli_writes_adapters_and_summary_and_skips_a_bad_job(tiny_chat, data, tmp_path):
-    jobs = write_jobs(tmp_path / "jobs.toml", {"a": dict(data=str(data / "d0.jsonl")),
-                                               "b": dict(data=str(data / "d1.jsonl"), r=2),
-                                               "broken": dict(data=str(data / "bad.jsonl"))}, SETTINGS)
+    jobs = write_jobs(tmp_path / "jobs.toml", {"a": {"data": str(data / "d0.jsonl")},
+                                               "b": {"data": str(data / "d1.jsonl"), "r": 2},
+                                               "broken": {"data": str(data / "bad.jsonl")}}, SETTINGS)
     res = CliRunner().invoke(main, ["train-many", "--base", str(tiny_chat), "--jobs", str(jobs), "--out",
                                     str(tmp_path / "o"), "--compute-dtype", "float32", "--no-progress"])
     assert res.exit_code == 1, res.output
@@ -54,7 +55,8 @@ def test_train_many_cli_writes_adapters_and_summary_and_skips_a_bad_job(tiny_cha
     assert "2/3 jobs trained" in text and "failed jobs: broken" in text and "Traceback" not in res.output
     summary = json.loads((tmp_path / "o" / "summary.json").read_text())
     rows = {r["job"]: r for r in summary["jobs"]}
-    assert rows["a"]["status"] == rows["b"]["status"] == "done" and "bad.jsonl:2: not valid JSON" in rows["broken"]["error"]
+    assert rows["a"]["status"] == rows["b"]["status"] == "done"
+    assert "bad.jsonl:2: not valid JSON" in rows["broken"]["error"]
     assert json.loads((tmp_path / "o" / "b" / "adapter_config.json").read_text())["r"] == 2
 
 
@@ -74,7 +76,7 @@ def _torchrun(args: list[str]) -> None:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
            "--master-port", str(port), "-m", "trainer", *args]
     env = dict(os.environ, OMP_NUM_THREADS="1", MASTER_ADDR="127.0.0.1")
-    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, check=False)
     assert res.returncode == 0, res.stderr[-3000:]
 
 
@@ -92,9 +94,11 @@ def test_torchrun_two_ranks_train_equals_one_process(tiny_chat, data, tmp_path):
 
 
 def test_torchrun_two_ranks_train_many_equals_one_rank(tiny_chat, data, tmp_path):
-    jobs = write_jobs(tmp_path / "jobs.toml", {"a": dict(data=str(data / "d0.jsonl")),
-                                               "b": dict(data=str(data / "d1.jsonl"), seed=3, packing=False)}, SETTINGS)
-    common = ["train-many", "--base", str(tiny_chat), "--jobs", str(jobs), "--compute-dtype", "float32", "--no-progress"]
+    jobs = write_jobs(tmp_path / "jobs.toml", {"a": {"data": str(data / "d0.jsonl")},
+                                               "b": {"data": str(data / "d1.jsonl"), "seed": 3, "packing": False}},
+                      SETTINGS)
+    common = ["train-many", "--base", str(tiny_chat), "--jobs", str(jobs), "--compute-dtype", "float32",
+              "--no-progress"]
     one = CliRunner().invoke(main, [*common, "--out", str(tmp_path / "one")])
     assert one.exit_code == 0, one.output
     _torchrun([*common, "--out", str(tmp_path / "two")])

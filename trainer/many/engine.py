@@ -99,7 +99,8 @@ def run_jobs(model, jobs: list[JobRun], device, *, pad_id: int, checkpointing: b
                            stepping[0].lr if stepping else 0.0, tokens / max(dt, 1e-9), peak_memory_mb(device))
                 for j in stepping:
                     if j.status != RUNNING:
-                        bar.note(f"job {j.spec.name}: {j.status} at step {j.pos.step}" + (f" ({j.error})" if j.error else ""))
+                        why = f" ({j.error})" if j.error else ""
+                        bar.note(f"job {j.spec.name}: {j.status} at step {j.pos.step}{why}")
                 if on_step is not None:
                     on_step(rnd, losses)
     finally:

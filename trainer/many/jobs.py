@@ -17,9 +17,10 @@ loss_chunk_size, progress) are run-wide: flags of train-many, never job keys.
 """
 import os
 import re
-import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
+
+import tomllib
 
 from ..config import TrainConfig, _normalise, defaults
 from ..errors import ConfigError

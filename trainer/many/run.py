@@ -108,10 +108,10 @@ def train_data_parallel(cfg: TrainConfig, on_step=None, console=None) -> TrainRe
         job.resume_from = resume_from
         torch.manual_seed(cfg.seed + env.rank)  # ranks draw different dropout masks
         job.restore()
+        hook = None if on_step is None else lambda r, losses: on_step(job.pos.step, losses["adapter"])
         stats = run_jobs(model, [job], device, pad_id=job.data.pad_id, checkpointing=cfg.gradient_checkpointing,
                          chunk_size=cfg.loss_chunk_size, dp=D.DataParallel(env, device),
-                         progress=cfg.progress and env.is_main, console=console,
-                         on_step=None if on_step is None else lambda r, losses: on_step(job.pos.step, losses["adapter"]))
+                         progress=cfg.progress and env.is_main, console=console, on_step=hook)
         D.barrier(env)
     return TrainResult(Path(cfg.out), job.pos.step, job.losses, job.eval_loss, stats["interrupted"], job.checkpoint,
                        stats["tokens_per_s"], stats["peak_memory_mb"])

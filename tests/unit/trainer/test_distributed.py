@@ -11,15 +11,15 @@ import torch
 import torch.multiprocessing as mp
 
 from formats import load_adapter
+from tests.unit.trainer._tiny import chat, write_jsonl
+from tests.unit.trainer.test_many import one_thread, write_jobs  # noqa: F401  (autouse: 1 intra-op thread)
 from trainer import build_config, train
 from trainer.distributed import DataParallel, DistEnv, from_env, shard
 from trainer.many import ManyConfig, train_data_parallel, train_many
-from tests.unit.trainer._tiny import chat, write_jsonl
-from tests.unit.trainer.test_many import one_thread, write_jobs  # noqa: F401  (autouse: 1 intra-op thread)
 
-
-KW = dict(r=4, lora_alpha=8.0, max_seq_len=96, batch_size=2, grad_accum=3, lora_dropout=0.0, learning_rate=1e-2,
-          max_steps=3, compute_dtype="float32", progress=False, warmup_steps=1, lr_scheduler="cosine")
+KW = {"r": 4, "lora_alpha": 8.0, "max_seq_len": 96, "batch_size": 2, "grad_accum": 3, "lora_dropout": 0.0,
+      "learning_rate": 1e-2, "max_steps": 3, "compute_dtype": "float32", "progress": False, "warmup_steps": 1,
+      "lr_scheduler": "cosine"}
 
 
 @pytest.mark.unit
@@ -93,11 +93,11 @@ def test_two_rank_data_parallel_equals_one_process_and_resumes_in_one(tiny_chat,
 
 @pytest.mark.integration
 def test_train_many_over_two_ranks_equals_one_rank(tiny_chat, data, tmp_path):
-    jobs = {"a": dict(data=str(data / "d0.jsonl")), "b": dict(data=str(data / "d1.jsonl"), r=2, seed=5),
-            "c": dict(data=str(data / "d0.jsonl"), packing=False, max_steps=2)}
+    jobs = {"a": {"data": str(data / "d0.jsonl")}, "b": {"data": str(data / "d1.jsonl"), "r": 2, "seed": 5},
+            "c": {"data": str(data / "d0.jsonl"), "packing": False, "max_steps": 2}}
     defaults = {k: v for k, v in KW.items() if k not in ("compute_dtype", "progress")}
     path = write_jobs(tmp_path / "jobs.toml", jobs, defaults)
-    run = dict(base=str(tiny_chat), jobs=str(path), compute_dtype="float32", progress=False)
+    run = {"base": str(tiny_chat), "jobs": str(path), "compute_dtype": "float32", "progress": False}
     train_many(ManyConfig(**run, out=str(tmp_path / "one")))
     _spawn(2, "many", dict(run, out=str(tmp_path / "two")))
     summary = json.loads((tmp_path / "two" / "summary.json").read_text())

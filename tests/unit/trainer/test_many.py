@@ -9,18 +9,20 @@ import pytest
 import torch
 
 from formats import load_adapter
+from tests.unit.trainer._tiny import chat, write_jsonl
 from trainer import ConfigError, build_config, train
 from trainer.many import ManyConfig, load_jobs, train_many
-from tests.unit.trainer._tiny import chat, write_jsonl
 
-
-DEFAULTS = dict(max_steps=3, batch_size=2, grad_accum=2, max_seq_len=96, lora_dropout=0.0, learning_rate=1e-2, r=4)
+DEFAULTS = {"max_steps": 3, "batch_size": 2, "grad_accum": 2, "max_seq_len": 96, "lora_dropout": 0.0,
+            "learning_rate": 1e-2, "r": 4}
 # rank, targets, packing, accumulation, schedule, optimizer and step count differ per job
 JOBS = {
-    "a": dict(data="d0.jsonl"),
-    "b": dict(data="d1.jsonl", r=2, target_modules=["q_proj", "v_proj"], packing=False, seed=7, grad_accum=1),
-    "c": dict(data="d2.jsonl", r=8, learning_rate=5e-3, lr_scheduler="cosine", warmup_steps=1, max_steps=2),
-    "d": dict(data="d0.jsonl", optimizer="adamw8bit", max_grad_norm=0.0, seed=3, group_by_length=False),
+    "a": {"data": "d0.jsonl"},
+    "b": {"data": "d1.jsonl", "r": 2, "target_modules": ["q_proj", "v_proj"], "packing": False, "seed": 7,
+          "grad_accum": 1},
+    "c": {"data": "d2.jsonl", "r": 8, "learning_rate": 5e-3, "lr_scheduler": "cosine", "warmup_steps": 1,
+          "max_steps": 2},
+    "d": {"data": "d0.jsonl", "optimizer": "adamw8bit", "max_grad_norm": 0.0, "seed": 3, "group_by_length": False},
 }
 
 
@@ -50,8 +52,8 @@ def world(tiny_chat, tmp_path_factory):
     """Datasets, the 4-job run and each job trained alone (shared by the tests of this module)."""
     root = tmp_path_factory.mktemp("many")
     for k in range(3):
-        write_jsonl(root / f"d{k}.jsonl", [chat(f"Customer {k} question {i}?", f"Answer {k}.{i}: " + "ok " * (i % 5 + k))
-                                           for i in range(12)])
+        qa = [(f"Customer {k} question {i}?", f"Answer {k}.{i}: " + "ok " * (i % 5 + k)) for i in range(12)]
+        write_jsonl(root / f"d{k}.jsonl", [chat(q, a) for q, a in qa])
     jobs = write_jobs(root / "jobs.toml", JOBS)
     res = train_many(ManyConfig(base=str(tiny_chat), jobs=str(jobs), out=str(root / "many"), compute_dtype="float32",
                                 progress=False))
@@ -59,8 +61,8 @@ def world(tiny_chat, tmp_path_factory):
     for name, kw in JOBS.items():
         kw = {**DEFAULTS, **kw, "data": str(root / kw["data"])}
         kw = {k: tuple(v) if isinstance(v, list) else v for k, v in kw.items()}
-        solo[name] = train(build_config(None, base=str(tiny_chat), out=str(root / f"solo_{name}"), compute_dtype="float32",
-                                        progress=False, **kw))
+        solo[name] = train(build_config(None, base=str(tiny_chat), out=str(root / f"solo_{name}"),
+                                        compute_dtype="float32", progress=False, **kw))
     return root, res, solo
 
 
@@ -91,7 +93,7 @@ def test_four_jobs_in_one_run_equal_four_solo_runs(world):
 
 @pytest.mark.integration
 def test_resume_after_a_crash_continues_each_job(world, tiny_chat):
-    root, ref, _ = world
+    root = world[0]
     jobs = write_jobs(root / "crash.toml", JOBS, {**DEFAULTS, "save_every": 2})
     # rows_per_pass=3 splits each round into several passes (one or two jobs each): same adapters, other float order
     run = ManyConfig(base=str(tiny_chat), jobs=str(jobs), out=str(root / "crash"), compute_dtype="float32",
@@ -136,14 +138,14 @@ def test_ctrl_c_checkpoints_every_running_job_and_resume_finishes(world, tiny_ch
 
 @pytest.mark.integration
 def test_failing_jobs_are_skipped_and_early_stop_ends_a_job(world, tiny_chat):
-    root, _, solo = world
+    root = world[0]
     write_jsonl(root / "bad.jsonl", ['{"messages": [}'])
-    jobs = write_jobs(root / "failing.toml", {"a": JOBS["a"], "bad_data": dict(data="bad.jsonl"),
-                                              "diverges": dict(data="d1.jsonl", learning_rate=1e30),
+    jobs = write_jobs(root / "failing.toml", {"a": JOBS["a"], "bad_data": {"data": "bad.jsonl"},
+                                              "diverges": {"data": "d1.jsonl", "learning_rate": 1e30},
                                               # min_delta 100: the 2nd eval cannot improve enough, patience 1 stops it
-                                              "stops_early": dict(data="d2.jsonl", eval_fraction=0.25, eval_every=1,
-                                                                  max_steps=4, early_stop_patience=1,
-                                                                  early_stop_min_delta=100.0)})
+                                              "stops_early": {"data": "d2.jsonl", "eval_fraction": 0.25,
+                                                              "eval_every": 1, "max_steps": 4,
+                                                              "early_stop_patience": 1, "early_stop_min_delta": 100.0}})
     res = train_many(ManyConfig(base=str(tiny_chat), jobs=str(jobs), out=str(root / "failing"), compute_dtype="float32",
                                 progress=False))
     rows = {r["job"]: r for r in res.jobs}
