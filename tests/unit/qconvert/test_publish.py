@@ -32,7 +32,16 @@ def test_dry_run_lists_files_and_card(tiny_out):
     assert "base_model: org/tiny\nbase_model_relation: quantized" in result.stdout
 
 
+def _online(monkeypatch):
+    """The suite runs with HF_HUB_OFFLINE=1 (no test reaches a hub); these tests reach only the in-process one."""
+    import huggingface_hub.constants
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+
+
 def test_upload_call_sequence(tiny_out, monkeypatch):
+    _online(monkeypatch)
     with FakeHub() as hub:
         monkeypatch.setenv("HF_ENDPOINT", hub.url)
         result = _run("publish", tiny_out, "me/tiny-nf4", "--private", "--revision", "v1", "--token", "hf_x")
@@ -74,6 +83,7 @@ def test_base_model_recorded_by_convert_and_error_table(tiny_src, tmp_path, monk
 
 
 def test_broken_checkpoint_is_not_uploaded(tiny_out, monkeypatch):
+    _online(monkeypatch)
     path = tiny_out / "model.safetensors"
     tensors = load_file(str(path))
     del tensors["model.layers.1.mlp.up_proj.weight.absmax"]
