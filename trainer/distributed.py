@@ -22,6 +22,8 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from .errors import ConfigError
+
 
 @dataclass(frozen=True, slots=True)
 class DistEnv:
@@ -47,6 +49,9 @@ def under_torchrun() -> bool:
 
 
 def device_for(env: DistEnv, requested: str) -> torch.device:
+    """This rank's device for --device auto|cpu|cuda (cuda:LOCAL_RANK under torchrun)."""
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device='cuda' but no CUDA device is visible (--device)")
     cuda = requested == "cuda" or (requested == "auto" and torch.cuda.is_available())
     if cuda:
         torch.cuda.set_device(env.local_rank)

@@ -13,8 +13,8 @@ import torch.multiprocessing as mp
 from formats import load_adapter
 from tests.unit.trainer._tiny import chat, write_jsonl
 from tests.unit.trainer.test_many import one_thread, write_jobs  # noqa: F401  (autouse: 1 intra-op thread)
-from trainer import build_config, train
-from trainer.distributed import DataParallel, DistEnv, from_env, shard
+from trainer import ConfigError, build_config, train
+from trainer.distributed import DataParallel, DistEnv, device_for, from_env, shard
 from trainer.many import ManyConfig, train_data_parallel, train_many
 
 KW = {"r": 4, "lora_alpha": 8.0, "max_seq_len": 96, "batch_size": 2, "grad_accum": 3, "lora_dropout": 0.0,
@@ -36,6 +36,14 @@ def test_from_env_reads_torchrun_variables(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "4")
     monkeypatch.setenv("LOCAL_RANK", "1")
     assert from_env() == DistEnv(3, 4, 1) and not from_env().is_main
+
+
+@pytest.mark.unit
+def test_cuda_without_a_device_is_a_config_error(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ConfigError, match="device='cuda' but no CUDA device is visible"):
+        device_for(DistEnv(), "cuda")
+    assert device_for(DistEnv(), "auto") == torch.device("cpu")
 
 
 def _free_port() -> int:
