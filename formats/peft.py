@@ -11,6 +11,7 @@ adapter_model.bin files are refused: adapters load from safetensors only.
 """
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -51,6 +52,19 @@ class LoraConfig:
         """s = alpha / r, or alpha / sqrt(r) with rsLoRA (Kalajdzievski 2023)."""
         r = rank or self.r
         return self.lora_alpha / (r**0.5 if self.use_rslora else r)
+
+    def rank_for(self, module_path: str) -> int:
+        """r of one module: `rank_pattern` overrides `r` where a key matches the end of the module path."""
+        return int(_pattern_value(self.rank_pattern, module_path, self.r))
+
+    def alpha_for(self, module_path: str) -> float:
+        """lora_alpha of one module: `alpha_pattern` overrides it the same way."""
+        return float(_pattern_value(self.alpha_pattern, module_path, self.lora_alpha))
+
+    def scale_for(self, module_path: str, rank: int | None = None) -> float:
+        """s of one module, from its own alpha and rank (the stored rank when given)."""
+        r = rank or self.rank_for(module_path)
+        return self.alpha_for(module_path) / (r**0.5 if self.use_rslora else r)
 
     def to_json(self) -> dict:
         out = {
@@ -102,6 +116,14 @@ class LoraConfig:
             )
         except AdapterFormatError as e:
             raise AdapterFormatError(f"{where}: {e}") from None
+
+
+def _pattern_value(pattern: dict, path: str, default):
+    """PEFT's rank_pattern / alpha_pattern rule: a key (a regex) that matches the whole path or its end."""
+    for key, value in pattern.items():
+        if re.fullmatch(rf"(.*\.)?{key}", path):
+            return value
+    return default
 
 
 def lora_pairs(tensors: dict[str, torch.Tensor], where: str = WEIGHTS_NAME) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:

@@ -6,7 +6,6 @@ PEFT's rank_pattern / alpha_pattern keys match a module path when the path ends 
 (after a dot) or the key matches it as a regular expression.
 """
 import os
-import re
 
 import torch
 
@@ -15,13 +14,6 @@ from formats.peft import KEY_PREFIX, LORA_A, LORA_B
 
 from .errors import AdapterError
 from .llama import Llama
-
-
-def _pattern_value(pattern: dict, path: str, default):
-    for key, value in pattern.items():
-        if re.fullmatch(rf"(.*\.)?{key}", path):
-            return value
-    return default
 
 
 def _targets(model: Llama, config: LoraConfig) -> dict:
@@ -44,10 +36,8 @@ def add_adapter(model: Llama, adapter_id: int, config: LoraConfig, dtype: torch.
     if adapter_id in adapter_ids(model):
         raise AdapterError(f"adapter id {adapter_id} is already loaded; remove it first")
     for path, layer in _targets(model, config).items():
-        rank = int(_pattern_value(config.rank_pattern, path, config.r))
-        alpha = float(_pattern_value(config.alpha_pattern, path, config.lora_alpha))
-        scale = alpha / (rank**0.5 if config.use_rslora else rank)
-        layer.add_adapter(adapter_id, rank, scale, config.lora_dropout, dtype)
+        rank = config.rank_for(path)
+        layer.add_adapter(adapter_id, rank, config.scale_for(path, rank), config.lora_dropout, dtype)
 
 
 def adapter_ids(model: Llama) -> list[int]:
@@ -103,9 +93,7 @@ def load_peft_adapter(model: Llama, folder: str | os.PathLike, adapter_id: int,
     for path, (a, b) in pairs.items():
         layer = layers[path]
         rank = a.shape[0]
-        alpha = float(_pattern_value(config.alpha_pattern, path, config.lora_alpha))
-        layer.add_adapter(adapter_id, rank, alpha / (rank**0.5 if config.use_rslora else rank),
-                          config.lora_dropout, dtype, device)
+        layer.add_adapter(adapter_id, rank, config.scale_for(path, rank), config.lora_dropout, dtype, device)
         with torch.no_grad():
             layer.lora_a[str(adapter_id)].copy_(a)
             layer.lora_b[str(adapter_id)].copy_(b)

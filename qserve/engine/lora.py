@@ -6,7 +6,6 @@ a base-model name that is not the served base, target modules or tensors that th
 that do not fit, ranks outside [1, MAX_RANK], non-finite weights. Each adapter keeps its own rank (no padding).
 """
 import os
-import re
 from dataclasses import dataclass
 
 import torch
@@ -26,14 +25,6 @@ class AdapterPayload:
     layers: dict[str, tuple[torch.Tensor, torch.Tensor, float]]
     ranks: dict[str, int]
     base_model: str | None
-
-
-def _pattern_value(pattern: dict, path: str, default):
-    """PEFT's rank_pattern / alpha_pattern rule: the key ends the module path or matches it as a regex."""
-    for key, value in pattern.items():
-        if re.fullmatch(rf"(.*\.)?{key}", path):
-            return value
-    return default
 
 
 def _norm_name(name: str) -> str:
@@ -90,8 +81,7 @@ def read_adapter(model, name: str, path: str, base_names: tuple[str, ...] = (),
         a, b = a.to(dtype).contiguous(), b.to(dtype).contiguous()
         if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
             raise AdapterRefused(f"{where}: {module}: weights hold NaN or inf")
-        alpha = float(_pattern_value(config.alpha_pattern, module, config.lora_alpha))
-        scale = alpha / (r ** 0.5 if config.use_rslora else r)
+        scale = config.scale_for(module, r)
         out[module], ranks[module] = (a, b, scale), r
         nbytes += a.nbytes + b.nbytes
     return AdapterPayload(out, ranks, config.base_model_name_or_path), nbytes

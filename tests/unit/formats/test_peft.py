@@ -95,3 +95,20 @@ def test_bad_adapters_are_refused_with_the_file_named(tmp_path):
     weights.write_bytes(weights.read_bytes()[:-100])
     with pytest.raises(FormatError, match="adapter_model.safetensors: tensor .* do not fit"):
         load_adapter(tmp_path / "b")
+
+
+def test_rank_and_alpha_patterns_follow_peft():
+    config = LoraConfig(r=8, lora_alpha=16, target_modules=("q_proj", "v_proj"),
+                        rank_pattern={"v_proj": 4, r"layers\.1\.self_attn\.q_proj": 2}, alpha_pattern={"q_proj": 4})
+    assert config.rank_for("model.layers.0.self_attn.v_proj") == 4
+    assert config.rank_for("model.layers.1.self_attn.q_proj") == 2
+    assert config.rank_for("model.layers.0.self_attn.q_proj") == 8
+    assert config.alpha_for("model.layers.0.self_attn.q_proj") == 4.0
+    assert config.scale_for("model.layers.0.self_attn.v_proj") == 16 / 4
+    peft = PeftLoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], rank_pattern=config.rank_pattern,
+                          alpha_pattern=config.alpha_pattern)
+    from peft.utils.other import get_pattern_key
+
+    for path in ("model.layers.0.self_attn.v_proj", "model.layers.1.self_attn.q_proj", "model.layers.0.self_attn.q_proj"):
+        key = get_pattern_key(peft.rank_pattern.keys(), path)
+        assert peft.rank_pattern.get(key, peft.r) == config.rank_for(path), path
