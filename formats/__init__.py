@@ -18,7 +18,7 @@ _EXPORTS = {
                      "QloraKitError", "ShapeMismatch", "UnsupportedBlocksize", "UnsupportedDtype",
                      "UnsupportedQuantType"), "errors"),
     **dict.fromkeys(("atomic_dir", "atomic_file", "load_safetensors", "open_safetensors", "read_header",
-                     "save_safetensors", "write_json"), "io"),
+                     "safetensors_files", "save_safetensors", "write_json"), "io"),
     **dict.fromkeys(("decode_state_json", "encode_state_json", "from_entries", "is_state_key", "quantization_config",
                      "quantized_weight_names", "should_quantize", "to_entries"), "layout"),
     **dict.fromkeys(("LoraConfig", "load_adapter", "lora_pairs", "save_adapter"), "peft"),

@@ -146,6 +146,23 @@ def open_safetensors(path: str | os.PathLike) -> Iterator:
         yield f
 
 
+def safetensors_files(folder: str | os.PathLike) -> list[Path]:
+    """The weight files of a checkpoint folder: model.safetensors, or the shards its index names (FORMAT.md §1)."""
+    folder = Path(folder)
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
+            raise FormatError(f"{index}: not a safetensors index with a weight_map ({e})") from None
+        return [folder / s for s in shards]
+    single = folder / "model.safetensors"
+    if not single.is_file():
+        raise FormatError(f"{folder}: no model.safetensors or model.safetensors.index.json "
+                          "(pickled .bin checkpoints are refused here)")
+    return [single]
+
+
 def load_safetensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """Read every tensor of a checked safetensors file."""
     with open_safetensors(path) as f:

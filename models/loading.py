@@ -12,26 +12,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from formats import from_entries, is_state_key, open_safetensors, quantize_4bit, quantized_weight_names, should_quantize
+from formats import (from_entries, is_state_key, open_safetensors, quantize_4bit, quantized_weight_names,
+                     safetensors_files, should_quantize)
 
 from .config import load_config
 from .errors import CheckpointError
 from .llama import Llama
 from .lora import LoraLinear
 from .nf4_linear import NF4Linear, dense_linear
-
-
-def weight_files(folder: Path) -> list[Path]:
-    """model.safetensors, or the shards named by model.safetensors.index.json."""
-    index = folder / "model.safetensors.index.json"
-    if index.is_file():
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        return [folder / s for s in shards]
-    single = folder / "model.safetensors"
-    if not single.is_file():
-        raise CheckpointError(f"{folder}: no model.safetensors or model.safetensors.index.json "
-                              "(pickled .bin checkpoints are refused)")
-    return [single]
 
 
 def is_prequantized(folder: Path) -> bool:
@@ -104,7 +92,7 @@ def load_model(
         raise CheckpointError(f"{folder}: is a 4-bit checkpoint; load it with quantize=True")
     with torch.device("meta"):
         model = Llama(cfg, quantized=quantize, backend=backend)
-    for path in weight_files(folder):
+    for path in safetensors_files(folder):
         with open_safetensors(path) as f:
             keys = list(f.keys())
             for name in quantized_weight_names(keys):

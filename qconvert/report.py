@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
 
-from formats import FormatError, open_safetensors, quantize_4bit, should_quantize, sqnr_db
+from formats import open_safetensors, safetensors_files, quantize_4bit, should_quantize, sqnr_db
 from kernels import dequant
 
 
@@ -24,23 +24,11 @@ class TensorReport:
     sqnr_db: float | None
 
 
-def weight_files(folder: Path) -> list[Path]:
-    """The safetensors files of a HF checkpoint folder: model.safetensors or the shards of its index."""
-    index = folder / "model.safetensors.index.json"
-    if index.exists():
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        return [folder / s for s in shards]
-    single = folder / "model.safetensors"
-    if not single.exists():
-        raise FormatError(f"{folder}: no model.safetensors or model.safetensors.index.json")
-    return [single]
-
-
 def quantization_report(folder: str | Path, quant_type: str = "nf4", blocksize: int = 64,
                         double_quant: bool = True, show_progress: bool = True) -> list[TensorReport]:
     """One TensorReport per tensor of the checkpoint; tensors are read and quantized one at a time."""
     folder = Path(folder)
-    files = weight_files(folder)
+    files = safetensors_files(folder)
     rows: list[TensorReport] = []
     total = sum(f.stat().st_size for f in files)
     columns = (TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TimeRemainingColumn())

@@ -4,7 +4,7 @@ import json
 import pytest
 import torch
 
-from formats import LoraConfig, dequantize_4bit, quantize_4bit
+from formats import FormatError, LoraConfig, dequantize_4bit, quantize_4bit
 from models import (Batch, CheckpointError, SamplingParams, adapter_ids, adapter_state, add_adapter, generate,
                     load_model, load_peft_adapter, save_peft_adapter)
 from tests.tolerances import tol
@@ -110,5 +110,5 @@ def test_loading_errors(tiny_dir, tmp_path):
     with pytest.raises(CheckpointError, match=r"lacks model\.layers\.1\.mlp\.up_proj"):
         load_model(bad)
     (bad / "model.safetensors").unlink()
-    with pytest.raises(CheckpointError, match="no model.safetensors"):
+    with pytest.raises(FormatError, match="no model.safetensors"):
         load_model(bad)
