@@ -37,7 +37,8 @@ SRC = Path(".cache/smollm2-135m-instruct")
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
-def _make_adapters(model, root: Path, n: int, rank: int) -> list[Path]:
+def make_random_adapters(model, root: Path, n: int, rank: int) -> list[Path]:
+    """n PEFT adapters of rank `rank` on TARGETS with seeded random non-zero B (seed i for adapter i)."""
     out = []
     for i in range(n):
         torch.manual_seed(i)
@@ -121,7 +122,7 @@ def main(batch, new_tokens, prompt_tokens, counts, rank, device, dtype, peer, as
                              max_num_batched_tokens=max(batch * (prompt_tokens + 1), 2048), max_model_len=256,
                              kv_cache_tokens=max(batch * (prompt_tokens + new_tokens + 16), 256), allowed_root=tmp)
         engine = build_engine(config)
-        folders = _make_adapters(engine.model, Path(tmp) / "adapters", max(counts), rank)
+        folders = make_random_adapters(engine.model, Path(tmp) / "adapters", max(counts), rank)
         for i, f in enumerate(folders):
             engine.registry.add(f"a{i:03d}", f, trusted=True)
         prompts = _prompts(batch, prompt_tokens, engine.model.cfg.vocab_size)
@@ -189,7 +190,7 @@ def _load_test(n, concurrency, n_adapters, new_tokens, rank, device, dtype):
                              max_loras=min(n_adapters, 32), max_num_seqs=concurrency, max_waiting=max(n, 256),
                              max_model_len=256, kv_cache_tokens=concurrency * 64, allowed_root=tmp)
         handle = start(config)
-        folders = _make_adapters(handle.engine.model, Path(tmp) / "adapters", n_adapters, rank)
+        folders = make_random_adapters(handle.engine.model, Path(tmp) / "adapters", n_adapters, rank)
         names = [f"a{i:03d}" for i in range(n_adapters)]
         for name, f in zip(names, folders):
             handle.engine.registry.add(name, f, trusted=True)

@@ -28,31 +28,17 @@ import click
 import httpx
 import torch
 
-from formats import LoraConfig
-from models import add_adapter, adapter_params, load_model, remove_adapter, save_peft_adapter
+from bench.serve import make_random_adapters
+from models import load_model
 from qconvert.convert import convert
 from qserve.vllm_backend.launch import VllmProcess, free_port
 
 SRC = Path(".cache/smollm2-135m-instruct")
-TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 NAME = "smollm2"
 
 
 def _adapters(ckpt: Path, root: Path, n: int, rank: int) -> list[Path]:
-    model = load_model(ckpt, compute_dtype=torch.float32)
-    out = []
-    for i in range(n):
-        torch.manual_seed(i)
-        cfg = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=TARGETS)
-        add_adapter(model, 999, cfg)
-        with torch.no_grad():
-            for name, p in adapter_params(model, 999).items():
-                if ".lora_b." in name:
-                    p.copy_(0.02 * torch.randn_like(p))
-        save_peft_adapter(model, 999, root / f"a{i}", cfg)
-        remove_adapter(model, 999)
-        out.append(root / f"a{i}")
-    return out
+    return make_random_adapters(load_model(ckpt, compute_dtype=torch.float32), root, n, rank)
 
 
 def _argv(python: str, method: str, ckpt: Path, port: int, key: str, batch: int, dtype: str, rank: int,

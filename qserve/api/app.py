@@ -36,6 +36,17 @@ async def _body(request: Request, limit: int) -> dict:
     return data
 
 
+def model_list(principal: Principal, served_name: str, registry, created: int) -> dict:
+    """The /v1/models body: the base and the live adapters this key may use (paths shown to admins only)."""
+    data = [{"id": served_name, "object": "model", "created": created, "owned_by": "qserve", "root": served_name,
+             "parent": None}] if principal.may_use(None) else []
+    for a in registry.list():
+        if not a.draining and principal.may_use(a.name):
+            data.append({"id": a.name, "object": "model", "created": created, "owned_by": "qserve",
+                         "root": a.path if principal.admin else a.name, "parent": served_name})
+    return {"object": "list", "data": data}
+
+
 def create_app(engine, keys: KeyStore, served_name: str) -> FastAPI:
     """The HTTP app over a started Engine.
 
@@ -107,14 +118,7 @@ def create_app(engine, keys: KeyStore, served_name: str) -> FastAPI:
 
     @app.get("/v1/models")
     async def models(principal: Principal = Depends(who)):
-        p = principal
-        data = [{"id": served_name, "object": "model", "created": created, "owned_by": "qserve", "root": served_name,
-                 "parent": None}] if p.may_use(None) else []
-        for a in engine.registry.list():
-            if not a.draining and p.may_use(a.name):
-                data.append({"id": a.name, "object": "model", "created": created, "owned_by": "qserve",
-                             "root": a.path if p.admin else a.name, "parent": served_name})
-        return {"object": "list", "data": data}
+        return model_list(principal, served_name, engine.registry, created)
 
     @app.post("/v1/load_lora_adapter")
     async def load_lora_adapter(request: Request, principal: Principal = Depends(who)):

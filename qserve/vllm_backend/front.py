@@ -13,14 +13,14 @@ import time
 
 import httpx
 from fastapi import Depends, FastAPI, Request
-from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
 from formats import load_adapter
 from formats.errors import QloraKitError
 
 from ..adapters import AdapterRegistry
 from ..api import errors
-from ..api.app import _adapter_json, _body
+from ..api.app import _adapter_json, _body, model_list
 from ..api.auth import KeyStore, Principal
 from ..errors import AdapterNotFound, AdapterRefused, InvalidRequest
 from ..metrics import Metrics
@@ -144,14 +144,7 @@ def create_front(upstream: str, upstream_key: str, keys: KeyStore, served_name: 
 
     @app.get("/v1/models")
     async def models(principal: Principal = Depends(who)):
-        p = principal
-        data = [{"id": served_name, "object": "model", "created": created, "owned_by": "qserve", "root": served_name,
-                 "parent": None}] if p.may_use(None) else []
-        for a in registry.list():
-            if not a.draining and p.may_use(a.name):
-                data.append({"id": a.name, "object": "model", "created": created, "owned_by": "qserve",
-                             "root": a.path if p.admin else a.name, "parent": served_name})
-        return {"object": "list", "data": data}
+        return model_list(principal, served_name, registry, created)
 
     @app.post("/v1/load_lora_adapter")
     async def load_lora_adapter(request: Request, principal: Principal = Depends(who)):

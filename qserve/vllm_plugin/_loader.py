@@ -14,8 +14,7 @@ from torch import nn
 from vllm.model_executor.model_loader.base_loader import BaseModelLoader
 from vllm.model_executor.models.utils import is_pp_missing_parameter
 
-from formats import from_entries, open_safetensors, quantized_weight_names
-from models.loading import weight_files
+from formats import from_entries, open_safetensors, quantized_weight_names, safetensors_files
 
 from .errors import CheckpointMismatch
 from ._quant import QloraNF4LinearMethod
@@ -86,7 +85,7 @@ class QloraNF4Loader(BaseModelLoader):
     def load_weights(self, model: nn.Module, model_config) -> None:
         folder = Path(model_config.model)
         dense: list[tuple[str, torch.Tensor]] = []
-        for path in weight_files(folder):
+        for path in safetensors_files(folder):
             with open_safetensors(path) as f:
                 keys = list(f.keys())
                 owned: set[str] = set()
