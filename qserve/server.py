@@ -6,7 +6,6 @@ URL (tests, benchmarks). Port 0 binds any free port; the bound address is report
 import json
 import logging
 import os
-import socket
 import threading
 import time
 from dataclasses import dataclass
@@ -19,6 +18,7 @@ from models import NF4Linear, Tokenizer, load_model
 from models.nf4_linear import dense_linear
 
 from .api import KeyStore, create_app
+from ._socket import bind_listener
 from .config import ServeConfig
 from .engine.engine import Engine
 
@@ -77,14 +77,6 @@ class ServerHandle:
         self.engine.stop()
 
 
-def _bind(host: str, port: int) -> socket.socket:
-    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((host, port))
-    sock.listen(2048)
-    return sock
-
-
 def _server(config: ServeConfig, engine: Engine) -> uvicorn.Server:
     keys = KeyStore.from_file(config.api_keys)
     served = os.path.basename(os.path.normpath(config.checkpoint))
@@ -96,7 +88,7 @@ def start(config: ServeConfig, engine: Engine | None = None) -> ServerHandle:
     """Run the server in a daemon thread; returns once it accepts connections."""
     engine = engine or build_engine(config)
     server = _server(config, engine)
-    sock = _bind(config.host, config.port)
+    sock = bind_listener(config.host, config.port)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True, name="qserve-http")
     thread.start()
     deadline = time.monotonic() + 30
@@ -109,7 +101,7 @@ def start(config: ServeConfig, engine: Engine | None = None) -> ServerHandle:
 def serve(config: ServeConfig, announce=print) -> None:
     """Run until interrupted."""
     engine = build_engine(config)
-    sock = _bind(config.host, config.port)
+    sock = bind_listener(config.host, config.port)
     host, port = sock.getsockname()[:2]
     announce(f"qserve: serving {config.checkpoint} as {os.path.basename(os.path.normpath(config.checkpoint))!r} "
              f"on http://{host}:{port} ({len(config.adapters)} adapters)")

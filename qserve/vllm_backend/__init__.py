@@ -8,13 +8,13 @@
 vLLM: the child process does, through the plugin's entry point.
 """
 import os
-import socket
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..adapters import AdapterRegistry, RegistryConfig
+from .._socket import bind_listener
 from ..config import ServeConfig
 from .launch import (VllmOptions, VllmProcess, adapter_rank, launch, lora_rank, pop_vllm_options, vllm_cli_options,
                      vllm_command)
@@ -39,14 +39,6 @@ class VllmHandle:
         if self.thread is not None:
             self.thread.join(timeout=30)
         self.vllm.stop()
-
-
-def _bind(host: str, port: int) -> socket.socket:
-    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((host, port))
-    sock.listen(2048)
-    return sock
 
 
 def _build(config: ServeConfig, opts: VllmOptions, log):
@@ -78,7 +70,7 @@ def start(config: ServeConfig, opts: VllmOptions = VllmOptions(), log: str | os.
     """
     proc, registry, server, rank = _build(config, opts, log)
     try:
-        sock = _bind(config.host, config.port)
+        sock = bind_listener(config.host, config.port)
     except OSError:
         proc.stop()
         raise
@@ -95,7 +87,7 @@ def serve(config: ServeConfig, opts: VllmOptions = VllmOptions(), announce=print
     """Run until interrupted."""
     proc, _, server, rank = _build(config, opts, None)
     try:
-        sock = _bind(config.host, config.port)
+        sock = bind_listener(config.host, config.port)
         host, port = sock.getsockname()[:2]
         announce(f"qserve: serving {config.checkpoint} on http://{host}:{port} through vLLM at {proc.url} "
                  f"(tp={opts.tensor_parallel_size} pp={opts.pipeline_parallel_size} dp={opts.data_parallel_size}, "
