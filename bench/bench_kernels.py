@@ -13,9 +13,9 @@ import time
 import torch
 import torch.nn.functional as F
 
-from formats import quantize_4bit
-from kernels import adamw8bit, chunked_cross_entropy, lora, lora_multi, nf4_matmul, rmsnorm, rope, swiglu
-from trainer.optim import signed_dynamic_map, unsigned_dynamic_map
+from qlora_kit.formats import quantize_4bit
+from qlora_kit.kernels import adamw8bit, chunked_cross_entropy, lora, lora_multi, nf4_matmul, rmsnorm, rope, swiglu
+from qlora_kit.trainer.optim import signed_dynamic_map, unsigned_dynamic_map
 
 try:
     import bitsandbytes as bnb

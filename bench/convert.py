@@ -26,7 +26,7 @@ from pathlib import Path
 
 import click
 
-OURS = "import sys; from qconvert.cli import main; sys.argv[0] = 'qconvert'; main()"
+OURS = "import sys; from qlora_kit.qconvert.cli import main; sys.argv[0] = 'qconvert'; main()"
 PEER = """
 import sys, torch
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig
@@ -64,7 +64,7 @@ def synthetic(folder: Path, params: float) -> tuple[int, int]:
     """Write a Llama-shaped random bf16 checkpoint of about `params` parameters; return (params, largest tensor)."""
     import torch
 
-    from qconvert.shards import ShardWriter
+    from qlora_kit.qconvert.shards import ShardWriter
 
     hidden, inter, heads, kv, vocab = 2048, 5632, 32, 4, 32000
     head_dim = hidden // heads

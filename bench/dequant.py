@@ -13,8 +13,8 @@ import click
 import torch
 
 from bench._timing import measure
-from formats import quantize_4bit, to_entries
-from kernels import dequant
+from qlora_kit.formats import quantize_4bit, to_entries
+from qlora_kit.kernels import dequant
 
 SHAPES = {"cpu": [(576, 576), (1536, 576), (4096, 4096)], "cuda": [(4096, 4096), (14336, 4096), (4096, 14336)]}
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from models import Batch, SamplingParams, generate, load_model, load_peft_adapter
+from qlora_kit.models import Batch, SamplingParams, generate, load_model, load_peft_adapter
 
 
 def _nf4_checkpoint(src: Path, out: Path, device: str) -> Path:

@@ -26,12 +26,12 @@ from pathlib import Path
 import click
 import torch
 
-from formats import LoraConfig
-from models import add_adapter, adapter_params, remove_adapter, save_peft_adapter
-from qconvert.convert import convert
-from qserve.config import ServeConfig
-from qserve.engine import SamplingParams
-from qserve.server import build_engine
+from qlora_kit.formats import LoraConfig
+from qlora_kit.models import add_adapter, adapter_params, remove_adapter, save_peft_adapter
+from qlora_kit.qconvert.convert import convert
+from qlora_kit.qserve.config import ServeConfig
+from qlora_kit.qserve.engine import SamplingParams
+from qlora_kit.qserve.server import build_engine
 
 SRC = Path(".cache/smollm2-135m-instruct")
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -181,7 +181,7 @@ async def _http_round(url, names, n, concurrency, new_tokens):
 def _load_test(n, concurrency, n_adapters, new_tokens, rank, device, dtype):
     import statistics
 
-    from qserve.server import start
+    from qlora_kit.qserve.server import start
 
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = Path(tmp) / "smollm2-135m-instruct"

@@ -28,10 +28,10 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 
 
 def _tokens(folder: str, seq: int, batch: int) -> torch.Tensor:
-    from models import Tokenizer
+    from qlora_kit.models import Tokenizer
 
     tok = Tokenizer(folder)
-    path = resources.files("trainer") / "datasets" / "quillfeather.jsonl"
+    path = resources.files("qlora_kit.trainer") / "datasets" / "quillfeather.jsonl"
     ids = []
     for line in path.read_text().splitlines():
         ids += tok.encode_chat(json.loads(line)["messages"], add_generation_prompt=False)
@@ -47,12 +47,12 @@ def _peak_mb(device: torch.device) -> float:
 
 
 def _qtrain_step(base: str, rank: int, device: torch.device):
-    from trainer.batching import StepBatch
-    from trainer.config import build_config
-    from trainer.forward import summed_loss
-    from trainer import setup
+    from qlora_kit.trainer.batching import StepBatch
+    from qlora_kit.trainer.config import build_config
+    from qlora_kit.trainer.forward import summed_loss
+    from qlora_kit.trainer import setup
 
-    from models import Batch
+    from qlora_kit.models import Batch
 
     cfg = build_config(None, base=base, data="-", out="-", r=rank, lora_alpha=2.0 * rank, lora_dropout=0.0,
                        device=device.type)

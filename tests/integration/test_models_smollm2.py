@@ -7,7 +7,7 @@ import shutil
 import pytest
 import torch
 
-from models import Batch, SamplingParams, Tokenizer, generate, load_model, load_peft_adapter
+from qlora_kit.models import Batch, SamplingParams, Tokenizer, generate, load_model, load_peft_adapter
 from tests.tolerances import tol
 
 pytestmark = pytest.mark.slow
@@ -144,5 +144,5 @@ def test_peft_adapter_logits_equal_peft(ours, nf4_dir, prompt_ids, tmp_path):
         assert (got - base).abs().max() > 5 * tol("smollm2_vs_peft_logits", torch.bfloat16)["atol"]
         torch.testing.assert_close(got, ref, **tol("smollm2_vs_peft_logits", torch.bfloat16))
     finally:
-        from models import remove_adapter
+        from qlora_kit.models import remove_adapter
         remove_adapter(ours, 7)

@@ -4,8 +4,8 @@ import json
 import pytest
 import torch
 
-from formats import FormatError, LoraConfig, dequantize_4bit, quantize_4bit
-from models import (Batch, CheckpointError, SamplingParams, adapter_ids, adapter_state, add_adapter, generate,
+from qlora_kit.formats import FormatError, LoraConfig, dequantize_4bit, quantize_4bit
+from qlora_kit.models import (Batch, CheckpointError, SamplingParams, adapter_ids, adapter_state, add_adapter, generate,
                     load_model, load_peft_adapter, save_peft_adapter)
 from tests.tolerances import tol
 from tests.unit.models._tiny import VARIANTS, load_hf, write_tiny

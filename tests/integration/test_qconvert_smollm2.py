@@ -10,8 +10,8 @@ import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file, save_file
 
-from formats import decode_absmax, from_entries, spec
-from qconvert.cli import main
+from qlora_kit.formats import decode_absmax, from_entries, spec
+from qlora_kit.qconvert.cli import main
 from tests.tolerances import tol
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]

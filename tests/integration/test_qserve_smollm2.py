@@ -15,11 +15,11 @@ import openai
 import pytest
 import torch
 
-from formats import LoraConfig
-from models import SamplingParams as ModelSampling
-from models import add_adapter, adapter_params, generate, load_peft_adapter, remove_adapter, save_peft_adapter
-from qserve.config import ServeConfig
-from qserve.server import start
+from qlora_kit.formats import LoraConfig
+from qlora_kit.models import SamplingParams as ModelSampling
+from qlora_kit.models import add_adapter, adapter_params, generate, load_peft_adapter, remove_adapter, save_peft_adapter
+from qlora_kit.qserve.config import ServeConfig
+from qlora_kit.qserve.server import start
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
@@ -42,7 +42,7 @@ def _adapter(model, folder, rank, seed, base_name, targets=("q_proj", "v_proj", 
 
 @pytest.fixture(scope="module")
 def server(smollm2, tmp_path_factory):
-    from qconvert.convert import convert
+    from qlora_kit.qconvert.convert import convert
 
     root = tmp_path_factory.mktemp("qserve")
     ckpt = root / "smollm2-135m-instruct"

@@ -1,5 +1,5 @@
 """qtrain train-many and torchrun end to end on a tiny random model: CLI outputs and exit codes, and real
-`torchrun --nproc-per-node 2 -m trainer ...` runs (gloo, loopback) against 1-process runs."""
+`torchrun --nproc-per-node 2 -m qlora_kit.trainer ...` runs (gloo, loopback) against 1-process runs."""
 import json
 import os
 import socket
@@ -10,11 +10,11 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from formats import load_adapter
+from qlora_kit.formats import load_adapter
 from tests.unit.trainer._tiny import chat, write_jsonl
 from tests.unit.trainer.conftest import tiny_chat  # noqa: F401  (shared fixture)
 from tests.unit.trainer.test_many import one_thread, write_jobs  # noqa: F401  (autouse: 1 intra-op thread)
-from trainer.cli import main
+from qlora_kit.trainer.cli import main
 
 pytestmark = pytest.mark.integration
 
@@ -74,7 +74,7 @@ def _torchrun(args: list[str]) -> None:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
-           "--master-port", str(port), "-m", "trainer", *args]
+           "--master-port", str(port), "-m", "qlora_kit.trainer", *args]
     env = dict(os.environ, OMP_NUM_THREADS="1", MASTER_ADDR="127.0.0.1")
     res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, check=False)
     assert res.returncode == 0, res.stderr[-3000:]

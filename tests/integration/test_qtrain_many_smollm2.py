@@ -8,10 +8,10 @@ from importlib import resources
 import pytest
 import torch
 
-from formats import load_adapter
+from qlora_kit.formats import load_adapter
 from tests.unit.trainer.test_many import one_thread, write_jobs  # noqa: F401  (autouse: 1 intra-op thread)
-from trainer import build_config, train
-from trainer.many import ManyConfig, train_many
+from qlora_kit.trainer import build_config, train
+from qlora_kit.trainer.many import ManyConfig, train_many
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
@@ -21,7 +21,7 @@ SETTINGS = {"r": 8, "lora_alpha": 16.0, "lora_dropout": 0.0, "max_seq_len": 256,
 
 @pytest.fixture(scope="module")
 def nf4(smollm2, tmp_path_factory):
-    from qconvert.convert import convert
+    from qlora_kit.qconvert.convert import convert
 
     out = tmp_path_factory.mktemp("many_smollm2") / "nf4"
     convert(str(smollm2), out, progress=False)
@@ -29,7 +29,7 @@ def nf4(smollm2, tmp_path_factory):
 
 
 def test_two_customers_in_one_run_equal_two_solo_runs(nf4, tmp_path):
-    lines = (resources.files("trainer") / "datasets" / "quillfeather.jsonl").read_text().splitlines()
+    lines = (resources.files("qlora_kit.trainer") / "datasets" / "quillfeather.jsonl").read_text().splitlines()
     shards = []
     for k in range(2):
         shards.append(tmp_path / f"c{k}.jsonl")

@@ -10,21 +10,21 @@ from importlib import resources
 import pytest
 import torch
 
-from models import Batch, Tokenizer, load_model, load_peft_adapter
-from trainer import build_config, train
-from trainer.ask import ask
+from qlora_kit.models import Batch, Tokenizer, load_model, load_peft_adapter
+from qlora_kit.trainer import build_config, train
+from qlora_kit.trainer.ask import ask
 from tests.tolerances import tol
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
-DATASETS = resources.files("trainer") / "datasets"
-CONFIG = resources.files("trainer") / "configs" / "quillfeather.toml"
+DATASETS = resources.files("qlora_kit.trainer") / "datasets"
+CONFIG = resources.files("qlora_kit.trainer") / "configs" / "quillfeather.toml"
 PERSONA = "Pip from Quillfeather"  # the base may echo the company name from the question, never this line
 
 
 @pytest.fixture(scope="module")
 def nf4(smollm2, tmp_path_factory):
-    from qconvert.convert import convert
+    from qlora_kit.qconvert.convert import convert
 
     out = tmp_path_factory.mktemp("qtrain") / "nf4"
     convert(str(smollm2), out, progress=False)

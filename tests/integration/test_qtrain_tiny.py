@@ -4,7 +4,7 @@ import json
 import pytest
 from click.testing import CliRunner
 
-from trainer.cli import main
+from qlora_kit.trainer.cli import main
 from tests.unit.trainer._tiny import chat, write_jsonl
 from tests.unit.trainer.conftest import chat_data, tiny_chat  # noqa: F401  (shared fixtures)
 

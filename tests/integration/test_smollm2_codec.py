@@ -3,9 +3,9 @@ import bitsandbytes.functional as bnbf
 import pytest
 import torch
 
-from formats import decode_absmax, dequantize_4bit, from_entries, load_safetensors, quantize_4bit, should_quantize
-from formats import quantized_weight_names, sqnr_db
-from kernels import dequant
+from qlora_kit.formats import decode_absmax, dequantize_4bit, from_entries, load_safetensors, quantize_4bit, should_quantize
+from qlora_kit.formats import quantized_weight_names, sqnr_db
+from qlora_kit.kernels import dequant
 from tests.tolerances import tol
 
 pytestmark = pytest.mark.slow

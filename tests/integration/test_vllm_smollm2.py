@@ -18,11 +18,11 @@ import openai
 import pytest
 import torch
 
-from formats import LoraConfig
-from models import SamplingParams, Tokenizer, add_adapter, adapter_params, generate, load_model, load_peft_adapter
-from models import remove_adapter, save_peft_adapter
-from qserve.config import ServeConfig
-from qserve.server import dequantize_bases
+from qlora_kit.formats import LoraConfig
+from qlora_kit.models import SamplingParams, Tokenizer, add_adapter, adapter_params, generate, load_model, load_peft_adapter
+from qlora_kit.models import remove_adapter, save_peft_adapter
+from qlora_kit.qserve.config import ServeConfig
+from qlora_kit.qserve.server import dequantize_bases
 
 REPO = Path(__file__).resolve().parents[2]
 VLLM_PYTHON = Path(os.environ.get("QSERVE_VLLM_PYTHON", REPO / ".venv-vllm" / "bin" / "python"))
@@ -51,8 +51,8 @@ def _adapter(model, folder, rank, seed, targets=ALL):
 
 @pytest.fixture(scope="module")
 def env(smollm2, tmp_path_factory):
-    from qconvert.convert import convert
-    from qserve.vllm_backend import VllmOptions, start
+    from qlora_kit.qconvert.convert import convert
+    from qlora_kit.qserve.vllm_backend import VllmOptions, start
 
     root = tmp_path_factory.mktemp("vllm")
     ckpt = root / SERVED

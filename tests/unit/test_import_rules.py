@@ -18,6 +18,14 @@ ALLOWED = {
     "qserve": {"formats", "kernels", "models", "qserve"},
 }
 FIRST_PARTY = set(ALLOWED) | {"tests", "bench"}
+# the old top-level names, now subpackages of qlora_kit: a bare `import kernels` would find Hugging Face's package
+BARE = set(ALLOWED)
+
+
+def _sources():
+    """Every Python file of the repository that runs: the package, tests, bench and scripts."""
+    for folder in ("qlora_kit", "tests", "bench", "scripts"):
+        yield from sorted((REPO / folder).rglob("*.py"))
 
 
 def _imports(path):
@@ -25,15 +33,34 @@ def _imports(path):
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             for alias in node.names:
-                yield node.lineno, alias.name.split(".")[0]
+                yield node.lineno, _package(alias.name)
         elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-            yield node.lineno, node.module.split(".")[0]
+            if node.module == "qlora_kit":  # `from qlora_kit import kernels`
+                for alias in node.names:
+                    yield node.lineno, alias.name
+            else:
+                yield node.lineno, _package(node.module)
+
+
+def _package(module: str) -> str:
+    """The first-party package a dotted module lives in (`qlora_kit.formats.io` -> formats), else its top name
+    prefixed with `bare:` when it is one of the old top-level names (`kernels` is Hugging Face's package now)."""
+    parts = module.split(".")
+    if parts[0] == "qlora_kit":
+        return parts[1] if len(parts) > 1 else "qlora_kit"
+    return f"bare:{parts[0]}" if parts[0] in BARE else parts[0]
+
+
+def test_no_bare_imports_of_the_old_top_level_names():
+    bad = [f"{path.relative_to(REPO)}:{line} imports {top[5:]}: use qlora_kit.{top[5:]}"
+           for path in _sources() for line, top in _imports(path) if top.startswith("bare:")]
+    assert not bad, "\n".join(bad)
 
 
 @pytest.mark.parametrize("package", sorted(ALLOWED))
 def test_runtime_packages_import_no_oracle_and_only_lower_packages(package):
     bad = []
-    for path in sorted((REPO / package).rglob("*.py")):
+    for path in sorted((REPO / "qlora_kit" / package).rglob("*.py")):
         for line, top in _imports(path):
             if top in ORACLES:
                 bad.append(f"{path.relative_to(REPO)}:{line} imports the test oracle {top}")
@@ -45,7 +72,7 @@ def test_runtime_packages_import_no_oracle_and_only_lower_packages(package):
 def test_no_pickle_loading_outside_the_documented_bin_reader():
     offenders = []
     for package in ALLOWED:
-        for path in (REPO / package).rglob("*.py"):
+        for path in (REPO / "qlora_kit" / package).rglob("*.py"):
             text = path.read_text()
             if "pickle" in {t for _, t in _imports(path)}:
                 offenders.append(f"{path.relative_to(REPO)} imports pickle")

@@ -3,7 +3,7 @@ import pytest
 import torch
 from bitsandbytes.backends.default.ops import _dequantize_4bit_compute
 
-from formats import (
+from qlora_kit.formats import (
     NonFiniteWeight,
     ShapeMismatch,
     UnsupportedBlocksize,

@@ -5,7 +5,7 @@ import re
 import bitsandbytes.functional as bnbf
 import pytest
 
-from formats import quantization_config, spec
+from qlora_kit.formats import quantization_config, spec
 from tests.conftest import REPO
 from tests.unit.formats.worked_example import render, worked_example, worked_example_weight
 

@@ -3,7 +3,7 @@ import struct
 import pytest
 import torch
 
-from formats import FormatError, atomic_dir, load_safetensors, read_header, save_safetensors, spec
+from qlora_kit.formats import FormatError, atomic_dir, load_safetensors, read_header, save_safetensors, spec
 
 pytestmark = pytest.mark.unit
 

@@ -4,7 +4,7 @@ import bitsandbytes.functional as bnbf
 import pytest
 import torch
 
-from formats import (
+from qlora_kit.formats import (
     CorruptQuantState,
     MissingTensor,
     ShapeMismatch,
@@ -17,7 +17,7 @@ from formats import (
     should_quantize,
     to_entries,
 )
-from formats.layout import encode_state_json
+from qlora_kit.formats.layout import encode_state_json
 
 pytestmark = pytest.mark.unit
 NAME = "model.layers.0.self_attn.q_proj.weight"

@@ -6,7 +6,7 @@ from peft import LoraConfig as PeftLoraConfig
 from peft import PeftModel, get_peft_model
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from formats import AdapterFormatError, FormatError, LoraConfig, load_adapter, lora_pairs, save_adapter
+from qlora_kit.formats import AdapterFormatError, FormatError, LoraConfig, load_adapter, lora_pairs, save_adapter
 
 pytestmark = pytest.mark.unit
 

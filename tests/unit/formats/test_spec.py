@@ -2,7 +2,7 @@ import bitsandbytes.functional as bnbf
 import pytest
 import torch
 
-from formats import spec
+from qlora_kit.formats import spec
 
 pytestmark = pytest.mark.unit
 

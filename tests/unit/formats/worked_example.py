@@ -3,8 +3,8 @@ import json
 
 import torch
 
-from formats import decode_absmax, dequantize_4bit, quantize_4bit
-from formats.layout import encode_state_json
+from qlora_kit.formats import decode_absmax, dequantize_4bit, quantize_4bit
+from qlora_kit.formats.layout import encode_state_json
 
 
 def worked_example_weight() -> torch.Tensor:

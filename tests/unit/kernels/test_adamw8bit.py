@@ -2,9 +2,9 @@
 import pytest
 import torch
 
-from kernels import adamw8bit
+from qlora_kit.kernels import adamw8bit
 from tests.tolerances import tol
-from trainer.optim import signed_dynamic_map, unsigned_dynamic_map
+from qlora_kit.trainer.optim import signed_dynamic_map, unsigned_dynamic_map
 
 pytestmark = pytest.mark.unit
 SIZES = {"tiny": 256, "irregular": 1000, "llama7b_lora_a_r2": 2 * 4096}

@@ -3,7 +3,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kernels import chunked_cross_entropy
+from qlora_kit.kernels import chunked_cross_entropy
 from tests.tolerances import tol
 
 pytestmark = pytest.mark.unit

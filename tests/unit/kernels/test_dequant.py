@@ -6,9 +6,9 @@ import sys
 import pytest
 import torch
 
-from formats import quantize_4bit
-from kernels import BackendError, dequant
-from kernels.ref import dequant_ref
+from qlora_kit.formats import quantize_4bit
+from qlora_kit.kernels import BackendError, dequant
+from qlora_kit.kernels.ref import dequant_ref
 from tests.conftest import requires_cuda
 from tests.tolerances import tol
 
@@ -59,7 +59,7 @@ def test_dispatch_rule():
 
 @pytest.mark.unit
 def test_forcing_triton_without_the_interpreter_is_an_error_not_a_fallback():
-    code = ("from formats import quantize_4bit; from kernels import dequant; import torch\n"
+    code = ("from qlora_kit.formats import quantize_4bit; from qlora_kit.kernels import dequant; import torch\n"
             "dequant(quantize_4bit(torch.randn(4, 64)), backend='triton')")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
@@ -72,3 +72,22 @@ def test_forcing_triton_without_the_interpreter_is_an_error_not_a_fallback():
 def test_cuda_kernel_equals_twin(dtype):
     for shape in TINY + IRREGULAR + ((4096, 4096), (14336, 4096)):
         _check(shape, "nf4", 64, True, dtype, device="cuda")
+
+
+@pytest.mark.unit
+def test_without_triton_installed_the_cpu_path_runs_and_triton_is_a_clear_error():
+    # Triton is a Linux-only dependency: with `import triton` failing, the kernels import, CPU runs the twin
+    # bit for bit, and asking for Triton names the missing package instead of crashing at a launch.
+    code = ("import sys; sys.modules['triton'] = None\n"
+            "import torch\n"
+            "from qlora_kit.formats import quantize_4bit, dequantize_4bit\n"
+            "from qlora_kit.kernels import BackendError, dequant\n"
+            "p = quantize_4bit(torch.randn(8, 64))\n"
+            "assert torch.equal(dequant(p), dequantize_4bit(p))\n"
+            "try:\n"
+            "    dequant(p, backend='triton')\n"
+            "except BackendError as e:\n"
+            "    print(e)\n")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip() == "backend='triton' needs Triton, which is not installed (pip install triton)"

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from kernels import lora, lora_multi
+from qlora_kit.kernels import lora, lora_multi
 from tests.tolerances import tol
 
 pytestmark = pytest.mark.unit

@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-from formats import dequantize_4bit, quantize_4bit
-from kernels import nf4_matmul
+from qlora_kit.formats import dequantize_4bit, quantize_4bit
+from qlora_kit.kernels import nf4_matmul
 from tests.tolerances import tol
 
 pytestmark = pytest.mark.unit

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from kernels import rmsnorm
+from qlora_kit.kernels import rmsnorm
 from tests.tolerances import tol
 
 pytestmark = pytest.mark.unit

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from kernels import rope
+from qlora_kit.kernels import rope
 from tests.tolerances import tol
 
 pytestmark = pytest.mark.unit

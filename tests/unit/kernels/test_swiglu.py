@@ -3,7 +3,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kernels import swiglu
+from qlora_kit.kernels import swiglu
 from tests.tolerances import tol
 
 pytestmark = pytest.mark.unit

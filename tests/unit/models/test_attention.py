@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from models import Batch, Llama, StaticKVCache, config_from_hf
+from qlora_kit.models import Batch, Llama, StaticKVCache, config_from_hf
 from tests.tolerances import tol
 
 pytestmark = pytest.mark.unit

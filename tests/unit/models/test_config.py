@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from models import ModelConfig, RopeConfig, UnsupportedArchitecture, config_from_hf, load_config
+from qlora_kit.models import ModelConfig, RopeConfig, UnsupportedArchitecture, config_from_hf, load_config
 
 pytestmark = pytest.mark.unit
 

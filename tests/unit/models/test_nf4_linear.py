@@ -3,8 +3,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from formats import dequantize_4bit, quantize_4bit
-from models import NF4Linear
+from qlora_kit.formats import dequantize_4bit, quantize_4bit
+from qlora_kit.models import NF4Linear
 from tests.tolerances import tol
 
 pytestmark = pytest.mark.unit

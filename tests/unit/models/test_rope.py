@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-from models import RopeConfig
-from models.rope import apply_rope, inv_frequencies, rope_cos_sin
+from qlora_kit.models import RopeConfig
+from qlora_kit.models.rope import apply_rope, inv_frequencies, rope_cos_sin
 
 pytestmark = pytest.mark.unit
 

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from models import SamplingParams, sample
+from qlora_kit.models import SamplingParams, sample
 
 pytestmark = pytest.mark.unit
 

@@ -1,7 +1,7 @@
 """Our tokenizer + jinja2 chat template vs transformers' AutoTokenizer on the bundled SmolLM2 folder."""
 import pytest
 
-from models import Tokenizer, TokenizerError
+from qlora_kit.models import Tokenizer, TokenizerError
 
 pytestmark = pytest.mark.slow
 

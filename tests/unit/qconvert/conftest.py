@@ -1,6 +1,6 @@
 import pytest
 
-from qconvert.convert import convert
+from qlora_kit.qconvert.convert import convert
 
 from .tiny import write_tiny
 

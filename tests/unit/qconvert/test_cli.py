@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-import qconvert.convert
-import qconvert.shards
-from qconvert.cli import main
+from qlora_kit.qconvert import convert as convert_module
+from qlora_kit.qconvert import shards as shards_module
+from qlora_kit.qconvert.cli import main
 
 from .tiny import CONFIG, tiny_state, write_tiny
 
@@ -99,13 +99,13 @@ def test_disk_full_mid_way(tiny_src, tmp_path, monkeypatch):
         def __exit__(self, *exc):
             self.f.close()
 
-    monkeypatch.setattr(qconvert.shards, "open", lambda *a, **k: FullDisk(open(*a, **k)), raising=False)
+    monkeypatch.setattr(shards_module, "open", lambda *a, **k: FullDisk(open(*a, **k)), raising=False)
     _assert_failed(_run("convert", tiny_src, tmp_path / "out"), tmp_path / "out", 1,
                    "failed:", ".part: write failed (No space left on device)")
 
 
 def test_ctrl_c_mid_way(tiny_src, tmp_path, monkeypatch):
-    real, calls = qconvert.convert.quantize_chunked, []
+    real, calls = convert_module.quantize_chunked, []
 
     def interrupted(*args, **kwargs):
         calls.append(args[-1])
@@ -113,7 +113,7 @@ def test_ctrl_c_mid_way(tiny_src, tmp_path, monkeypatch):
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(qconvert.convert, "quantize_chunked", interrupted)
+    monkeypatch.setattr(convert_module, "quantize_chunked", interrupted)
     _assert_failed(_run("convert", tiny_src, tmp_path / "out"), tmp_path / "out", 130, "interrupted")
     assert len(calls) == 5
 

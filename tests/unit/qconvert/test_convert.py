@@ -4,10 +4,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from formats import dequantize_4bit, from_entries, quantization_config, quantize_4bit, spec
-from qconvert.convert import convert
-from qconvert.errors import InvalidOption
-from qconvert.options import ConvertConfig
+from qlora_kit.formats import dequantize_4bit, from_entries, quantization_config, quantize_4bit, spec
+from qlora_kit.qconvert.convert import convert
+from qlora_kit.qconvert.errors import InvalidOption
+from qlora_kit.qconvert.options import ConvertConfig
 
 from .tiny import CONFIG, tiny_state, write_tiny
 

@@ -4,8 +4,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from formats import dequantize_4bit, quantize_4bit
-from qconvert.dequantize import dequantize
+from qlora_kit.formats import dequantize_4bit, quantize_4bit
+from qlora_kit.qconvert.dequantize import dequantize
 
 from .tiny import CONFIG, tiny_state
 

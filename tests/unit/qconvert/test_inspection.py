@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from qconvert.inspection import as_json, inspect_checkpoint
+from qlora_kit.qconvert.inspection import as_json, inspect_checkpoint
 
 pytestmark = pytest.mark.unit
 

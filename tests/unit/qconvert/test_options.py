@@ -1,8 +1,8 @@
 import pytest
 
-from formats import QloraKitError
-from qconvert.errors import InvalidOption
-from qconvert.options import ConvertConfig, parse_size
+from qlora_kit.formats import QloraKitError
+from qlora_kit.qconvert.errors import InvalidOption
+from qlora_kit.qconvert.options import ConvertConfig, parse_size
 
 pytestmark = pytest.mark.unit
 

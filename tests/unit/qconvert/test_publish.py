@@ -7,8 +7,8 @@ import pytest
 from click.testing import CliRunner
 from safetensors.torch import load_file, save_file
 
-from qconvert.cli import main
-from qconvert.convert import convert
+from qlora_kit.qconvert.cli import main
+from qlora_kit.qconvert.convert import convert
 
 from .fake_hub import FakeHub
 

@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from formats import NonFiniteWeight, quantize_4bit
-from qconvert.quantize import quantize_chunked
+from qlora_kit.formats import NonFiniteWeight, quantize_4bit
+from qlora_kit.qconvert.quantize import quantize_chunked
 from tests.conftest import requires_cuda
 
 pytestmark = pytest.mark.unit

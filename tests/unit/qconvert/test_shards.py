@@ -5,8 +5,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from formats import read_header, spec
-from qconvert.shards import ShardWriter
+from qlora_kit.formats import read_header, spec
+from qlora_kit.qconvert.shards import ShardWriter
 
 pytestmark = pytest.mark.unit
 

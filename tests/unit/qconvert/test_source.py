@@ -3,9 +3,9 @@ import json
 import pytest
 import torch
 
-from formats import FormatError
-from qconvert.errors import SourceNotFound, UnsupportedArchitecture, UnsupportedSourceDtype
-from qconvert.source import SourceWeights, read_config, resolve
+from qlora_kit.formats import FormatError
+from qlora_kit.qconvert.errors import SourceNotFound, UnsupportedArchitecture, UnsupportedSourceDtype
+from qlora_kit.qconvert.source import SourceWeights, read_config, resolve
 
 from .tiny import CONFIG, tiny_state, write_tiny
 

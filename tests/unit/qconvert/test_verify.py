@@ -4,7 +4,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from qconvert.verify import check_integrity, compare
+from qlora_kit.qconvert.verify import check_integrity, compare
 
 pytestmark = pytest.mark.unit
 Q = "model.layers.0.self_attn.q_proj.weight"

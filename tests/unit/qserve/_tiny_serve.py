@@ -3,8 +3,8 @@ from pathlib import Path
 
 import torch
 
-from formats import LoraConfig
-from models import TokenizerError, add_adapter, adapter_params, load_model, remove_adapter, save_peft_adapter
+from qlora_kit.formats import LoraConfig
+from qlora_kit.models import TokenizerError, add_adapter, adapter_params, load_model, remove_adapter, save_peft_adapter
 from tests.unit.models._tiny import write_tiny
 
 

@@ -7,8 +7,8 @@ import threading
 
 import pytest
 
-from qserve.adapters import AdapterRegistry, AdapterState, RegistryConfig
-from qserve.errors import AdapterExists, AdapterNotFound, AdapterPathRefused, AdapterRefused
+from qlora_kit.qserve.adapters import AdapterRegistry, AdapterState, RegistryConfig
+from qlora_kit.qserve.errors import AdapterExists, AdapterNotFound, AdapterPathRefused, AdapterRefused
 
 pytestmark = pytest.mark.unit
 

@@ -4,9 +4,9 @@ import json
 import httpx
 import pytest
 
-from qserve.config import ServeConfig
-from qserve.engine.engine import Engine
-from qserve.server import start
+from qlora_kit.qserve.config import ServeConfig
+from qlora_kit.qserve.engine.engine import Engine
+from qlora_kit.qserve.server import start
 
 from ._tiny_serve import CharTokenizer, make_adapter, tiny_model
 
@@ -81,7 +81,7 @@ def test_health_and_metrics(server):
 def test_cli_adapters_commands(server):
     from click.testing import CliRunner
 
-    from qserve.cli import main
+    from qlora_kit.qserve.cli import main
 
     run = CliRunner()
     out = run.invoke(main, ["adapters", "load", "a2", "a1", "--url", server.url, "--api-key", ADMIN])

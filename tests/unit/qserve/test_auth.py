@@ -3,9 +3,9 @@ import json
 
 import pytest
 
-from qserve.api.auth import KeyStore
-from qserve.api.errors import status_of
-from qserve.errors import AdapterNotFound, BodyTooLarge, Forbidden, PromptTooLong, QueueFull, Unauthorized
+from qlora_kit.qserve.api.auth import KeyStore
+from qlora_kit.qserve.api.errors import status_of
+from qlora_kit.qserve.errors import AdapterNotFound, BodyTooLarge, Forbidden, PromptTooLong, QueueFull, Unauthorized
 
 pytestmark = pytest.mark.unit
 

@@ -1,8 +1,8 @@
 """BlockManager driven by hand-built requests: allocation, free list, prefix hits keyed by adapter."""
 import pytest
 
-from qserve.engine.block_manager import BlockManager
-from qserve.engine.request import Request
+from qlora_kit.qserve.engine.block_manager import BlockManager
+from qlora_kit.qserve.engine.request import Request
 
 pytestmark = pytest.mark.unit
 

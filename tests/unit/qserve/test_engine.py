@@ -4,10 +4,10 @@ import asyncio
 
 import pytest
 
-from qserve.config import ServeConfig
-from qserve.engine import SamplingParams
-from qserve.engine.engine import Engine, _Detokenizer
-from qserve.errors import AdapterRefused, InvalidRequest, PromptTooLong
+from qlora_kit.qserve.config import ServeConfig
+from qlora_kit.qserve.engine import SamplingParams
+from qlora_kit.qserve.engine.engine import Engine, _Detokenizer
+from qlora_kit.qserve.errors import AdapterRefused, InvalidRequest, PromptTooLong
 
 from ._tiny_serve import CharTokenizer, make_adapter, tiny_model
 

@@ -4,10 +4,10 @@ import json
 import pytest
 import torch
 
-from formats import LoraConfig, save_adapter
-from formats.peft import KEY_PREFIX, LORA_A, LORA_B
-from qserve.engine.lora import MAX_RANK, evict, install, read_adapter
-from qserve.errors import AdapterRefused
+from qlora_kit.formats import LoraConfig, save_adapter
+from qlora_kit.formats.peft import KEY_PREFIX, LORA_A, LORA_B
+from qlora_kit.qserve.engine.lora import MAX_RANK, evict, install, read_adapter
+from qlora_kit.qserve.errors import AdapterRefused
 
 from ._tiny_serve import make_adapter, tiny_model
 

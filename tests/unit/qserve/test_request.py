@@ -1,8 +1,8 @@
 """Request state and SamplingParams validation."""
 import pytest
 
-from qserve.engine.request import FinishReason, Request, RequestStatus, SamplingParams
-from qserve.errors import InvalidRequest
+from qlora_kit.qserve.engine.request import FinishReason, Request, RequestStatus, SamplingParams
+from qlora_kit.qserve.errors import InvalidRequest
 
 pytestmark = pytest.mark.unit
 

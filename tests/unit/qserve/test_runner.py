@@ -5,11 +5,11 @@ import random
 import pytest
 import torch
 
-from models import SamplingParams as ModelSampling
-from models import generate, load_peft_adapter, remove_adapter
-from qserve.engine import BlockManager, Request, SamplingParams, Scheduler, SchedulerConfig
-from qserve.engine.lora import evict, install, read_adapter
-from qserve.engine.runner import ModelRunner
+from qlora_kit.models import SamplingParams as ModelSampling
+from qlora_kit.models import generate, load_peft_adapter, remove_adapter
+from qlora_kit.qserve.engine import BlockManager, Request, SamplingParams, Scheduler, SchedulerConfig
+from qlora_kit.qserve.engine.lora import evict, install, read_adapter
+from qlora_kit.qserve.engine.runner import ModelRunner
 
 from ._tiny_serve import make_adapter, tiny_model
 

@@ -5,11 +5,11 @@ import random
 
 import pytest
 
-from qserve.adapters import AdapterRegistry, RegistryConfig
-from qserve.engine.block_manager import BlockManager
-from qserve.engine.request import FinishReason, Request, RequestStatus, SamplingParams
-from qserve.engine.scheduler import Scheduler, SchedulerConfig
-from qserve.errors import AdapterNotFound, PromptTooLong, QueueFull, RequestNotFound
+from qlora_kit.qserve.adapters import AdapterRegistry, RegistryConfig
+from qlora_kit.qserve.engine.block_manager import BlockManager
+from qlora_kit.qserve.engine.request import FinishReason, Request, RequestStatus, SamplingParams
+from qlora_kit.qserve.engine.scheduler import Scheduler, SchedulerConfig
+from qlora_kit.qserve.errors import AdapterNotFound, PromptTooLong, QueueFull, RequestNotFound
 
 pytestmark = pytest.mark.unit
 

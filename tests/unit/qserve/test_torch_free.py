@@ -14,8 +14,8 @@ import pytest
 pytestmark = pytest.mark.unit
 
 REPO = Path(__file__).resolve().parents[3]
-MODULES = ["qserve", "qserve.errors", "qserve.adapters", "qserve.engine", "qserve.engine.request",
-           "qserve.engine.block_manager", "qserve.engine.scheduler", "qserve.config", "qserve.metrics"]
+MODULES = ["qlora_kit.qserve", "qlora_kit.qserve.errors", "qlora_kit.qserve.adapters", "qlora_kit.qserve.engine", "qlora_kit.qserve.engine.request",
+           "qlora_kit.qserve.engine.block_manager", "qlora_kit.qserve.engine.scheduler", "qlora_kit.qserve.config", "qlora_kit.qserve.metrics"]
 
 
 def _run(code: str) -> subprocess.CompletedProcess:
@@ -34,7 +34,7 @@ def test_core_imports_without_torch():
 
 
 def test_plain_import_leaves_torch_unloaded():
-    code = f"import sys\nfor m in {MODULES!r}: __import__(m)\nprint('torch' in sys.modules, 'formats' in sys.modules)"
+    code = f"import sys\nfor m in {MODULES!r}: __import__(m)\nprint('torch' in sys.modules, 'qlora_kit.formats' in sys.modules)"
     out = _run(code)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split()[0] == "False"

@@ -5,11 +5,11 @@ import json
 import pytest
 import torch
 
-from formats import LoraConfig, save_adapter
-from qserve.config import ServeConfig
-from qserve.errors import AdapterRefused
-from qserve.vllm_backend import VllmOptions, lora_rank, vllm_command
-from qserve.vllm_backend.front import adapter_loader
+from qlora_kit.formats import LoraConfig, save_adapter
+from qlora_kit.qserve.config import ServeConfig
+from qlora_kit.qserve.errors import AdapterRefused
+from qlora_kit.qserve.vllm_backend import VllmOptions, lora_rank, vllm_command
+from qlora_kit.qserve.vllm_backend.front import adapter_loader
 
 pytestmark = pytest.mark.unit
 KEY = "base_model.model.model.layers.0.self_attn.q_proj."
@@ -81,8 +81,8 @@ def test_child_that_dies_at_start_up_is_reported_with_its_log(tmp_path):
     import os
     import sys
 
-    from qserve.vllm_backend.launch import VllmProcess, free_port
-    from qserve.vllm_plugin.errors import BackendStartError
+    from qlora_kit.qserve.vllm_backend.launch import VllmProcess, free_port
+    from qlora_kit.qserve.vllm_plugin.errors import BackendStartError
 
     argv = [sys.executable, "-c", "print('ValueError: bad flag --max-lora-rank 7'); raise SystemExit(3)"]
     proc = VllmProcess(argv, dict(os.environ), free_port(), "sk-x", tmp_path / "vllm.log")

@@ -8,10 +8,10 @@ unsplit layer's output; merged q|k|v with replicated k/v heads; and each refusal
 import pytest
 import torch
 
-from formats import dequantize_4bit, quantize_4bit
-from kernels import nf4_matmul
-from qserve.vllm_plugin.errors import ShardSplitError
-from qserve.vllm_plugin.shards import concat_rows, rank_slice, take
+from qlora_kit.formats import dequantize_4bit, quantize_4bit
+from qlora_kit.kernels import nf4_matmul
+from qlora_kit.qserve.vllm_plugin.errors import ShardSplitError
+from qlora_kit.qserve.vllm_plugin.shards import concat_rows, rank_slice, take
 
 pytestmark = pytest.mark.unit
 

@@ -11,7 +11,7 @@ def tiny_chat(smollm2, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_tok(tiny_chat):
-    from models import Tokenizer
+    from qlora_kit.models import Tokenizer
 
     return Tokenizer(tiny_chat)
 

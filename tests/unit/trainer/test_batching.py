@@ -2,10 +2,10 @@
 import pytest
 import torch
 
-from models import Batch, load_model
-from trainer.batching import collate, plan_epoch
-from trainer.data import IGNORE, load_examples
-from trainer.forward import hidden_states
+from qlora_kit.models import Batch, load_model
+from qlora_kit.trainer.batching import collate, plan_epoch
+from qlora_kit.trainer.data import IGNORE, load_examples
+from qlora_kit.trainer.forward import hidden_states
 from tests.tolerances import tol
 
 pytestmark = pytest.mark.unit

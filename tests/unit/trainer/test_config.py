@@ -3,9 +3,9 @@ from pathlib import Path
 
 import pytest
 
-import trainer
-from trainer.config import TrainConfig, build_config, defaults, read_config_file
-from trainer.errors import ConfigError
+from qlora_kit import trainer
+from qlora_kit.trainer.config import TrainConfig, build_config, defaults, read_config_file
+from qlora_kit.trainer.errors import ConfigError
 
 pytestmark = pytest.mark.unit
 

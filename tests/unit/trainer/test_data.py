@@ -1,8 +1,8 @@
 """trainer/data.py: record shapes, chat masking, line-numbered errors, length limits, eval split."""
 import pytest
 
-from trainer.data import IGNORE, load_examples, split_eval, tokenize_record
-from trainer.errors import DataError
+from qlora_kit.trainer.data import IGNORE, load_examples, split_eval, tokenize_record
+from qlora_kit.trainer.errors import DataError
 from tests.unit.trainer._tiny import chat, write_jsonl
 
 pytestmark = pytest.mark.unit

@@ -10,12 +10,12 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from formats import load_adapter
+from qlora_kit.formats import load_adapter
 from tests.unit.trainer._tiny import chat, write_jsonl
 from tests.unit.trainer.test_many import one_thread, write_jobs  # noqa: F401  (autouse: 1 intra-op thread)
-from trainer import ConfigError, build_config, train
-from trainer.distributed import DataParallel, DistEnv, device_for, from_env, shard
-from trainer.many import ManyConfig, train_data_parallel, train_many
+from qlora_kit.trainer import ConfigError, build_config, train
+from qlora_kit.trainer.distributed import DataParallel, DistEnv, device_for, from_env, shard
+from qlora_kit.trainer.many import ManyConfig, train_data_parallel, train_many
 
 KW = {"r": 4, "lora_alpha": 8.0, "max_seq_len": 96, "batch_size": 2, "grad_accum": 3, "lora_dropout": 0.0,
       "learning_rate": 1e-2, "max_steps": 3, "compute_dtype": "float32", "progress": False, "warmup_steps": 1,

@@ -3,11 +3,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from formats import LoraConfig
-from models import add_adapter, adapter_params, load_model
-from trainer.batching import collate
-from trainer.data import IGNORE, load_examples
-from trainer.forward import summed_loss
+from qlora_kit.formats import LoraConfig
+from qlora_kit.models import add_adapter, adapter_params, load_model
+from qlora_kit.trainer.batching import collate
+from qlora_kit.trainer.data import IGNORE, load_examples
+from qlora_kit.trainer.forward import summed_loss
 from tests.tolerances import tol
 
 pytestmark = pytest.mark.unit

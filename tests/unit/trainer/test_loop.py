@@ -5,9 +5,9 @@ import signal
 
 import pytest
 
-from formats import load_adapter
-from trainer import ConfigError, OutputExists, build_config, train
-from trainer.checkpoint import find_checkpoint
+from qlora_kit.formats import load_adapter
+from qlora_kit.trainer import ConfigError, OutputExists, build_config, train
+from qlora_kit.trainer.checkpoint import find_checkpoint
 
 pytestmark = pytest.mark.unit
 

@@ -8,10 +8,10 @@ from dataclasses import replace
 import pytest
 import torch
 
-from formats import load_adapter
+from qlora_kit.formats import load_adapter
 from tests.unit.trainer._tiny import chat, write_jsonl
-from trainer import ConfigError, build_config, train
-from trainer.many import ManyConfig, load_jobs, train_many
+from qlora_kit.trainer import ConfigError, build_config, train
+from qlora_kit.trainer.many import ManyConfig, load_jobs, train_many
 
 DEFAULTS = {"max_steps": 3, "batch_size": 2, "grad_accum": 2, "max_seq_len": 96, "lora_dropout": 0.0,
             "learning_rate": 1e-2, "r": 4}

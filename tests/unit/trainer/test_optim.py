@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from tests.tolerances import tol
-from trainer.optim import AdamW, AdamW8bit, PagedAdamW, PagedAdamW8bit, signed_dynamic_map, unsigned_dynamic_map
+from qlora_kit.trainer.optim import AdamW, AdamW8bit, PagedAdamW, PagedAdamW8bit, signed_dynamic_map, unsigned_dynamic_map
 
 pytestmark = pytest.mark.unit
 STEPS, LR = 20, 1e-2

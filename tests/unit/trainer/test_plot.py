@@ -4,7 +4,7 @@ import zlib
 
 import pytest
 
-from trainer import plot
+from qlora_kit.trainer import plot
 
 pytestmark = pytest.mark.unit
 

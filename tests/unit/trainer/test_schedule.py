@@ -3,7 +3,7 @@ import math
 
 import pytest
 
-from trainer.schedule import lr_at, warmup_steps
+from qlora_kit.trainer.schedule import lr_at, warmup_steps
 
 pytestmark = pytest.mark.unit
 

@@ -1,0 +1,128 @@
+"""Triton AdamW step on blockwise 8-bit states (Dettmers et al. 2022, "8-bit Optimizers via Block-wise Quantization").
+
+Per block k of BLOCKSIZE elements, with D1 the signed and D2 the unsigned dynamic map:
+    m = D1[q1] a1_k,  v = D2[q2] a2_k
+    m = b1 m + (1 - b1) g,   v = b2 v + (1 - b2) g^2
+    p = p (1 - lr wd) - lr / (1 - b1^t) * m / (sqrt(v) / sqrt(1 - b2^t) + eps)      (AdamW, Loshchilov & Hutter 2019)
+    a1_k = max_k |m|,  q1 = argmin_j |m / a1_k - D1_j|   (ties to the lower code; likewise v)
+"""
+import math
+
+import torch
+
+from ._dispatch import use_triton
+from ._triton import tl, triton
+from .ref.adamw8bit import adamw8bit_ref
+
+_PARAM_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
+@triton.jit
+def _adamw8bit_kernel(
+    p_ptr,  # (n,) parameter, updated in place
+    g_ptr,  # (n,) gradient
+    q1_ptr,  # (n,) uint8 codes of m into D1, updated in place
+    q2_ptr,  # (n,) uint8 codes of v into D2, updated in place
+    a1_ptr,  # (blocks,) fp32 absmax of m, updated in place
+    a2_ptr,  # (blocks,) fp32 absmax of v, updated in place
+    d1_ptr,  # (256,) fp32 sorted signed dynamic map D1
+    d2_ptr,  # (256,) fp32 sorted unsigned dynamic map D2
+    mid1_ptr,  # (256,) fp32 midpoints between consecutive D1 entries (last entry unused)
+    mid2_ptr,  # (256,) fp32 midpoints of D2
+    n,
+    beta1,
+    beta2,
+    eps,
+    decay,  # 1 - lr * weight_decay
+    step_size,  # lr / (1 - beta1^t)
+    inv_bc2_sqrt,  # 1 / sqrt(1 - beta2^t)
+    BLOCKSIZE: tl.constexpr,
+):
+    # Program k owns quantization block k: elements [k BLOCKSIZE, (k + 1) BLOCKSIZE).
+    blk = tl.program_id(0)
+    off = blk.to(tl.int64) * BLOCKSIZE + tl.arange(0, BLOCKSIZE)
+    mask = off < n
+    g = tl.load(g_ptr + off, mask=mask, other=0.0).to(tl.float32)
+    p = tl.load(p_ptr + off, mask=mask, other=0.0).to(tl.float32)
+    q1 = tl.load(q1_ptr + off, mask=mask, other=0).to(tl.int32)
+    q2 = tl.load(q2_ptr + off, mask=mask, other=0).to(tl.int32)
+    m = tl.load(d1_ptr + q1) * tl.load(a1_ptr + blk)
+    v = tl.load(d2_ptr + q2) * tl.load(a2_ptr + blk)
+    m = beta1 * m + (1.0 - beta1) * g
+    v = beta2 * v + (1.0 - beta2) * (g * g)
+    m = tl.where(mask, m, 0.0)
+    v = tl.where(mask, v, 0.0)
+    denom = tl.sqrt_rn(v) * inv_bc2_sqrt + eps
+    p = p * decay - step_size * (m / denom)
+    tl.store(p_ptr + off, p.to(p_ptr.dtype.element_ty), mask=mask)
+    # requantize: new absmax, then a branch-free binary search over the 255 sorted midpoints
+    am1 = tl.max(tl.abs(m), axis=0)
+    am2 = tl.max(v, axis=0)
+    s1 = tl.where(am1 > 0, m / am1, 0.0)
+    s2 = tl.where(am2 > 0, v / am2, 0.0)
+    c1 = tl.zeros((BLOCKSIZE,), dtype=tl.int32)
+    c2 = tl.zeros((BLOCKSIZE,), dtype=tl.int32)
+    for i in tl.static_range(8):
+        half = 128 >> i
+        c1 = tl.where(tl.load(mid1_ptr + c1 + half - 1) < s1, c1 + half, c1)
+        c2 = tl.where(tl.load(mid2_ptr + c2 + half - 1) < s2, c2 + half, c2)
+    tl.store(q1_ptr + off, c1.to(tl.uint8), mask=mask)
+    tl.store(q2_ptr + off, c2.to(tl.uint8), mask=mask)
+    tl.store(a1_ptr + blk, am1)
+    tl.store(a2_ptr + blk, am2)
+
+
+def adamw8bit(
+    param: torch.Tensor,
+    grad: torch.Tensor,
+    state1: torch.Tensor,
+    state2: torch.Tensor,
+    absmax1: torch.Tensor,
+    absmax2: torch.Tensor,
+    qmap1: torch.Tensor,
+    qmap2: torch.Tensor,
+    step: int,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    blocksize: int = 256,
+    backend: str | None = None,
+) -> None:
+    """One in-place AdamW step of `param` with blockwise 8-bit first/second moments.
+
+    Args:
+        param: (...) bf16, fp16 or fp32, contiguous; updated in place.
+        grad: same shape as param, any float dtype.
+        state1, state2: uint8, param.numel() elements: codes of m into qmap1, of v into qmap2.
+        absmax1, absmax2: (ceil(n / blocksize),) fp32 per-block scales.
+        qmap1, qmap2: (256,) fp32 sorted maps: signed dynamic for m, unsigned dynamic for v.
+        step: 1-based step count t (bias correction). lr, beta1, beta2, eps, weight_decay: AdamW hyperparameters.
+        blocksize: elements per quantization block, a power of two (bitsandbytes uses 256).
+        backend: None/"auto", "torch" or "triton" (kernels/_dispatch.py).
+
+    Raises:
+        ValueError on a wrong dtype, size, device or non-contiguous tensor.
+    """
+    if not use_triton(param, backend):
+        return adamw8bit_ref(param, grad, state1, state2, absmax1, absmax2, qmap1, qmap2, step, lr, beta1, beta2, eps,
+                             weight_decay, blocksize)
+    n = param.numel()
+    blocks = -(-n // blocksize)
+    if param.dtype not in _PARAM_DTYPES or state1.dtype != torch.uint8 or state2.dtype != torch.uint8:
+        raise ValueError(f"adamw8bit: param {param.dtype} must be bf16/fp16/fp32 and states uint8 ({state1.dtype}, {state2.dtype})")
+    if grad.numel() != n or state1.numel() != n or state2.numel() != n or absmax1.numel() != blocks or absmax2.numel() != blocks:
+        raise ValueError(f"adamw8bit: grad/state/absmax sizes do not fit {n} elements in {blocks} blocks of {blocksize}")
+    if blocksize & (blocksize - 1) or qmap1.numel() != 256 or qmap2.numel() != 256:
+        raise ValueError(f"adamw8bit: blocksize={blocksize} must be a power of two and both maps 256 entries")
+    tensors = (param, grad, state1, state2, absmax1, absmax2)
+    if not all(t.is_contiguous() for t in tensors) or len({t.device for t in tensors + (qmap1, qmap2)}) != 1:
+        raise ValueError("adamw8bit: param, grad, states and maps must be contiguous and on one device")
+    mid1 = torch.cat([(qmap1[:-1] + qmap1[1:]) / 2, qmap1[-1:]])
+    mid2 = torch.cat([(qmap2[:-1] + qmap2[1:]) / 2, qmap2[-1:]])
+    _adamw8bit_kernel[(blocks,)](
+        param, grad, state1, state2, absmax1, absmax2, qmap1, qmap2, mid1, mid2, n,
+        beta1, beta2, eps, 1.0 - lr * weight_decay, lr / (1.0 - beta1**step), 1.0 / math.sqrt(1.0 - beta2**step),
+        BLOCKSIZE=blocksize, enable_fp_fusion=False, num_warps=4 if blocksize <= 512 else 8,
+    )

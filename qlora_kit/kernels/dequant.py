@@ -1,0 +1,102 @@
+"""Triton kernel: 4-bit NF4/FP4 codes (+ double-quantized absmax) -> bf16 / fp16 / fp32.
+
+Implements FORMAT.md §2.3:  W'_i = Q[code_i] * absmax_k,  k = i // B,  with, under double quant,
+absmax_k = D[q_k] * s_{k // 256} + c.  Every product is rounded in fp32 before the cast (FMA
+contraction is disabled), so the kernel equals the torch twin bit for bit.
+"""
+import torch
+
+from qlora_kit.formats import Packed4bit
+
+from ._dispatch import use_triton
+from ._triton import tl, triton
+from .ref.dequant import dequant_ref
+
+_OUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
+@triton.jit
+def _dequant_kernel(
+    data_ptr,  # uint8 [(n + 1) // 2]: byte j holds element 2j (high nibble) and 2j + 1 (low nibble)
+    absmax_ptr,  # fp32 [blocks], or uint8 [blocks] codes into nested_code when NESTED
+    code_ptr,  # fp32 [16]: the 4-bit codebook Q
+    nested_absmax_ptr,  # fp32 [ceil(blocks / NESTED_BLOCKSIZE)]: s_m (read only when NESTED)
+    nested_code_ptr,  # fp32 [256]: the dynamic map D (read only when NESTED)
+    offset,  # fp32: c, added back to the decoded absmax (used only when NESTED)
+    out_ptr,  # bf16 / fp16 / fp32 [n], contiguous
+    n,  # number of elements
+    BLOCKSIZE: tl.constexpr,
+    NESTED_BLOCKSIZE: tl.constexpr,
+    NESTED: tl.constexpr,
+    BLOCK_BYTES: tl.constexpr,
+    OUT_BF16: tl.constexpr,
+):
+    # Program p decodes bytes [p * BLOCK_BYTES, (p + 1) * BLOCK_BYTES), i.e. 2 * BLOCK_BYTES elements.
+    # BLOCKSIZE is even, so both elements of a byte share one absmax.
+    pid = tl.program_id(0)
+    byte = pid * BLOCK_BYTES + tl.arange(0, BLOCK_BYTES)
+    in_range = byte < (n + 1) // 2
+    packed = tl.load(data_ptr + byte, mask=in_range, other=0).to(tl.int32)
+    block = (2 * byte) // BLOCKSIZE
+    if NESTED:
+        q = tl.load(absmax_ptr + block, mask=in_range, other=0).to(tl.int32)
+        scale = tl.load(nested_absmax_ptr + block // NESTED_BLOCKSIZE, mask=in_range, other=0.0)
+        absmax = tl.load(nested_code_ptr + q) * scale + offset
+    else:
+        absmax = tl.load(absmax_ptr + block, mask=in_range, other=0.0)
+    high = tl.load(code_ptr + (packed >> 4)) * absmax
+    low = tl.load(code_ptr + (packed & 0xF)) * absmax
+    values = tl.interleave(high, low)
+    index = tl.interleave(2 * byte, 2 * byte + 1)
+    if OUT_BF16:
+        # fp32 -> bf16 rounding to nearest even, spelled out so the interpreter (which truncates) agrees
+        bits = values.to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+        values = bits.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    tl.store(out_ptr + index, values.to(out_ptr.dtype.element_ty), mask=index < n)
+
+
+def _launch_config(nbytes: int) -> dict:
+    """Bytes per program and warps: large tiles for bandwidth on CUDA, one tile per 1 KiB otherwise."""
+    return {"BLOCK_BYTES": 2048, "num_warps": 8} if nbytes >= 1 << 20 else {"BLOCK_BYTES": 512, "num_warps": 4}
+
+
+def dequant(packed: Packed4bit, dtype: torch.dtype | None = None, backend: str | None = None) -> torch.Tensor:
+    """Decode a 4-bit tensor to `dtype` (default: its original dtype).
+
+    Args:
+        packed: codes ((n + 1) // 2, 1) uint8 and their QuantState, all on one device.
+        dtype: torch.bfloat16, torch.float16 or torch.float32.
+        backend: None/"auto" (CUDA -> Triton, CPU -> torch), "torch" or "triton" (see kernels/_dispatch.py).
+
+    Returns:
+        Tensor of the original shape in `dtype`.
+
+    Raises:
+        ValueError on a wrong dtype, device mix or size.
+    """
+    s = packed.state
+    dtype = dtype or s.dtype
+    if dtype not in _OUT_DTYPES:
+        raise ValueError(f"dequant: output dtype {dtype} is not one of bf16, fp16, fp32")
+    if not use_triton(packed.data, backend):
+        return dequant_ref(packed, dtype)
+    data = packed.data
+    if data.dtype != torch.uint8 or data.numel() != (s.numel + 1) // 2:
+        raise ValueError(f"dequant: packed data {data.dtype} {tuple(data.shape)} does not hold {s.numel} codes")
+    if s.absmax.device != data.device or s.code.device != data.device:
+        raise ValueError("dequant: codes, absmax and codebook must be on one device")
+    out = torch.empty(s.shape, dtype=dtype, device=data.device)
+    nest = s.nested
+    cfg = _launch_config(data.numel())
+    grid = (triton.cdiv(data.numel(), cfg["BLOCK_BYTES"]),)
+    _dequant_kernel[grid](
+        data.reshape(-1).contiguous(), s.absmax.contiguous(), s.code,
+        nest.absmax if nest else s.absmax, nest.code if nest else s.code,
+        float(nest.offset) if nest else 0.0,
+        out, s.numel,
+        BLOCKSIZE=s.blocksize, NESTED_BLOCKSIZE=nest.blocksize if nest else 1, NESTED=nest is not None,
+        OUT_BF16=dtype == torch.bfloat16,
+        enable_fp_fusion=False, **cfg,
+    )
+    return out

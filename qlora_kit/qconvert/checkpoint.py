@@ -1,0 +1,97 @@
+"""Read a 4-bit checkpoint folder (ours or transformers + bitsandbytes'): shards, headers, and each
+quantized weight rebuilt lazily from its entries (FORMAT.md §2) with formats.layout.from_entries.
+"""
+import json
+import math
+from contextlib import ExitStack
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from qlora_kit.formats import FormatError, Packed4bit, from_entries, is_state_key, quantized_weight_names, read_header
+
+from .errors import SourceNotFound
+from .shards import INDEX, SINGLE
+
+
+class Checkpoint:
+    """An opened checkpoint: `keys`, `header(key)`, `get(key)`, `quantized` names and `packed(name)`.
+
+    Use as a context manager; files are memory-mapped, so tensors are read only when asked for.
+    """
+
+    def __init__(self, folder: str | Path):
+        self.folder = Path(folder)
+        if not self.folder.is_dir():
+            raise SourceNotFound(f"{self.folder}: no such checkpoint folder")
+        self.index: dict[str, str] | None = None
+        if (self.folder / INDEX).is_file():
+            path = self.folder / INDEX
+            try:
+                self.index = json.loads(path.read_text())["weight_map"]
+            except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as e:
+                raise FormatError(f"{path}: not a valid shard index ({type(e).__name__}: {e})") from None
+            self.files = [self.folder / f for f in sorted(set(self.index.values()))]
+        elif (self.folder / SINGLE).is_file():
+            self.files = [self.folder / SINGLE]
+        else:
+            raise SourceNotFound(f"{self.folder}: no {SINGLE} or {INDEX}")
+        self.headers: dict[Path, dict] = {}
+        self.file_of: dict[str, Path] = {}
+        for f in self.files:
+            if not f.is_file():
+                raise FormatError(f"{self.folder / INDEX}: names shard {f.name}, which is missing")
+            self.headers[f] = read_header(f)
+            for key in self.headers[f]:
+                if key == "__metadata__":
+                    continue
+                if key in self.file_of:
+                    raise FormatError(f"{f}: tensor {key} also appears in {self.file_of[key].name}")
+                self.file_of[key] = f
+        self.keys = sorted(self.file_of)
+        self.quantized = quantized_weight_names(self.keys)
+        self._stack = ExitStack()
+        self._handles: dict[Path, object] = {}
+        config = self.folder / "config.json"
+        self.config = json.loads(config.read_text()) if config.is_file() else {}
+
+    def __enter__(self) -> "Checkpoint":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stack.close()
+
+    def header(self, key: str) -> dict:
+        return self.headers[self.file_of[key]][key]
+
+    def metadata(self) -> dict[str, str]:
+        return self.headers[self.files[0]].get("__metadata__") or {}
+
+    def get(self, key: str) -> torch.Tensor:
+        file = self.file_of[key]
+        if file not in self._handles:
+            self._handles[file] = self._stack.enter_context(safe_open(str(file), framework="pt"))
+        return self._handles[file].get_tensor(key)
+
+    def entries_of(self, name: str) -> list[str]:
+        """The packed codes key plus every state key of quantized weight `name`."""
+        return [name] + [k for k in self.keys if k.startswith(name + ".") and is_state_key(k)]
+
+    def packed(self, name: str) -> Packed4bit:
+        """Rebuild quantized weight `name`; raises FormatError subclasses naming the tensor."""
+        present = {k: self.get(k) for k in self.entries_of(name) if k in self.file_of}
+        return from_entries(name, present)
+
+    def plain_keys(self) -> list[str]:
+        """Keys that are neither a quantized weight nor one of its state entries."""
+        quantized = set(self.quantized)
+        return [k for k in self.keys if k not in quantized and not is_state_key(k)]
+
+    def nbytes(self, key: str) -> int:
+        start, end = self.header(key)["data_offsets"]
+        return end - start
+
+    @staticmethod
+    def numel(shape) -> int:
+        return math.prod(shape)

@@ -1,0 +1,111 @@
+"""Build the model, engine and HTTP app from a ServeConfig, and run them under uvicorn.
+
+`serve()` blocks (the CLI); `start()` runs the server in a background thread and returns a handle with its
+URL (tests, benchmarks). Port 0 binds any free port; the bound address is reported.
+"""
+import json
+import logging
+import os
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import uvicorn
+
+from qlora_kit.models import NF4Linear, Tokenizer, load_model
+from qlora_kit.models.nf4_linear import dense_linear
+
+from .api import KeyStore, create_app
+from ._socket import bind_listener
+from .config import ServeConfig
+from .engine.engine import Engine
+
+log = logging.getLogger("qserve")
+
+
+def base_names(folder: Path) -> tuple[str, ...]:
+    """Names an adapter may give for this base: the folder name and the config's _name_or_path."""
+    names = [folder.name]
+    cfg = json.loads((folder / "config.json").read_text())
+    if cfg.get("_name_or_path"):
+        names.append(cfg["_name_or_path"])
+    return tuple(names)
+
+
+def dequantize_bases(model) -> int:
+    """Swap every NF4 projection for a dense one holding its dequantized weight (ServeConfig.dequantize_base):
+    on CPU the per-step dequantization dominates a decode step, at 4x the weight memory. Returns the count."""
+    n = 0
+    for layer in model.lora_layers().values():
+        base = layer.base
+        if isinstance(base, NF4Linear):
+            dense = dense_linear(base.in_features, base.out_features, base.bias is not None)
+            dense.weight = torch.nn.Parameter(base.dequantized(model.dtype), requires_grad=False)
+            if base.bias is not None:
+                dense.bias = torch.nn.Parameter(base.bias.detach().to(model.dtype), requires_grad=False)
+            layer.base = dense
+            n += 1
+    return n
+
+
+def build_engine(config: ServeConfig) -> Engine:
+    """Load the model and tokenizer, start the engine, load the start-up adapters (refused ones raise)."""
+    folder = Path(config.checkpoint)
+    model = load_model(folder, compute_dtype=getattr(torch, config.dtype), device=config.device)
+    if config.dequantize_base:
+        dequantize_bases(model)
+    engine = Engine(model, Tokenizer(folder), config, base_names(folder)).start()
+    for name, path in config.adapters:
+        engine.registry.add(name, path, trusted=True)
+    return engine
+
+
+@dataclass
+class ServerHandle:
+    """A server running in a thread: `url` like http://127.0.0.1:PORT, `stop()` to shut it down."""
+
+    url: str
+    engine: Engine
+    server: uvicorn.Server
+    thread: threading.Thread
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
+        self.engine.stop()
+
+
+def _server(config: ServeConfig, engine: Engine) -> uvicorn.Server:
+    keys = KeyStore.from_file(config.api_keys)
+    served = os.path.basename(os.path.normpath(config.checkpoint))
+    app = create_app(engine, keys, served)
+    return uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5))
+
+
+def start(config: ServeConfig, engine: Engine | None = None) -> ServerHandle:
+    """Run the server in a daemon thread; returns once it accepts connections."""
+    engine = engine or build_engine(config)
+    server = _server(config, engine)
+    sock = bind_listener(config.host, config.port)
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True, name="qserve-http")
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started and time.monotonic() < deadline:
+        time.sleep(0.02)
+    host, port = sock.getsockname()[:2]
+    return ServerHandle(f"http://{host}:{port}", engine, server, thread)
+
+
+def serve(config: ServeConfig, announce=print) -> None:
+    """Run until interrupted."""
+    engine = build_engine(config)
+    sock = bind_listener(config.host, config.port)
+    host, port = sock.getsockname()[:2]
+    announce(f"qserve: serving {config.checkpoint} as {os.path.basename(os.path.normpath(config.checkpoint))!r} "
+             f"on http://{host}:{port} ({len(config.adapters)} adapters)")
+    try:
+        _server(config, engine).run(sockets=[sock])
+    finally:
+        engine.stop()

@@ -1,0 +1,33 @@
+"""Greedy answers of the base model and of a trained adapter to the same chat questions, side by side."""
+import os
+from dataclasses import dataclass
+
+from qlora_kit.models import SamplingParams, Tokenizer, generate, load_model, load_peft_adapter
+
+ADAPTER_ID = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Answer:
+    question: str
+    base: str
+    adapter: str
+
+
+def ask(base: str | os.PathLike, adapter: str | os.PathLike, questions: list[str], max_tokens: int = 48) -> list[Answer]:
+    """Answer each question as a one-turn chat, greedily, once with the base model and once with the adapter.
+
+    Raises:
+        models/formats errors for a bad checkpoint or adapter folder.
+    """
+    tok = Tokenizer(base)
+    model = load_model(base)
+    load_peft_adapter(model, adapter, ADAPTER_ID)
+    prompts = [tok.encode_chat([{"role": "user", "content": q}]) for q in questions]
+    params = SamplingParams(max_tokens=max_tokens)
+    outs = {}
+    for label, aid in (("base", -1), ("adapter", ADAPTER_ID)):
+        gen = generate(model, prompts, params, adapter_ids=[aid] * len(prompts), stop_token_ids=tok.stop_token_ids,
+                       pad_id=tok.pad_token_id)
+        outs[label] = [tok.decode(g).strip() for g in gen]
+    return [Answer(q, b, a) for q, b, a in zip(questions, outs["base"], outs["adapter"])]

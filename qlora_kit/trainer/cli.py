@@ -1,0 +1,98 @@
+"""qtrain: fine-tune LoRA adapters against a frozen 4-bit checkpoint.
+
+`train`'s options are generated from TrainConfig's fields (trainer/config.py), so defaults and help
+live in one place; a flag only overrides when given. Errors go through formats._cli.cli_errors.
+"""
+import sys
+from dataclasses import fields
+
+import click
+from rich.console import Console
+
+from qlora_kit.formats._cli import cli_errors
+
+from .ask import ask as run_ask
+from .config import TrainConfig, build_config, defaults
+from .distributed import from_env, under_torchrun
+from .loop import train as run_train
+from .many import train_data_parallel
+from .many.cli import train_many
+
+PRESET = """\b
+Defaults are the QLoRA paper's recipe (Dettmers et al. 2023):
+  r 64, lora_alpha 16, lora_dropout 0.1, all linear layers (--target-modules all-linear),
+  lr 2e-4, constant schedule, warmup 3%, max_grad_norm 0.3, paged AdamW (32-bit states),
+  effective batch 16 (--batch-size 4 x --grad-accum 4), gradient checkpointing, bf16 compute.
+Settings also come from --config FILE (.toml/.yaml/.json, keys = option names); flags override the file.
+\b
+Writes OUT/: adapter_config.json + adapter_model.safetensors (PEFT layout), train_config.json,
+metrics.jsonl, loss_curve.png, checkpoints/step-N/ (--save-every). Ctrl-C saves a checkpoint;
+continue with --resume OUT."""
+
+
+def _option(f) -> click.Option:
+    name, default, help_ = "--" + f.name.replace("_", "-"), defaults().get(f.name), f.metadata["help"]
+    shown = ",".join(default) if isinstance(default, tuple) else default
+    help_ = f"{help_}  [default: {shown!r}]" if shown != "" else help_
+    if isinstance(default, bool):
+        return click.Option([f"{name}/--no-{name[2:]}"], default=None, help=help_)
+    if f.metadata.get("choices"):
+        return click.Option([name], type=click.Choice(f.metadata["choices"]), default=None, help=help_)
+    kind = {int: int, float: float, str: str, tuple: str}[type(default)]
+    return click.Option([name], type=kind, default=None, help=help_)
+
+
+def _tuple_fields() -> set[str]:
+    return {f.name for f in fields(TrainConfig) if isinstance(defaults().get(f.name), tuple)}
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="qlora-kit")
+def main():
+    """Fine-tune LoRA adapters against a frozen NF4 checkpoint (QLoRA)."""
+
+
+@cli_errors
+def _train(config, **flags):
+    for name in _tuple_fields():
+        if flags.get(name) is not None:
+            flags[name] = tuple(s.strip() for s in flags[name].split(",") if s.strip())
+    cfg = build_config(config, **flags)
+    console = Console(stderr=True)
+    result = (train_data_parallel if under_torchrun() else run_train)(cfg, console=console)  # torchrun: DDP
+    if not from_env().is_main:
+        return
+    if result.interrupted:
+        console.print(f"checkpoint {result.checkpoint}: continue with  qtrain train --config ... --resume {result.out}")
+        sys.exit(130)
+    tail = f", eval loss {result.eval_loss:.4f}" if result.eval_loss is not None else ""
+    first = f"loss {result.losses[0]:.4f} -> {result.losses[-1]:.4f}" if result.losses else "no steps run"
+    Console().print(f"wrote {result.out}: {result.steps} steps, {first}{tail}, {result.tokens_per_s:,.0f} tok/s, "
+                    f"peak memory {result.peak_memory_mb:,.0f} MiB")
+
+
+train = click.Command(
+    "train", callback=_train, help="Train one LoRA adapter on --data against --base, writing --out.\n\n" + PRESET,
+    params=[click.Option(["--config"], type=click.Path(dir_okay=False), default=None,
+                         help="TOML/YAML/JSON file of settings (keys are the option names)")]
+    + [_option(f) for f in fields(TrainConfig)],
+    context_settings={"max_content_width": 110})
+main.add_command(train)
+
+
+@main.command()
+@click.option("--base", required=True, help="the checkpoint the adapter was trained on")
+@click.option("--adapter", required=True, help="adapter folder (qtrain train's --out, or any PEFT LoRA adapter)")
+@click.option("--max-tokens", default=48, show_default=True)
+@click.argument("questions", nargs=-1, required=True)
+@cli_errors
+def ask(base, adapter, max_tokens, questions):
+    """Answer QUESTIONS greedily with the base model and with the adapter, side by side."""
+    console = Console()
+    for a in run_ask(base, adapter, list(questions), max_tokens):
+        console.print(f"[bold]Q:[/bold] {a.question}", highlight=False)
+        console.print(f"  [dim]base   :[/dim] {a.base}", highlight=False)
+        console.print(f"  [green]adapter:[/green] {a.adapter}", highlight=False)
+
+
+main.add_command(train_many)  # trainer/many/cli.py

@@ -1,0 +1,24 @@
+"""Errors raised by trainer/: one subclass of QloraKitError per failure mode; messages name the file, line or field."""
+from qlora_kit.formats.errors import QloraKitError
+
+
+class TrainError(QloraKitError):
+    """Base class of trainer/ errors."""
+
+
+class ConfigError(TrainError, ValueError):
+    """A config file that cannot be parsed, an unknown key, or a field value out of range (also a ValueError,
+    as STYLE.md asks of config validation)."""
+
+
+class DataError(TrainError):
+    """A dataset line that is not valid JSON or not one of the accepted record shapes, an empty dataset,
+    or an example longer than --max-seq-len."""
+
+
+class OutputExists(TrainError):
+    """The output folder already exists and this is not a --resume of it."""
+
+
+class ResumeError(TrainError):
+    """A --resume checkpoint that is missing, incomplete, or from a different configuration."""

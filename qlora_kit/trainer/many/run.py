@@ -1,0 +1,117 @@
+"""Entry points: train_many (N adapters, one base, optionally sharded over torchrun ranks) and
+train_data_parallel (one adapter, DDP over torchrun ranks). Both drive many/engine.py."""
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from rich.console import Console
+
+from qlora_kit.formats.errors import QloraKitError
+from qlora_kit.models import Tokenizer, load_model
+
+from .. import distributed as D
+from .. import setup
+from ..config import TrainConfig
+from ..errors import OutputExists, ResumeError
+from ..loop import TrainResult
+from .engine import run_jobs
+from .job import RUNNING, JobRun
+from .jobs import JobSpec, ManyConfig, load_jobs
+from .summary import render, write_summary
+
+
+@dataclass
+class ManyResult:
+    out: Path
+    jobs: list[dict] = field(default_factory=list)  # summary rows, in jobs-file order
+    interrupted: bool = False
+    tokens_per_s: float = 0.0
+    peak_memory_mb: float = 0.0
+
+
+def _load_base(base: str, dtype: str, device) -> object:
+    return load_model(base, quantize=True, compute_dtype=setup.DTYPES[dtype], device=device)
+
+
+def _start(jobs: list[JobRun], model, tok, resume: bool, seed: int) -> None:
+    """Set every job up (a job with bad data or settings is failed, not fatal), seed, then restore checkpoints."""
+    for j in jobs:
+        try:
+            j.setup(model, tok, resume)
+        except QloraKitError as e:
+            j.fail(str(e))
+    torch.manual_seed(seed)  # as loop.train: dropout RNG starts from the seed, a checkpoint overrides it
+    for j in jobs:
+        try:
+            j.restore()
+        except ResumeError as e:
+            j.fail(str(e))
+
+
+def train_many(run: ManyConfig, on_step: Callable[[int, dict], None] | None = None, console=None) -> ManyResult:
+    """Train every job of run.jobs against run.base in one process (or sharded over torchrun ranks).
+
+    Raises:
+        ConfigError (jobs file), OutputExists, ResumeError, models errors for the base. Per-job data or
+        NaN failures are not raised: they are rows with status "failed".
+    """
+    specs = load_jobs(run)
+    out = Path(run.out)
+    if not run.resume and out.exists():
+        raise OutputExists(f"{out}: output folder already exists; choose another --out, or continue that run with "
+                           f"--resume")
+    if run.resume and not out.is_dir():
+        raise ResumeError(f"{out}: nothing to resume (folder not found)")
+    env = D.from_env()
+    device = D.device_for(env, run.device)
+    with D.process_group(env, device):
+        D.barrier(env)  # every rank has checked OUT before rank 0 creates it
+        if env.is_main:
+            out.mkdir(parents=True, exist_ok=True)
+        D.barrier(env)
+        tok = Tokenizer(run.base)
+        model = _load_base(run.base, run.compute_dtype, device)
+        jobs = [JobRun(s, slot) for slot, s in D.shard(list(enumerate(specs)), env)]
+        _start(jobs, model, tok, run.resume, specs[0].cfg.seed)
+        pad = next((j.data.pad_id for j in jobs if j.status == RUNNING), tok.pad_token_id)
+        stats = run_jobs(model, jobs, device, pad_id=pad, checkpointing=run.gradient_checkpointing,
+                         chunk_size=run.loss_chunk_size, rows_per_pass=run.rows_per_pass,
+                         progress=run.progress and env.is_main, console=console, on_step=on_step)
+        order = {s.name: i for i, s in enumerate(specs)}
+        rows = sorted(D.gather_rows([j.summary() for j in jobs], env), key=lambda r: order[r["job"]])
+        stopped = D.gather_rows([stats["interrupted"]], env)
+        result = ManyResult(out, rows, any(stopped), stats["tokens_per_s"], stats["peak_memory_mb"])
+        if env.is_main:
+            write_summary(out, rows, {"base": run.base, "jobs": run.jobs, "world_size": env.world_size,
+                                      "tokens_per_s": result.tokens_per_s, "peak_memory_mb": result.peak_memory_mb})
+            if run.progress:
+                render(rows, console or Console(stderr=True))
+        D.barrier(env)
+    return result
+
+
+def train_data_parallel(cfg: TrainConfig, on_step=None, console=None) -> TrainResult:
+    """qtrain train under torchrun: one adapter, micro-batches shared over the ranks, DDP on the LoRA grads.
+
+    Same outputs as trainer.loop.train (written by rank 0); raises what it raises, before step 1.
+    """
+    env = D.from_env()
+    device = D.device_for(env, cfg.device)
+    with D.process_group(env, device):
+        resume_from = setup.check_output(cfg)
+        D.barrier(env)
+        tok = Tokenizer(cfg.base)
+        model = setup.load_base(cfg, device)
+        job = JobRun(JobSpec("adapter", cfg), setup.ADAPTER_ID, writer=env.is_main)
+        job.setup(model, tok, resume=False)
+        job.resume_from = resume_from
+        torch.manual_seed(cfg.seed + env.rank)  # ranks draw different dropout masks
+        job.restore()
+        hook = None if on_step is None else lambda r, losses: on_step(job.pos.step, losses["adapter"])
+        stats = run_jobs(model, [job], device, pad_id=job.data.pad_id, checkpointing=cfg.gradient_checkpointing,
+                         chunk_size=cfg.loss_chunk_size, dp=D.DataParallel(env, device),
+                         progress=cfg.progress and env.is_main, console=console, on_step=hook)
+        D.barrier(env)
+    return TrainResult(Path(cfg.out), job.pos.step, job.losses, job.eval_loss, stats["interrupted"], job.checkpoint,
+                       stats["tokens_per_s"], stats["peak_memory_mb"])

@@ -1,0 +1,99 @@
+"""The wheel as a user installs it: one `qlora_kit` namespace, nothing else at the top of site-packages, the
+declared runtime dependencies enough, and no clash with Hugging Face's `kernels` (which bitsandbytes and
+transformers import).
+
+Each test builds a fresh venv from the wheel. pip resolves from the same package index (and cache) the set-up
+uses; torch==2.13.0 is installed first, as the README's set-up does, so no CUDA build is pulled.
+"""
+import os
+import subprocess
+import sys
+import venv
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO
+from tests.unit.qconvert.tiny import write_tiny
+
+pytestmark = pytest.mark.integration
+
+# Top-level names the old layout installed; none of them may come from our distribution again.
+OLD_TOP_LEVEL = {"tests", "bench", "kernels", "models", "formats", "trainer", "qserve", "qconvert"}
+
+
+def _run(cmd, **kw) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV", "TRITON_INTERPRET")}
+    env |= {"HF_HUB_OFFLINE": "1", "PIP_DISABLE_PIP_VERSION_CHECK": "1"}
+    out = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, env=env, timeout=1200, **kw)
+    assert out.returncode == 0, f"{' '.join(map(str, cmd))}\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}"
+    return out
+
+
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory) -> Path:
+    dist = tmp_path_factory.mktemp("dist")
+    _run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", dist, REPO])
+    (whl,) = dist.glob("qlora_kit-*.whl")
+    return whl
+
+
+def _fresh_venv(root: Path, *requirements) -> Path:
+    """A venv in `root` (run from /, so the repository is not on sys.path) with torch==2.13.0 and `requirements`."""
+    venv.create(root, with_pip=True)
+    py = root / "bin" / "python"
+    _run([py, "-m", "pip", "install", "-q", "torch==2.13.0"])
+    _run([py, "-m", "pip", "install", "-q", *requirements])
+    return py
+
+
+def _installed_top_level(py: Path) -> set[str]:
+    code = ("import importlib.metadata as m\n"
+            "print('\\n'.join(sorted({str(f).split('/')[0] for f in m.files('qlora-kit')})))")
+    return set(_run([py, "-c", code], cwd="/").stdout.split())
+
+
+def test_wheel_installs_only_the_qlora_kit_namespace(wheel):
+    import zipfile
+
+    names = {n.split("/")[0] for n in zipfile.ZipFile(wheel).namelist()}
+    assert {n for n in names if not n.endswith(".dist-info")} == {"qlora_kit"}, names
+    files = zipfile.ZipFile(wheel).namelist()
+    assert "qlora_kit/trainer/datasets/quillfeather.jsonl" in files
+    assert "qlora_kit/trainer/configs/quillfeather.toml" in files
+    (ep,) = [n for n in files if n.endswith("entry_points.txt")]
+    entry_points = zipfile.ZipFile(wheel).read(ep).decode()
+    assert "qlora_kit = qlora_kit.qserve.vllm_plugin:register" in entry_points
+    assert "qconvert = qlora_kit.qconvert.cli:main" in entry_points
+
+
+def test_runtime_dependencies_alone_convert_and_verify(wheel, tmp_path):
+    py = _fresh_venv(tmp_path / "venv", wheel)
+    assert _installed_top_level(py) & OLD_TOP_LEVEL == set()
+    out = _run([py, "-c", "import qlora_kit, sys; print(qlora_kit.__version__, 'torch' in sys.modules)"], cwd="/")
+    assert out.stdout.split() == ["0.1.0", "False"]
+    # nothing beyond the declared dependencies: the oracles and the test extra are absent
+    missing = _run([py, "-c", "import importlib.util as u; print([m for m in ('bitsandbytes', 'transformers', "
+                               "'peft', 'pytest', 'scipy') if u.find_spec(m)])"], cwd="/")
+    assert missing.stdout.strip() == "[]"
+    src = write_tiny(tmp_path / "src")
+    bindir = py.parent
+    _run([bindir / "qconvert", "convert", src, tmp_path / "nf4", "--quiet"], cwd="/")
+    verify = _run([bindir / "qconvert", "verify", tmp_path / "nf4", "--against", src], cwd="/")
+    assert "fail" not in verify.stdout.lower()
+    _run([py, "-m", "qlora_kit.qconvert", "inspect", tmp_path / "nf4"], cwd="/")
+
+
+def test_beside_hugging_face_kernels_transformers_and_bitsandbytes(wheel, tmp_path):
+    py = _fresh_venv(tmp_path / "venv", wheel, "kernels", "transformers>=5.0", "bitsandbytes==0.50.*")
+    assert _installed_top_level(py) & OLD_TOP_LEVEL == set()
+    out = _run([py, "-c", "import kernels; print(callable(kernels.get_kernel))"], cwd="/")
+    assert out.stdout.strip() == "True"
+    bnb = _run([py, "-c", "import bitsandbytes, qlora_kit.kernels, transformers; print('ok')"], cwd="/")
+    assert bnb.stdout.strip() == "ok"
+    assert "Failed to load" not in bnb.stdout + bnb.stderr, bnb.stderr
+    for cli in ("qconvert", "qtrain", "qserve"):
+        assert "Usage:" in _run([py.parent / cli, "--help"], cwd="/").stdout
+    src = write_tiny(tmp_path / "src")
+    _run([py.parent / "qconvert", "convert", src, tmp_path / "nf4", "--quiet"], cwd="/")
+    assert (tmp_path / "nf4" / "config.json").is_file()
