@@ -8,8 +8,10 @@ import torch
 
 from qlora_kit.formats import Packed4bit
 
-from ._dispatch import use_triton
+from ._checks import check_packed
+from ._dispatch import use_cpu_kernels, use_triton
 from ._triton import tl, triton
+from .cpu import dequant_cpu, supports
 from .ref.dequant import dequant_ref
 
 _OUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -67,7 +69,8 @@ def dequant(packed: Packed4bit, dtype: torch.dtype | None = None, backend: str |
     Args:
         packed: codes ((n + 1) // 2, 1) uint8 and their QuantState, all on one device.
         dtype: torch.bfloat16, torch.float16 or torch.float32.
-        backend: None/"auto" (CUDA -> Triton, CPU -> torch), "torch" or "triton" (see kernels/_dispatch.py).
+        backend: None/"auto" (CUDA -> Triton, CPU -> the compiled C kernel, bit-exact with the twin), "torch"
+            (the twin) or "triton" (see kernels/_dispatch.py).
 
     Returns:
         Tensor of the original shape in `dtype`.
@@ -79,13 +82,12 @@ def dequant(packed: Packed4bit, dtype: torch.dtype | None = None, backend: str |
     dtype = dtype or s.dtype
     if dtype not in _OUT_DTYPES:
         raise ValueError(f"dequant: output dtype {dtype} is not one of bf16, fp16, fp32")
-    if not use_triton(packed.data, backend):
-        return dequant_ref(packed, dtype)
+    check_packed(packed, "dequant")
     data = packed.data
-    if data.dtype != torch.uint8 or data.numel() != (s.numel + 1) // 2:
-        raise ValueError(f"dequant: packed data {data.dtype} {tuple(data.shape)} does not hold {s.numel} codes")
-    if s.absmax.device != data.device or s.code.device != data.device:
-        raise ValueError("dequant: codes, absmax and codebook must be on one device")
+    if use_cpu_kernels(data, backend) and supports(packed):
+        return dequant_cpu(packed, dtype)
+    if not use_triton(data, backend):
+        return dequant_ref(packed, dtype)
     out = torch.empty(s.shape, dtype=dtype, device=data.device)
     nest = s.nested
     cfg = _launch_config(data.numel())

@@ -10,8 +10,10 @@ import torch
 
 from qlora_kit.formats import Packed4bit
 
-from ._dispatch import use_triton
+from ._checks import check_packed
+from ._dispatch import use_cpu_kernels, use_triton
 from ._triton import tl, triton
+from .cpu import nf4_matmul_cpu, supports
 from .ref.nf4_matmul import nf4_matmul_ref
 
 _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -127,14 +129,19 @@ class _NF4Matmul(torch.autograd.Function):
         return grad_x, None, grad_b
 
 
-def nf4_matmul(x: torch.Tensor, packed: Packed4bit, bias: torch.Tensor | None = None, backend: str | None = None) -> torch.Tensor:
+def nf4_matmul(x: torch.Tensor, packed: Packed4bit, bias: torch.Tensor | None = None, backend: str | None = None,
+               save_decoded: bool = False) -> torch.Tensor:
     """y = x @ W'^T (+ bias) with the frozen 4-bit weight decoded inside the kernel; differentiable in x (and bias).
 
     Args:
         x: (..., K) bf16, fp16 or fp32.
         packed: the (N, K) weight's 4-bit codes and QuantState (NF4 or FP4, optional double quant), on x's device.
         bias: optional (N,) on x's device.
-        backend: None/"auto", "torch" or "triton" (kernels/_dispatch.py).
+        backend: None/"auto" (CUDA -> Triton, CPU -> kernels/cpu's fused GEMV or decode + fp32 GEMM), "torch"
+            (the twin) or "triton" (kernels/_dispatch.py).
+        save_decoded: keep the decoded W' for backward instead of decoding again (CPU path; for a layer that
+            gradient checkpointing recomputes just before its backward, so recompute and backward share one
+            decode). The Triton kernel never materializes W' and ignores it.
 
     Returns:
         (..., N) in x.dtype.
@@ -142,17 +149,18 @@ def nf4_matmul(x: torch.Tensor, packed: Packed4bit, bias: torch.Tensor | None = 
     Raises:
         ValueError on a wrong dtype, device mix or shape.
     """
-    if not use_triton(x, backend):
-        return nf4_matmul_ref(x, packed, bias)
     s = packed.state
     if x.dtype not in _DTYPES:
         raise ValueError(f"nf4_matmul: x dtype {x.dtype} is not one of bf16, fp16, fp32")
     if len(s.shape) != 2 or x.shape[-1] != s.shape[1]:
         raise ValueError(f"nf4_matmul: x {tuple(x.shape)} does not fit the 2-d weight {s.shape}")
-    if packed.data.dtype != torch.uint8 or packed.data.numel() != (s.numel + 1) // 2:
-        raise ValueError(f"nf4_matmul: packed data {packed.data.dtype} {tuple(packed.data.shape)} does not hold {s.numel} codes")
-    if packed.data.device != x.device or s.absmax.device != x.device or s.code.device != x.device:
+    check_packed(packed, "nf4_matmul")
+    if packed.data.device != x.device:
         raise ValueError("nf4_matmul: x, codes, absmax and codebook must be on one device")
     if bias is not None and (bias.shape != (s.shape[0],) or bias.device != x.device):
         raise ValueError(f"nf4_matmul: bias {tuple(bias.shape)} does not fit {s.shape[0]} outputs on {x.device}")
+    if use_cpu_kernels(x, backend) and supports(packed):
+        return nf4_matmul_cpu(x, packed, bias, save_decoded)
+    if not use_triton(x, backend):
+        return nf4_matmul_ref(x, packed, bias)
     return _NF4Matmul.apply(x, packed, bias)

@@ -139,11 +139,12 @@ class Llama(nn.Module):
         """Every LoRA-capable projection by its Hugging Face module path."""
         return {name: m for name, m in self.named_modules() if isinstance(m, LoraLinear)}
 
-    def keep_dequantized(self, enabled: bool = True) -> None:
-        """Keep every NF4 weight decoded between no-grad forwards (bit-identical, trades memory for speed)."""
+    def share_decode(self, enabled: bool = True) -> None:
+        """Under gradient checkpointing: each NF4 layer's recompute keeps its decoded weight for the backward
+        that follows, so the two share one decode (only the layer being back-propagated holds one)."""
         for m in self.modules():
             if isinstance(m, NF4Linear):
-                m.keep_dequantized, m._dequantized = enabled, None
+                m.share_decode = enabled
 
     def hidden_states(self, batch: Batch) -> torch.Tensor:
         """Final-norm hidden states (B, T, hidden_size) for `batch`."""

@@ -1,9 +1,11 @@
 """A frozen linear layer whose weight is stored as 4-bit NF4/FP4 codes (QLoRA, Dettmers et al. 2023).
 
-    y = x W'^T + b,   W' = dequant(codes, absmax)  in the compute dtype (kernels.dequant)
+    y = x W'^T + b,   W' = dequant(codes, absmax)  in the compute dtype (kernels.nf4_matmul)
 
-The weight never trains. Backward gives only the input gradient, dL/dx = dL/dy W', and decodes W'
-again instead of saving it: the activation memory of this layer is zero bytes of weight.
+The weight never trains. Backward gives only the input gradient, dL/dx = dL/dy W'. The matmul is the one
+4-bit kernel, kernels.nf4_matmul (Triton fused dequant-GEMM on CUDA, the compiled C path on CPU): W' is decoded
+inside it and not kept, except under gradient checkpointing (`share_decode`), where the recompute of a layer
+keeps its W' for the backward that follows, so the two share one decode.
 """
 import torch
 import torch.nn.functional as F
@@ -13,32 +15,15 @@ from qlora_kit import kernels
 from qlora_kit.formats import NestedAbsmax, Packed4bit, QuantState
 
 
-class _NF4Matmul(torch.autograd.Function):
-    """x @ dequant(W)^T + b with a backward that re-decodes W (nothing weight-sized is saved)."""
-
-    @staticmethod
-    def forward(ctx, x, bias, packed: Packed4bit, backend: str | None):
-        ctx.packed, ctx.backend = packed, backend
-        return F.linear(x, kernels.dequant(packed, x.dtype, backend), None if bias is None else bias.to(x.dtype))
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        if not ctx.needs_input_grad[0]:
-            return None, None, None, None
-        w = kernels.dequant(ctx.packed, grad_out.dtype, ctx.backend)
-        return grad_out @ w, None, None, None
-
-
 class NF4Linear(nn.Module):
     """Frozen 4-bit linear layer.
 
     Args:
         in_features, out_features: the weight's shape is (out_features, in_features).
         bias: whether a (frozen) bias is added; set by `load_bias` or `set_packed`'s caller.
-        backend: None (CUDA -> Triton, CPU -> torch), "torch" or "triton" (see kernels/_dispatch.py).
+        backend: None (CUDA -> Triton, CPU -> the compiled C kernels), "torch" or "triton" (kernels/_dispatch.py).
 
-    `keep_dequantized = True` keeps the decoded weight between no-grad forwards (same values, more
-    memory; for CPU inference where decoding dominates). The codes and quantization state are buffers (so `.to(device)` and state_dict see them); they are
+    The codes and quantization state are buffers (so `.to(device)` and state_dict see them); they are
     set by `set_packed`. Forward: (..., in_features) -> (..., out_features) in x's dtype.
     """
 
@@ -47,12 +32,12 @@ class NF4Linear(nn.Module):
         self.in_features, self.out_features, self.backend = in_features, out_features, backend
         self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False) if bias else None
         self._meta: tuple | None = None  # (quant_type, blocksize, shape, dtype, nested_blocksize)
-        self.keep_dequantized = False
-        self._dequantized: torch.Tensor | None = None
+        self._packed: Packed4bit | None = None  # built from the buffers once, again only after they move
+        self.share_decode = False  # set by the trainer's checkpointing: recompute and backward share one decode
 
     def set_packed(self, packed: Packed4bit) -> None:
         """Take the codes and state of a quantized (out_features, in_features) weight."""
-        self._dequantized = None
+        self._packed = None
         s = packed.state
         if tuple(s.shape) != (self.out_features, self.in_features):
             raise ValueError(f"NF4Linear: packed weight {tuple(s.shape)} != ({self.out_features}, {self.in_features})")
@@ -67,28 +52,28 @@ class NF4Linear(nn.Module):
 
     @property
     def packed(self) -> Packed4bit:
-        """The weight as a Packed4bit on the buffers' current device."""
+        """The weight as a Packed4bit on the buffers' current device (rebuilt only when .to() replaced them)."""
         if self._meta is None:
             raise RuntimeError("NF4Linear: no weight loaded (call set_packed)")
+        if self._packed is not None and self._packed.data is self.weight_data and self._packed.state.absmax is self.weight_absmax:
+            return self._packed
         quant_type, blocksize, shape, dtype, nested_bs = self._meta
         nested = None
         if nested_bs is not None:
             nested = NestedAbsmax(self.weight_nested_absmax, self.weight_nested_code, self.weight_nested_offset,
                                   nested_bs)
         state = QuantState(quant_type, blocksize, shape, dtype, self.weight_absmax, self.weight_code, nested)
-        return Packed4bit(self.weight_data, state)
+        self._packed = Packed4bit(self.weight_data, state)
+        return self._packed
 
     def dequantized(self, dtype: torch.dtype) -> torch.Tensor:
         """W' (out_features, in_features) in `dtype`."""
         return kernels.dequant(self.packed, dtype, self.backend)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.keep_dequantized and not torch.is_grad_enabled():
-            # Inference-only trade of memory for speed (CPU serving, tests): decode once, reuse the same bits.
-            if self._dequantized is None or self._dequantized.dtype != x.dtype or self._dequantized.device != x.device:
-                self._dequantized = self.dequantized(x.dtype)
-            return F.linear(x, self._dequantized, None if self.bias is None else self.bias.to(x.dtype))
-        return _NF4Matmul.apply(x, self.bias, self.packed, self.backend)
+        save = self.share_decode and torch.is_grad_enabled()
+        return kernels.nf4_matmul(x, self.packed, None if self.bias is None else self.bias.to(x.dtype), self.backend,
+                                  save_decoded=save)
 
     def extra_repr(self) -> str:
         qt = self._meta[0] if self._meta else "unloaded"

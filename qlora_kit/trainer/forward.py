@@ -20,6 +20,8 @@ from .data import IGNORE
 def hidden_states(model: Llama, batch, checkpointing: bool) -> torch.Tensor:
     """Final-norm hidden states (B, T, hidden_size), as Llama.hidden_states without a KV cache."""
     meta = build_meta(batch, model.cfg.sliding_window)
+    # non-reentrant checkpointing drops what the first forward saves, so only recompute keeps a decoded weight
+    model.share_decode(checkpointing)
     h = model.model.embed_tokens(batch.input_ids)
     cos, sin = rope_cos_sin(model.inv_freq, meta.positions, h.dtype)
     for layer in model.model.layers:

@@ -6,6 +6,7 @@ Each test builds a fresh venv from the wheel. pip resolves from the same package
 uses; torch==2.13.0 is installed first, as the README's set-up does, so no CUDA build is pulled.
 """
 import os
+import shutil
 import subprocess
 import sys
 import venv
@@ -22,9 +23,9 @@ pytestmark = pytest.mark.integration
 OLD_TOP_LEVEL = {"tests", "bench", "kernels", "models", "formats", "trainer", "qserve", "qconvert"}
 
 
-def _run(cmd, **kw) -> subprocess.CompletedProcess:
+def _run(cmd, env_extra=None, **kw) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV", "TRITON_INTERPRET")}
-    env |= {"HF_HUB_OFFLINE": "1", "PIP_DISABLE_PIP_VERSION_CHECK": "1"}
+    env |= {"HF_HUB_OFFLINE": "1", "PIP_DISABLE_PIP_VERSION_CHECK": "1", **(env_extra or {})}
     out = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, env=env, timeout=1200, **kw)
     assert out.returncode == 0, f"{' '.join(map(str, cmd))}\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}"
     return out
@@ -32,8 +33,12 @@ def _run(cmd, **kw) -> subprocess.CompletedProcess:
 
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory) -> Path:
-    dist = tmp_path_factory.mktemp("dist")
-    _run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", dist, REPO])
+    # built from a copy of what the sdist needs, so the build leaves no build/ folder in the checkout
+    src, dist = tmp_path_factory.mktemp("src"), tmp_path_factory.mktemp("dist")
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(REPO / name, src / name)
+    shutil.copytree(REPO / "qlora_kit", src / "qlora_kit", ignore=shutil.ignore_patterns("__pycache__"))
+    _run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", dist, src])
     (whl,) = dist.glob("qlora_kit-*.whl")
     return whl
 
@@ -61,6 +66,7 @@ def test_wheel_installs_only_the_qlora_kit_namespace(wheel):
     files = zipfile.ZipFile(wheel).namelist()
     assert "qlora_kit/trainer/datasets/quillfeather.jsonl" in files
     assert "qlora_kit/trainer/configs/quillfeather.toml" in files
+    assert "qlora_kit/kernels/cpu/nf4.c" in files
     (ep,) = [n for n in files if n.endswith("entry_points.txt")]
     entry_points = zipfile.ZipFile(wheel).read(ep).decode()
     assert "qlora_kit = qlora_kit.qserve.vllm_plugin:register" in entry_points
@@ -82,6 +88,13 @@ def test_runtime_dependencies_alone_convert_and_verify(wheel, tmp_path):
     verify = _run([bindir / "qconvert", "verify", tmp_path / "nf4", "--against", src], cwd="/")
     assert "fail" not in verify.stdout.lower()
     _run([py, "-m", "qlora_kit.qconvert", "inspect", tmp_path / "nf4"], cwd="/")
+    # the CPU kernels compile from the installed C source and match the twin
+    code = ("import torch; from qlora_kit.formats import quantize_4bit, dequantize_4bit\n"
+            "from qlora_kit.kernels.cpu import available, dequant_cpu\n"
+            "p = quantize_4bit(torch.randn(64, 64)); print(available(), torch.equal(dequant_cpu(p, torch.float32), "
+            "dequantize_4bit(p, torch.float32)))")
+    cache = {"QLORA_KIT_CACHE": str(tmp_path / "kcache")}
+    assert _run([py, "-c", code], cwd="/", env_extra=cache).stdout.split() == ["True", "True"]
 
 
 def test_beside_hugging_face_kernels_transformers_and_bitsandbytes(wheel, tmp_path):

@@ -103,11 +103,7 @@ GREEDY_PROMPTS = ["The capital of France is", "The three primary colors are", "T
 def test_greedy_continuations_identical_for_32_tokens(ours, hf_dequant, hf_bnb, nf4_dir):
     tok = Tokenizer(nf4_dir)
     ids = torch.tensor([tok.encode(p) for p in GREEDY_PROMPTS])
-    ours.keep_dequantized()  # same bits as decoding per call, decoded once (CPU test time)
-    try:
-        got = generate(ours, ids.tolist(), SamplingParams(max_tokens=32, ignore_eos=True))
-    finally:
-        ours.keep_dequantized(False)
+    got = generate(ours, ids.tolist(), SamplingParams(max_tokens=32, ignore_eos=True))
     kw = dict(max_new_tokens=32, min_new_tokens=32, do_sample=False, pad_token_id=tok.pad_token_id)
     ref = hf_dequant.generate(ids, **kw)[:, ids.shape[1]:].tolist()
     bnb = hf_bnb.generate(ids, **kw)[:, ids.shape[1]:].tolist()
