@@ -16,6 +16,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from qlora_kit.kernels.cpu import matmul_dtype
+
 from .batch import Batch
 
 
@@ -115,7 +117,13 @@ class StaticKVCache(KVCache):
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMeta) -> torch.Tensor:
-    """q (B, H, T, D), k/v (B, H_kv, S, D) -> (B, H, T, D) via SDPA with GQA."""
+    """q (B, H, T, D), k/v (B, H_kv, S, D) -> (B, H, T, D) via SDPA with GQA.
+
+    On a CPU without native 16-bit matrix instructions, 16-bit q/k/v are attended in fp32 (exact upcasts, the
+    result rounded back once): torch's emulated bf16 attention is many times slower there (kernels.cpu).
+    """
+    if q.device.type == "cpu" and matmul_dtype(q.dtype) != q.dtype:
+        return attend(q.float(), k.float(), v.float(), meta).to(q.dtype)
     gqa = q.shape[1] != k.shape[1]
     if meta.mask is None:
         return F.scaled_dot_product_attention(q, k, v, is_causal=q.shape[2] > 1, enable_gqa=gqa)

@@ -82,16 +82,35 @@ def hf_dequant(nf4_dir, smollm2):
     return dense
 
 
+@pytest.fixture(scope="module")
+def ours_fp32(nf4_dir):
+    return load_model(nf4_dir, compute_dtype=torch.float32)
+
+
+@pytest.fixture(scope="module")
+def hf_fp32(ours_fp32, smollm2):
+    """transformers' fp32 decoder holding exactly our fp32-decoded NF4 weights: the decoders' math compared
+    without 16-bit rounding, which our CPU kernels and torch's emulated bf16 GEMM do in different orders."""
+    from transformers import AutoModelForCausalLM
+
+    dense = AutoModelForCausalLM.from_pretrained(smollm2, dtype=torch.float32).eval()
+    with torch.no_grad():
+        for name, m in dense.named_modules():
+            if name.endswith("_proj"):
+                m.weight.copy_(ours_fp32.get_submodule(name).base.dequantized(torch.float32))
+    return dense
+
+
 @torch.no_grad()
-def test_decoder_equals_transformers_on_the_same_dequantized_weights(ours, hf_dequant, prompt_ids):
-    """Isolates the decoder from bitsandbytes' CPU GEMM: same NF4 weights, bit for bit."""
+def test_decoder_equals_transformers_on_the_same_dequantized_weights(ours, hf_dequant, ours_fp32, hf_fp32, prompt_ids):
+    """Isolates the decoder from bitsandbytes' CPU GEMM: same NF4 weights, bit for bit, same decoder output."""
     for name, m in hf_dequant.named_modules():
         if name.endswith("_proj"):
             assert torch.equal(m.weight, ours.get_submodule(name).base.dequantized(torch.bfloat16))
     x = torch.tensor([prompt_ids[0]])
-    ref, got = hf_dequant(x).logits.float(), ours(Batch(x)).float()
-    print(f"\nSmolLM2, ours vs transformers bf16 on dequantized weights: max |diff| = {(ref - got).abs().max():.4f}")
-    torch.testing.assert_close(got, ref, **tol("smollm2_vs_hf_dequant_logits", torch.bfloat16))
+    ref, got = hf_fp32(x).logits, ours_fp32(Batch(x))
+    print(f"\nSmolLM2, ours vs transformers fp32 on the same dequantized weights: max |diff| = {(ref - got).abs().max():.6f}")
+    torch.testing.assert_close(got, ref, **tol("smollm2_vs_hf_dequant_logits", torch.float32))
 
 
 # Five prompts of equal token length (5), so neither runtime pads and both run the same GEMM shapes.
@@ -100,18 +119,20 @@ GREEDY_PROMPTS = ["The capital of France is", "The three primary colors are", "T
 
 
 @torch.no_grad()
-def test_greedy_continuations_identical_for_32_tokens(ours, hf_dequant, hf_bnb, nf4_dir):
+def test_greedy_continuations_identical_for_32_tokens(ours, ours_fp32, hf_fp32, hf_bnb, nf4_dir):
     tok = Tokenizer(nf4_dir)
     ids = torch.tensor([tok.encode(p) for p in GREEDY_PROMPTS])
-    got = generate(ours, ids.tolist(), SamplingParams(max_tokens=32, ignore_eos=True))
+    sampling = SamplingParams(max_tokens=32, ignore_eos=True)
+    got = generate(ours_fp32, ids.tolist(), sampling)
     kw = dict(max_new_tokens=32, min_new_tokens=32, do_sample=False, pad_token_id=tok.pad_token_id)
-    ref = hf_dequant.generate(ids, **kw)[:, ids.shape[1]:].tolist()
+    ref = hf_fp32.generate(ids, **kw)[:, ids.shape[1]:].tolist()
     bnb = hf_bnb.generate(ids, **kw)[:, ids.shape[1]:].tolist()
-    agree = [next((i for i, (a, b) in enumerate(zip(g, r)) if a != b), 32) for g, r in zip(got, bnb)]
+    ours_bf16 = generate(ours, ids.tolist(), sampling)  # the default compute dtype, against bitsandbytes
+    agree = [next((i for i, (a, b) in enumerate(zip(g, r)) if a != b), 32) for g, r in zip(ours_bf16, bnb)]
     print(f"\ngreedy, leading tokens equal to transformers+bitsandbytes (of 32): {agree}")
     for p, g, r in zip(GREEDY_PROMPTS, got, ref):
         assert g == r, f"{p!r}: ours {tok.decode(g)!r} vs transformers {tok.decode(r)!r}"
-    assert "Paris" in tok.decode(got[0])
+    assert "Paris" in tok.decode(got[0]) and "Paris" in tok.decode(ours_bf16[0])
     assert min(agree) >= 8
 
 

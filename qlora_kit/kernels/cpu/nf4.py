@@ -3,8 +3,9 @@
     dequant:     W'_i = Q[code_i] * absmax_{i // B}              (FORMAT.md §2.3), bit-exact with the twin
     nf4_matmul:  Y = X W'^T (+ b),  dX = dY W'                    W' rounded to X's dtype, fp32 accumulation
 
-The matmul is computed in fp32 from W' rounded to the activation dtype (the twin's arithmetic): on CPUs
-without native 16-bit matrix units an fp32 GEMM is many times faster than a bf16 one. Inference and
+The matmul multiplies W' rounded to the activation dtype (the twin's arithmetic) with fp32 accumulation: in
+the CPU's own bf16/fp16 GEMM where it has one (AMX, AVX-512 BF16), else in fp32 over the same values, which on
+CPUs without 16-bit matrix units is many times faster than torch's emulated 16-bit GEMM. Inference and
 small batches run the fused kernel (nf4.c qk_gemm), which decodes a few rows of W' at a time into a scratch
 tile and never stores W'; training-sized batches decode W' once (fp32, rounded) and call the BLAS GEMM. Large calls are split over torch's intra-op thread count;
 the C calls release the GIL.
@@ -19,13 +20,15 @@ import torch.nn.functional as F
 from qlora_kit.formats import Packed4bit
 
 from ._build import library
+from .capability import native_16bit_matmul
 
 # activation dtype -> the C kernels' output kind (nf4.c: OUT_*)
 _KIND = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 _VIA = {torch.float32: 0, torch.bfloat16: 3, torch.float16: 4}  # fp32 output holding values of that dtype
 # Rows of X up to which a forward that autograd records runs the fused kernel; above, decode W' once and call the
 # BLAS GEMM (faster for training-sized batches). Without autograd (inference) the fused kernel runs at every
-# size, so a row's output never depends on the batch it shares (nf4.c qk_gemm: batch invariance).
+# size, so a row's output never depends on the batch it shares (nf4.c qk_gemm: batch invariance), except on
+# CPUs with native 16-bit GEMMs (AMX), whose GEMM wins above this size.
 FUSED_MAX_ROWS = 64
 _TILE_ROWS = 8  # nf4.c QK_NB: rows of W' decoded at a time
 _GRAIN = 1 << 18  # elements of work per thread below which one thread is faster
@@ -109,9 +112,10 @@ def _gemm(x2: torch.Tensor, packed: Packed4bit, w_dtype: torch.dtype) -> torch.T
     return y
 
 
-def _fused_ok(packed: Packed4bit, m: int, recorded: bool) -> bool:
+def _fused_ok(packed: Packed4bit, m: int, recorded: bool, dtype: torch.dtype) -> bool:
     fits = packed.state.shape[1] % 16 == 0 and packed.state.blocksize % 16 == 0
-    return fits and (m <= FUSED_MAX_ROWS or not recorded)
+    # a CPU with native 16-bit GEMMs (AMX) runs large batches faster there, even without autograd
+    return fits and (m <= FUSED_MAX_ROWS or not (recorded or native_16bit_matmul(dtype)))
 
 
 class NF4MatmulCPU(torch.autograd.Function):
@@ -126,7 +130,10 @@ class NF4MatmulCPU(torch.autograd.Function):
             y = _gemm(x2, packed, x.dtype)
             if bias is not None:
                 y += bias.float()
-        else:
+        elif native_16bit_matmul(x.dtype):  # the CPU's own bf16/fp16 GEMM (AMX, AVX-512 BF16)
+            w = dequant_cpu(packed, x.dtype)
+            y = F.linear(x.reshape(-1, x.shape[-1]), w, None if bias is None else bias.to(x.dtype))
+        else:  # no native 16-bit GEMM: fp32 over the same values is many times faster
             w = dequant_cpu(packed, x.dtype, fp32_via=True)
             y = F.linear(x2, w, None if bias is None else bias.float())
         ctx.packed, ctx.has_bias, ctx.dtype = packed, bias is not None, x.dtype
@@ -139,8 +146,10 @@ class NF4MatmulCPU(torch.autograd.Function):
         g = grad_y.reshape(-1, grad_y.shape[-1])
         grad_x = grad_b = None
         if ctx.needs_input_grad[0]:
-            w = w if w is not None else dequant_cpu(ctx.packed, grad_y.dtype, fp32_via=True)
-            grad_x = (g.float() @ w).to(grad_y.dtype).view(*grad_y.shape[:-1], w.shape[1])
+            if w is None:
+                native = native_16bit_matmul(grad_y.dtype)
+                w = dequant_cpu(ctx.packed, grad_y.dtype, fp32_via=not native)
+            grad_x = (g.to(w.dtype) @ w).to(grad_y.dtype).view(*grad_y.shape[:-1], w.shape[1])
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_b = g.float().sum(0).to(grad_y.dtype)
         return grad_x, None, grad_b, None, None
@@ -148,5 +157,5 @@ class NF4MatmulCPU(torch.autograd.Function):
 
 def nf4_matmul_cpu(x: torch.Tensor, packed: Packed4bit, bias: torch.Tensor | None, save_decoded: bool) -> torch.Tensor:
     # decided out here: inside Function.forward grad mode is always off
-    fused = not save_decoded and _fused_ok(packed, x.numel() // x.shape[-1], torch.is_grad_enabled())
+    fused = not save_decoded and _fused_ok(packed, x.numel() // x.shape[-1], torch.is_grad_enabled(), x.dtype)
     return NF4MatmulCPU.apply(x, packed, bias, save_decoded, fused)
