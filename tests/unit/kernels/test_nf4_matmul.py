@@ -9,7 +9,8 @@ from tests.tolerances import tol
 pytestmark = pytest.mark.unit
 DTYPES = [torch.bfloat16, torch.float16, torch.float32]
 # (M tokens, N out, K in, blocksize, double_quant)
-SHAPES = {"tiny": (2, 16, 64, 64, True), "irregular": (5, 37, 96, 64, False), "irregular_dq": (19, 70, 130, 128, True)}
+SHAPES = {"tiny": (2, 16, 64, 64, True), "irregular": (5, 37, 96, 64, False), "irregular_dq": (19, 70, 130, 128, True),
+          "fused_irregular": (17, 37, 192, 64, False), "fused_dq": (3, 70, 256, 128, True)}
 
 
 def _fwd_bwd(x, packed, bias, dy, backend):
