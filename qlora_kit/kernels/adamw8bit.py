@@ -7,6 +7,7 @@ Per block k of BLOCKSIZE elements, with D1 the signed and D2 the unsigned dynami
     a1_k = max_k |m|,  q1 = argmin_j |m / a1_k - D1_j|   (ties to the lower code; likewise v)
 """
 import math
+import weakref
 
 import torch
 
@@ -53,13 +54,14 @@ def _adamw8bit_kernel(
     m = tl.where(mask, m, 0.0)
     v = tl.where(mask, v, 0.0)
     denom = tl.sqrt_rn(v) * inv_bc2_sqrt + eps
-    p = p * decay - step_size * (m / denom)
+    # div_rn: IEEE round-to-nearest division, as torch divides in the twin (Triton's `/` on fp32 is div.full, ~2 ulp)
+    p = p * decay - step_size * tl.math.div_rn(m, denom)
     tl.store(p_ptr + off, p.to(p_ptr.dtype.element_ty), mask=mask)
     # requantize: new absmax, then a branch-free binary search over the 255 sorted midpoints
     am1 = tl.max(tl.abs(m), axis=0)
     am2 = tl.max(v, axis=0)
-    s1 = tl.where(am1 > 0, m / am1, 0.0)
-    s2 = tl.where(am2 > 0, v / am2, 0.0)
+    s1 = tl.where(am1 > 0, tl.math.div_rn(m, tl.where(am1 > 0, am1, 1.0)), 0.0)
+    s2 = tl.where(am2 > 0, tl.math.div_rn(v, tl.where(am2 > 0, am2, 1.0)), 0.0)
     c1 = tl.zeros((BLOCKSIZE,), dtype=tl.int32)
     c2 = tl.zeros((BLOCKSIZE,), dtype=tl.int32)
     for i in tl.static_range(8):
@@ -70,6 +72,23 @@ def _adamw8bit_kernel(
     tl.store(q2_ptr + off, c2.to(tl.uint8), mask=mask)
     tl.store(a1_ptr + blk, am1)
     tl.store(a2_ptr + blk, am2)
+
+
+_MIDPOINTS: "weakref.WeakKeyDictionary[torch.Tensor, tuple[int, torch.Tensor]]" = weakref.WeakKeyDictionary()
+
+
+def _midpoints(qmap: torch.Tensor) -> torch.Tensor:
+    """(256,) midpoints between consecutive map entries (last entry unused), built once per map tensor and version,
+    not 4 small kernels per parameter tensor per step."""
+    cached = _MIDPOINTS.get(qmap)
+    if cached is None or cached[0] != qmap._version:
+        cached = _MIDPOINTS[qmap] = (qmap._version, torch.cat([(qmap[:-1] + qmap[1:]) / 2, qmap[-1:]]))
+    return cached[1]
+
+
+def _config(blocksize: int) -> dict:
+    """One program per quantization block; 8 warps past 512 elements."""
+    return {"num_warps": 4 if blocksize <= 512 else 8}
 
 
 def adamw8bit(
@@ -119,10 +138,9 @@ def adamw8bit(
     tensors = (param, grad, state1, state2, absmax1, absmax2)
     if not all(t.is_contiguous() for t in tensors) or len({t.device for t in tensors + (qmap1, qmap2)}) != 1:
         raise ValueError("adamw8bit: param, grad, states and maps must be contiguous and on one device")
-    mid1 = torch.cat([(qmap1[:-1] + qmap1[1:]) / 2, qmap1[-1:]])
-    mid2 = torch.cat([(qmap2[:-1] + qmap2[1:]) / 2, qmap2[-1:]])
+    mid1, mid2 = _midpoints(qmap1), _midpoints(qmap2)
     _adamw8bit_kernel[(blocks,)](
         param, grad, state1, state2, absmax1, absmax2, qmap1, qmap2, mid1, mid2, n,
         beta1, beta2, eps, 1.0 - lr * weight_decay, lr / (1.0 - beta1**step), 1.0 / math.sqrt(1.0 - beta2**step),
-        BLOCKSIZE=blocksize, enable_fp_fusion=False, num_warps=4 if blocksize <= 512 else 8,
+        BLOCKSIZE=blocksize, enable_fp_fusion=False, **_config(blocksize),
     )
