@@ -74,16 +74,19 @@ def _adamw8bit_kernel(
     tl.store(a2_ptr + blk, am2)
 
 
-_MIDPOINTS: "weakref.WeakKeyDictionary[torch.Tensor, tuple[int, torch.Tensor]]" = weakref.WeakKeyDictionary()
+_MIDPOINTS: dict[int, tuple[weakref.ref, int, torch.Tensor]] = {}  # id(map) -> (the map, its version, midpoints)
 
 
 def _midpoints(qmap: torch.Tensor) -> torch.Tensor:
     """(256,) midpoints between consecutive map entries (last entry unused), built once per map tensor and version,
     not 4 small kernels per parameter tensor per step."""
-    cached = _MIDPOINTS.get(qmap)
-    if cached is None or cached[0] != qmap._version:
-        cached = _MIDPOINTS[qmap] = (qmap._version, torch.cat([(qmap[:-1] + qmap[1:]) / 2, qmap[-1:]]))
-    return cached[1]
+    cached = _MIDPOINTS.get(id(qmap))
+    if cached is None or cached[0]() is not qmap or cached[1] != qmap._version:
+        if len(_MIDPOINTS) > 64:  # maps are a few per optimizer; drop entries whose map is gone
+            for key in [k for k, v in _MIDPOINTS.items() if v[0]() is None]:
+                del _MIDPOINTS[key]
+        cached = _MIDPOINTS[id(qmap)] = (weakref.ref(qmap), qmap._version, torch.cat([(qmap[:-1] + qmap[1:]) / 2, qmap[-1:]]))
+    return cached[2]
 
 
 def _config(blocksize: int) -> dict:
