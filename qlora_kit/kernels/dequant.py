@@ -25,6 +25,7 @@ def _dequant_kernel(
     offset_ptr,  # fp32 0-d: c, added back to the decoded absmax (read only when NESTED; a pointer, so no host sync)
     out_ptr,  # bf16 / fp16 / fp32 [n], contiguous
     n,  # number of elements
+    nbytes,  # (n + 1) // 2, passed rather than computed so Triton sees its divisibility and vectorizes the masked load
     BLOCKSIZE: tl.constexpr,
     NESTED_BLOCKSIZE: tl.constexpr,
     NESTED: tl.constexpr,
@@ -36,7 +37,7 @@ def _dequant_kernel(
     # broadcast; bytes are read and elements written contiguously (128-bit accesses).
     pid = tl.program_id(0).to(tl.int64)
     byte = pid * BLOCK_BYTES + tl.arange(0, BLOCK_BYTES)
-    packed = tl.load(data_ptr + byte, mask=byte < (n + 1) // 2, other=0).to(tl.int32)
+    packed = tl.load(data_ptr + byte, mask=byte < nbytes, other=0).to(tl.int32)
     G: tl.constexpr = 2 * BLOCK_BYTES // BLOCKSIZE
     block = pid * G + tl.arange(0, G)
     bmask = block < (n + BLOCKSIZE - 1) // BLOCKSIZE
@@ -98,7 +99,7 @@ def dequant(packed: Packed4bit, dtype: torch.dtype | None = None, backend: str |
         data.reshape(-1).contiguous(), s.absmax.contiguous(), s.code,
         nest.absmax if nest else s.absmax, nest.code if nest else s.code,
         nest.offset if nest else s.code,
-        out, s.numel,
+        out, s.numel, data.numel(),
         BLOCKSIZE=s.blocksize, NESTED_BLOCKSIZE=nest.blocksize if nest else 1, NESTED=nest is not None,
         OUT_BF16=dtype == torch.bfloat16,
         enable_fp_fusion=False, **cfg,

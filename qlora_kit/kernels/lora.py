@@ -163,11 +163,12 @@ def _expand(u: torch.Tensor, ids: torch.Tensor, b: torch.Tensor, offsets: torch.
     return y
 
 
-def _config(cuda: bool) -> dict:
-    """_lora_kernel tiles: 64 x 64 x 32 on CUDA (fits sm_80's shared memory at 3 stages even with fp32 operands),
-    fewer, larger programs for the interpreter."""
+def _config(cuda: bool, fp32: bool = False) -> dict:
+    """_lora_kernel tiles: 64 x 64 x 32 on CUDA for 16-bit operands (tensor cores); an fp32 operand means an IEEE FMA
+    dot, whose operand tiles live in registers: 32 x 64 x 16 keeps it spill-free on sm_90 and sm_80
+    (tests/unit/kernels/test_compile_cuda.py). Fewer, larger programs for the interpreter."""
     if cuda:
-        return {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_R": 32, "num_warps": 4, "num_stages": 3}
+        return {"BLOCK_M": 32 if fp32 else 64, "BLOCK_N": 64, "BLOCK_R": 16 if fp32 else 32, "num_warps": 4, "num_stages": 3}
     return {"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_R": 64}
 
 
@@ -176,7 +177,7 @@ def _mm(a: torch.Tensor, b: torch.Tensor, scale: float, add: torch.Tensor | None
     m, r = a.shape
     n = b.shape[0]
     c = torch.empty(m, n, dtype=dtype or a.dtype, device=a.device)
-    cfg = _config(a.is_cuda)
+    cfg = _config(a.is_cuda, torch.float32 in (a.dtype, b.dtype))
     grid = (triton.cdiv(m, cfg["BLOCK_M"]), triton.cdiv(n, cfg["BLOCK_N"]))
     _lora_kernel[grid](a, b, add if add is not None else c, c, m, n, r, a.stride(0), a.stride(1), b.stride(0), b.stride(1),
                        float(scale), HAS_ADD=add is not None, FP32_DOT=not a.is_cuda, **cfg)
