@@ -127,15 +127,15 @@ def _fused(m: int, dtype: torch.dtype, k: int, blocksize: int) -> bool:
 def _config(m: int, target: Target | None) -> dict:
     """The fused kernel's tiles for `target` (None: the CPU interpreter).
 
-    One row of programs covers the batch (BLOCK_M >= M), so each weight tile is decoded once. BLOCK_O = 32 keeps
-    the SMs busy in the GEMV case (M = 1 at N = 4096 is 128 programs on 132 SMs; 448 at N = 14336). Pipeline
-    stages follow the device's shared memory (tests/unit/kernels/test_compile_cuda.py checks every config against
-    sm_90 and sm_80 for shared memory and spills).
+    One row of programs covers the batch (BLOCK_M >= M), so each weight tile is decoded once. Decode batches
+    (M <= 16, the GEMV case) take 16-wide output tiles so that even N = 4096 launches 256 programs and fills
+    H100's 132 SMs (64-wide tiles gave 64); batches of 17..64 take 32. Pipeline stages follow the device's shared
+    memory (tests/unit/kernels/test_compile_cuda.py checks every config against sm_90 and sm_80).
     """
-    block_m = 16 if m <= 16 else FUSED_MAX_M
+    block_m, block_o = (16, 16) if m <= 16 else (FUSED_MAX_M, 32)
     if target is None:
-        return {"BLOCK_M": block_m, "BLOCK_O": 32, "BLOCK_R": 64}
-    return {"BLOCK_M": block_m, "BLOCK_O": 32, "BLOCK_R": 128, "num_warps": 4,
+        return {"BLOCK_M": block_m, "BLOCK_O": block_o, "BLOCK_R": 64}
+    return {"BLOCK_M": block_m, "BLOCK_O": block_o, "BLOCK_R": 128, "num_warps": 4,
             "num_stages": 4 if target.shared_bytes >= 200_000 else 3}
 
 
