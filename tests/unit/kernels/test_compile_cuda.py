@@ -16,7 +16,7 @@ import pytest
 
 from tests.conftest import REPO
 
-pytestmark = pytest.mark.unit
+pytestmark = pytest.mark.integration  # ~80 s of CPU (160 compiles): over the unit tier's 60 s budget
 pytest.importorskip("triton")
 
 KERNELS = ("nf4_matmul", "dequant", "lora[", "lora_shrink", "lora_expand", "swiglu", "rope", "rmsnorm", "cross_entropy", "adamw8bit")
