@@ -35,6 +35,7 @@ def _decode_tile(
     k0,  # first column of the tile, a multiple of BK
     N,
     K,  # a multiple of BLOCKSIZE, so no quantization block straddles two rows
+    K_BYTES,  # K // 2, passed so Triton sees its divisibility by 16 and copies packed bytes 16 at a time
     BLOCKSIZE: tl.constexpr,
     NESTED_BLOCKSIZE: tl.constexpr,
     NESTED: tl.constexpr,
@@ -46,7 +47,7 @@ def _decode_tile(
     rb = k0 // 2 + tl.arange(0, BK // 2)
     rows = rn.to(tl.int64)
     nmask = rn < N
-    byte = tl.load(data_ptr + rows[:, None] * (K // 2) + rb[None, :], mask=nmask[:, None] & (rb < K // 2)[None, :],
+    byte = tl.load(data_ptr + rows[:, None] * K_BYTES + rb[None, :], mask=nmask[:, None] & (rb < K_BYTES)[None, :],
                    other=0).to(tl.int32)
     G: tl.constexpr = BK // BLOCKSIZE if BK >= BLOCKSIZE else 1
     kb = k0 // BLOCKSIZE + tl.arange(0, G)
@@ -80,6 +81,7 @@ def _nf4_matmul_kernel(
     R,
     N,  # out_features: rows of W'
     K,  # in_features: the row length of W'
+    K_BYTES,  # K // 2: bytes per row of W'
     BLOCKSIZE: tl.constexpr,
     NESTED_BLOCKSIZE: tl.constexpr,
     NESTED: tl.constexpr,
@@ -100,11 +102,11 @@ def _nf4_matmul_kernel(
         rr = r0 + tl.arange(0, BLOCK_R)
         a = tl.load(a_ptr + rm.to(tl.int64)[:, None] * R + rr[None, :], mask=(rm < M)[:, None] & (rr < R)[None, :], other=0.0)
         if BACKWARD:  # T[r, o] = W'[n=r, k=o]
-            w = _decode_tile(data_ptr, absmax_ptr, code_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, rr, o0, N, K,
+            w = _decode_tile(data_ptr, absmax_ptr, code_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, rr, o0, N, K, K_BYTES,
                              BLOCKSIZE, NESTED_BLOCKSIZE, NESTED, BLOCK_R, BLOCK_O)
         else:  # T[r, o] = W'[n=o, k=r]
             w = tl.trans(_decode_tile(data_ptr, absmax_ptr, code_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, ro, r0,
-                                      N, K, BLOCKSIZE, NESTED_BLOCKSIZE, NESTED, BLOCK_O, BLOCK_R))
+                                      N, K, K_BYTES, BLOCKSIZE, NESTED_BLOCKSIZE, NESTED, BLOCK_O, BLOCK_R))
         w = w.to(a.dtype)  # W' rounded to the activation dtype, as a 16-bit tensor-core dot sees it
         if FP32_DOT:
             # the CPU interpreter mis-multiplies bf16 tiles made by a cast, so it takes the same values in fp32
@@ -151,7 +153,7 @@ def _launch(a: torch.Tensor, packed: Packed4bit, bias: torch.Tensor | None, back
     _nf4_matmul_kernel[grid](
         a, packed.data.reshape(-1), s.absmax, s.code,
         nest.absmax if nest else s.absmax, nest.code if nest else s.code, nest.offset if nest else s.code,
-        c, m, o, r, n, k,
+        c, m, o, r, n, k, k // 2,
         BLOCKSIZE=s.blocksize, NESTED_BLOCKSIZE=nest.blocksize if nest else 1, NESTED=nest is not None,
         BACKWARD=backward, FP32_DOT=not a.is_cuda, enable_fp_fusion=False, **cfg,
     )

@@ -50,12 +50,12 @@ def _nf4_matmul(target: Target):
                         opts = {k: v for k, v in cfg.items() if not k.isupper()}
                         types = {"a_ptr": DT[dt], "data_ptr": "*u8", "absmax_ptr": "*u8" if nested else "*fp32",
                                  "code_ptr": "*fp32", "nested_absmax_ptr": "*fp32", "nested_code_ptr": "*fp32",
-                                 "offset_ptr": "*fp32", "c_ptr": DT[dt], "M": "i32", "O": "i32", "R": "i32", "N": "i32", "K": "i32"}
+                                 "offset_ptr": "*fp32", "c_ptr": DT[dt], "M": "i32", "O": "i32", "R": "i32", "N": "i32", "K": "i32", "K_BYTES": "i32"}
                         yield _case(f"nf4_matmul[{dt},{'nested' if nested else 'plain'},{'bwd' if backward else 'fwd'},"
                                     f"m{tiles['BLOCK_M']},o{tiles['BLOCK_O']}]", "nf4_matmul", "_nf4_matmul_kernel", types,
                                     dict(BLOCKSIZE=64, NESTED_BLOCKSIZE=256, NESTED=nested, BACKWARD=backward, FP32_DOT=False,
                                          **tiles), dict(opts, enable_fp_fusion=False), target, ("tensor_core",),
-                                    aligned=("O", "R", "N", "K"))
+                                    aligned=("O", "R", "N", "K", "K_BYTES"))
 
 
 def _dequant(target: Target):
