@@ -22,6 +22,7 @@ from qlora_kit.kernels._device import A100, H100, Target
 
 TARGETS = (H100, A100)
 DT = {"bf16": "*bf16", "fp16": "*fp16", "fp32": "*fp32"}
+TL = {"bf16": "bf16", "fp16": "fp16", "fp32": "fp32"}  # tl dtype names for dtype constexprs (see compile_case)
 # Shape buckets that pick configs: decode / small-batch M, Llama-8B widths (4096, 14336), head dims, vocab.
 NF4_M = (1, 16, 17, 64)
 
@@ -150,6 +151,12 @@ def _elementwise(target: Target):
                      "d1_ptr": "*fp32", "d2_ptr": "*fp32", "mid1_ptr": "*fp32", "mid2_ptr": "*fp32", "n": "i32", "beta1": "fp32",
                      "beta2": "fp32", "eps": "fp32", "decay": "fp32", "step_size": "fp32", "inv_bc2_sqrt": "fp32"},
                     {"BLOCKSIZE": 256}, dict(adam_config(256), enable_fp_fusion=False), target, ("exact_div",), aligned=("n",))
+        yield _case(f"adamw8bit_multi[{dt}]", "adamw8bit", "_adamw8bit_multi_kernel",
+                    {"addr_ptr": "*i64", "numel_ptr": "*i64", "owner_ptr": "*i32", "first_ptr": "*i32", "d1_ptr": "*fp32",
+                     "d2_ptr": "*fp32", "mid1_ptr": "*fp32", "mid2_ptr": "*fp32", "beta1": "fp32", "beta2": "fp32",
+                     "eps": "fp32", "decay": "fp32", "step_size": "fp32", "inv_bc2_sqrt": "fp32"},
+                    {"P_DTYPE": TL[dt], "G_DTYPE": TL[dt], "BLOCKSIZE": 256}, dict(adam_config(256), enable_fp_fusion=False),
+                    target, ("exact_div",))
 
 
 def cases() -> list[dict]:
@@ -178,7 +185,10 @@ def compile_case(case: dict) -> dict:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
+    import triton.language as tl
+
     fn = getattr(importlib.import_module(f"qlora_kit.kernels.{case['module']}"), case["fn"])
+    constexprs = {k: (tl.str_to_ty(v, None) if k.endswith("_DTYPE") else v) for k, v in case["constexprs"].items()}
     sig = {name: "constexpr" if name in case["constexprs"] else case["types"][name] for name in fn.arg_names}
     attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(fn.arg_names)
              if sig[name].startswith("*") or name in case["aligned"]}
@@ -187,7 +197,7 @@ def compile_case(case: dict) -> dict:
     log = io.StringIO()
     try:
         with contextlib.redirect_stdout(log):
-            ck = triton.compile(ASTSource(fn, sig, case["constexprs"], attrs), target=GPUTarget("cuda", case["cap"], 32),
+            ck = triton.compile(ASTSource(fn, sig, constexprs, attrs), target=GPUTarget("cuda", case["cap"], 32),
                                 options=case["options"])
     except Exception as e:  # noqa: BLE001 - a compiler failure is a result to report, whatever its class
         return {"error": f"{type(e).__name__}: {str(e)[:2000]}"}
