@@ -6,7 +6,9 @@
 and its per-row multi-adapter form (S-LoRA / Punica style): row m uses adapter i = ids[m] (-1: none),
 whose A_i, B_i are slices [o_i, o_{i+1}) of row-concatenated A and column-concatenated B, so
 adapters of different ranks are stored without padding. Single-adapter products all go through one
-strided kernel, C = add + s A B^T.
+strided kernel, C = add + s A B^T. The multi-adapter form is a shrink (u_m = x_m A_i^T, once per row) and an
+expand (y_m = base_m + s_i u_m B_i^T), Punica's BGMV split; the loop bound r_i is read on the device, so no
+host sync and CUDA graphs can capture it.
 """
 import torch
 
