@@ -29,6 +29,9 @@ def use_triton(t: torch.Tensor, backend: str | None = None) -> bool:
     if t.is_cuda:
         if not HAS_TRITON:
             raise BackendError("CUDA tensors run the Triton kernels, and Triton is not installed (pip install triton)")
+        from ._device import device_target
+
+        device_target(t)  # cached per device; a BackendError below sm_80, before any launch
         return True
     if backend == "triton":
         if not HAS_TRITON:

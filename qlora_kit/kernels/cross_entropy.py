@@ -52,6 +52,11 @@ def _cross_entropy_kernel(
             tl.store(z_row + col, d.to(z_ptr.dtype.element_ty), mask=col < V)
 
 
+def _config(vocab: int) -> dict:
+    """One row per program, swept in chunks of at most 4096 logits."""
+    return {"BLOCK_V": min(triton.next_power_of_2(vocab), 4096), "num_warps": 8}
+
+
 class _ChunkedCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, labels, ignore_index, chunk_size, reduction, need_h, need_w):
@@ -63,13 +68,13 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
         # fp32 accumulator only when the head itself is trained; QLoRA keeps it frozen
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=h.device) if need_w else None
         losses = torch.empty(h.shape[0], dtype=torch.float32, device=h.device)
-        block_v = min(triton.next_power_of_2(weight.shape[0]), 4096)
+        cfg = _config(weight.shape[0])
         for start in range(0, h.shape[0], chunk_size):
             hc = h[start:start + chunk_size]
             z = hc @ weight.t()  # (c, V) in the input dtype; the only chunk-sized buffer
             _cross_entropy_kernel[(hc.shape[0],)](
                 z, y[start:start + chunk_size], losses[start:start + chunk_size], weight.shape[0], ignore_index,
-                inv_denom, BLOCK_V=block_v, WRITE_GRAD=need_h or need_w, num_warps=8,
+                inv_denom, WRITE_GRAD=need_h or need_w, **cfg,
             )
             if need_h:
                 torch.mm(z, weight, out=grad_h[start:start + chunk_size])

@@ -24,32 +24,36 @@ def _dequant_kernel(
     code_ptr,  # fp32 [16]: the 4-bit codebook Q
     nested_absmax_ptr,  # fp32 [ceil(blocks / NESTED_BLOCKSIZE)]: s_m (read only when NESTED)
     nested_code_ptr,  # fp32 [256]: the dynamic map D (read only when NESTED)
-    offset,  # fp32: c, added back to the decoded absmax (used only when NESTED)
+    offset_ptr,  # fp32 0-d: c, added back to the decoded absmax (read only when NESTED; a pointer, so no host sync)
     out_ptr,  # bf16 / fp16 / fp32 [n], contiguous
     n,  # number of elements
+    nbytes,  # (n + 1) // 2, passed rather than computed so Triton sees its divisibility and vectorizes the masked load
     BLOCKSIZE: tl.constexpr,
     NESTED_BLOCKSIZE: tl.constexpr,
     NESTED: tl.constexpr,
     BLOCK_BYTES: tl.constexpr,
     OUT_BF16: tl.constexpr,
 ):
-    # Program p decodes bytes [p * BLOCK_BYTES, (p + 1) * BLOCK_BYTES), i.e. 2 * BLOCK_BYTES elements.
-    # BLOCKSIZE is even, so both elements of a byte share one absmax.
-    pid = tl.program_id(0)
+    # Program p decodes bytes [p * BLOCK_BYTES, (p + 1) * BLOCK_BYTES), i.e. elements [2 p BLOCK_BYTES, ...): whole
+    # quantization blocks (2 BLOCK_BYTES is a multiple of BLOCKSIZE), so each block's absmax is loaded once and
+    # broadcast; bytes are read and elements written contiguously (128-bit accesses).
+    pid = tl.program_id(0).to(tl.int64)
     byte = pid * BLOCK_BYTES + tl.arange(0, BLOCK_BYTES)
-    in_range = byte < (n + 1) // 2
-    packed = tl.load(data_ptr + byte, mask=in_range, other=0).to(tl.int32)
-    block = (2 * byte) // BLOCKSIZE
+    packed = tl.load(data_ptr + byte, mask=byte < nbytes, other=0).to(tl.int32)
+    G: tl.constexpr = 2 * BLOCK_BYTES // BLOCKSIZE
+    block = pid * G + tl.arange(0, G)
+    bmask = block < (n + BLOCKSIZE - 1) // BLOCKSIZE
     if NESTED:
-        q = tl.load(absmax_ptr + block, mask=in_range, other=0).to(tl.int32)
-        scale = tl.load(nested_absmax_ptr + block // NESTED_BLOCKSIZE, mask=in_range, other=0.0)
-        absmax = tl.load(nested_code_ptr + q) * scale + offset
+        q = tl.load(absmax_ptr + block, mask=bmask, other=0).to(tl.int32)
+        scale = tl.load(nested_absmax_ptr + block // NESTED_BLOCKSIZE, mask=bmask, other=0.0)
+        absmax = tl.load(nested_code_ptr + q) * scale + tl.load(offset_ptr)
     else:
-        absmax = tl.load(absmax_ptr + block, mask=in_range, other=0.0)
+        absmax = tl.load(absmax_ptr + block, mask=bmask, other=0.0)
+    absmax = tl.reshape(tl.broadcast_to(absmax[:, None], (G, BLOCKSIZE // 2)), (BLOCK_BYTES,))
     high = tl.load(code_ptr + (packed >> 4)) * absmax
     low = tl.load(code_ptr + (packed & 0xF)) * absmax
     values = tl.interleave(high, low)
-    index = tl.interleave(2 * byte, 2 * byte + 1)
+    index = pid * (2 * BLOCK_BYTES) + tl.arange(0, 2 * BLOCK_BYTES)
     if OUT_BF16:
         # fp32 -> bf16 rounding to nearest even, spelled out so the interpreter (which truncates) agrees
         bits = values.to(tl.uint32, bitcast=True)
@@ -58,9 +62,10 @@ def _dequant_kernel(
     tl.store(out_ptr + index, values.to(out_ptr.dtype.element_ty), mask=index < n)
 
 
-def _launch_config(nbytes: int) -> dict:
-    """Bytes per program and warps: large tiles for bandwidth on CUDA, one tile per 1 KiB otherwise."""
-    return {"BLOCK_BYTES": 2048, "num_warps": 8} if nbytes >= 1 << 20 else {"BLOCK_BYTES": 512, "num_warps": 4}
+def _config(blocksize: int) -> dict:
+    """One launch shape for every tensor: 2 KiB of codes per program (16 B per thread at 4 warps), at least one
+    whole quantization block (blocksize <= 4096 elements = 2 KiB)."""
+    return {"BLOCK_BYTES": max(2048, blocksize // 2), "num_warps": 4}
 
 
 def dequant(packed: Packed4bit, dtype: torch.dtype | None = None, backend: str | None = None) -> torch.Tensor:
@@ -90,13 +95,13 @@ def dequant(packed: Packed4bit, dtype: torch.dtype | None = None, backend: str |
         return dequant_ref(packed, dtype)
     out = torch.empty(s.shape, dtype=dtype, device=data.device)
     nest = s.nested
-    cfg = _launch_config(data.numel())
+    cfg = _config(s.blocksize)
     grid = (triton.cdiv(data.numel(), cfg["BLOCK_BYTES"]),)
     _dequant_kernel[grid](
         data.reshape(-1).contiguous(), s.absmax.contiguous(), s.code,
         nest.absmax if nest else s.absmax, nest.code if nest else s.code,
-        float(nest.offset) if nest else 0.0,
-        out, s.numel,
+        nest.offset if nest else s.code,
+        out, s.numel, data.numel(),
         BLOCKSIZE=s.blocksize, NESTED_BLOCKSIZE=nest.blocksize if nest else 1, NESTED=nest is not None,
         OUT_BF16=dtype == torch.bfloat16,
         enable_fp_fusion=False, **cfg,

@@ -6,7 +6,9 @@
 and its per-row multi-adapter form (S-LoRA / Punica style): row m uses adapter i = ids[m] (-1: none),
 whose A_i, B_i are slices [o_i, o_{i+1}) of row-concatenated A and column-concatenated B, so
 adapters of different ranks are stored without padding. Single-adapter products all go through one
-strided kernel, C = add + s A B^T.
+strided kernel, C = add + s A B^T. The multi-adapter form is a shrink (u_m = x_m A_i^T, once per row) and an
+expand (y_m = base_m + s_i u_m B_i^T), Punica's BGMV split; the loop bound r_i is read on the device, so no
+host sync and CUDA graphs can capture it.
 """
 import torch
 
@@ -43,11 +45,13 @@ def _lora_kernel(
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for r0 in range(0, R, BLOCK_R):
         rr = r0 + tl.arange(0, BLOCK_R)
-        a = tl.load(a_ptr + rm.to(tl.int64)[:, None] * stride_am + rr[None, :] * stride_ar,
+        # int64 products: R is the token count in dA/dB, and rr * stride passes 2**31 past ~150k tokens at N = 14336
+        a = tl.load(a_ptr + rm.to(tl.int64)[:, None] * stride_am + rr.to(tl.int64)[None, :] * stride_ar,
                     mask=(rm < M)[:, None] & (rr < R)[None, :], other=0.0)
-        b = tl.load(b_ptr + rn.to(tl.int64)[None, :] * stride_bn + rr[:, None] * stride_br,
+        b = tl.load(b_ptr + rn.to(tl.int64)[None, :] * stride_bn + rr.to(tl.int64)[:, None] * stride_br,
                     mask=(rn < N)[None, :] & (rr < R)[:, None], other=0.0)
-        if FP32_DOT:
+        if FP32_DOT or a.dtype == tl.float32 or b.dtype == tl.float32:
+            # an fp32 operand (fp32 model, or the fp32 gradient g in backward) is multiplied in IEEE fp32, not TF32
             acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
         else:
             acc = tl.dot(a, b.to(a.dtype), acc)
@@ -60,44 +64,114 @@ def _lora_kernel(
 
 
 @triton.jit
-def _lora_multi_kernel(
-    x_ptr,  # (M, K) contiguous activations
-    base_ptr,  # (M, N) contiguous base layer output
-    ids_ptr,  # (M,) int32/int64 adapter index per row, -1 = none
-    a_ptr,  # (sum r_i, K) contiguous: A_i stacked by rows
-    b_ptr,  # (N, sum r_i) contiguous: B_i stacked by columns
-    offsets_ptr,  # (num_adapters + 1,) int64: o_i, the first row of A_i / column of B_i
-    scales_ptr,  # (num_adapters,) fp32: s_i
-    y_ptr,  # (M, N) output
-    N,
+def _lora_shrink_kernel(
+    x_ptr,  # (M, K) contiguous rows
+    ids_ptr,  # (M,) int adapter index per row, -1 = none
+    a_ptr,  # (sum r_i, K) view with strides (stride_ar, stride_ak): A_i is rows [o_i, o_{i+1})
+    offsets_ptr,  # (num_adapters + 1,) int64: o_i
+    u_ptr,  # (M, R_TOTAL) fp32, zero-filled: row m gets x_m A_i^T in columns [o_i, o_{i+1}) of its adapter
     K,
     R_TOTAL,
-    BLOCK_N: tl.constexpr,
+    stride_ar,
+    stride_ak,
+    BLOCK_R: tl.constexpr,
     BLOCK_K: tl.constexpr,
+):
+    # Program m: the shrink u_m = x_m A_i^T (Punica BGMV), r_i rows of A_i in BLOCK_R chunks; the loop bound r_i is
+    # read on the device, so no host sync picks a rank.
+    m = tl.program_id(0).to(tl.int64)
+    aid = tl.load(ids_ptr + m).to(tl.int32)
+    safe = tl.where(aid >= 0, aid, 0)
+    start = tl.load(offsets_ptr + safe)
+    rank = tl.where(aid >= 0, tl.load(offsets_ptr + safe + 1) - start, 0)
+    for r0 in range(0, rank, BLOCK_R):
+        rr = r0 + tl.arange(0, BLOCK_R)
+        rmask = rr < rank
+        u = tl.zeros((BLOCK_R,), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            rk = k0 + tl.arange(0, BLOCK_K)
+            xk = tl.load(x_ptr + m * K + rk, mask=rk < K, other=0.0).to(tl.float32)
+            a = tl.load(a_ptr + (start + rr).to(tl.int64)[:, None] * stride_ar + rk.to(tl.int64)[None, :] * stride_ak,
+                        mask=rmask[:, None] & (rk < K)[None, :], other=0.0).to(tl.float32)
+            u += tl.sum(a * xk[None, :], axis=1)
+        tl.store(u_ptr + m * R_TOTAL + start + rr, u, mask=rmask)
+
+
+@triton.jit
+def _lora_expand_kernel(
+    u_ptr,  # (M, R_TOTAL) fp32 from the shrink
+    ids_ptr,  # (M,) int adapter index per row, -1 = none
+    b_ptr,  # (N, sum r_i) view with strides (stride_bn, stride_br): B_i is columns [o_i, o_{i+1})
+    offsets_ptr,  # (num_adapters + 1,) int64: o_i
+    scales_ptr,  # (num_adapters,) fp32: s_i
+    base_ptr,  # (M, N) contiguous, added when HAS_BASE
+    y_ptr,  # (M, N) contiguous output
+    N,
+    R_TOTAL,
+    stride_bn,
+    stride_br,
+    HAS_BASE: tl.constexpr,
+    SCALE: tl.constexpr,
+    BLOCK_N: tl.constexpr,
     BLOCK_R: tl.constexpr,
 ):
-    # Program (m, j) computes y[m, j BLOCK_N : (j + 1) BLOCK_N]; it recomputes row m's u = x_m A_i^T (r_i <= BLOCK_R).
+    # Program (m, j): the expand y[m, j BLOCK_N : (j + 1) BLOCK_N] = base + s_i u_m B_i^T over r_i in BLOCK_R chunks.
     m = tl.program_id(0).to(tl.int64)
     rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    nmask = rn < N
     aid = tl.load(ids_ptr + m).to(tl.int32)
-    has = aid >= 0
-    safe = tl.where(has, aid, 0)
+    safe = tl.where(aid >= 0, aid, 0)
     start = tl.load(offsets_ptr + safe)
-    rank = tl.where(has, tl.load(offsets_ptr + safe + 1) - start, 0)
-    scale = tl.load(scales_ptr + safe)
-    rr = tl.arange(0, BLOCK_R)
-    u = tl.zeros((BLOCK_R,), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        rk = k0 + tl.arange(0, BLOCK_K)
-        xk = tl.load(x_ptr + m * K + rk, mask=rk < K, other=0.0).to(tl.float32)
-        a = tl.load(a_ptr + (start + rr).to(tl.int64)[:, None] * K + rk[None, :],
-                    mask=(rr < rank)[:, None] & (rk < K)[None, :], other=0.0).to(tl.float32)
-        u += tl.sum(a * xk[None, :], axis=1)
-    b = tl.load(b_ptr + rn.to(tl.int64)[None, :] * R_TOTAL + (start + rr)[:, None],
-                mask=(rr < rank)[:, None] & (rn < N)[None, :], other=0.0).to(tl.float32)
-    delta = tl.sum(u[:, None] * b, axis=0) * scale
-    base = tl.load(base_ptr + m * N + rn, mask=rn < N, other=0.0).to(tl.float32)
-    tl.store(y_ptr + m * N + rn, (base + delta).to(y_ptr.dtype.element_ty), mask=rn < N)
+    rank = tl.where(aid >= 0, tl.load(offsets_ptr + safe + 1) - start, 0)
+    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for r0 in range(0, rank, BLOCK_R):
+        rr = r0 + tl.arange(0, BLOCK_R)
+        rmask = rr < rank
+        u = tl.load(u_ptr + m * R_TOTAL + start + rr, mask=rmask, other=0.0)
+        b = tl.load(b_ptr + rn.to(tl.int64)[:, None] * stride_bn + (start + rr).to(tl.int64)[None, :] * stride_br,
+                    mask=nmask[:, None] & rmask[None, :], other=0.0).to(tl.float32)
+        acc += tl.sum(b * u[None, :], axis=1)
+    if SCALE:
+        acc = acc * tl.load(scales_ptr + safe)
+    if HAS_BASE:
+        acc += tl.load(base_ptr + m * N + rn, mask=nmask, other=0.0).to(tl.float32)
+    tl.store(y_ptr + m * N + rn, acc.to(y_ptr.dtype.element_ty), mask=nmask)
+
+
+def _multi_config() -> dict:
+    """Shrink/expand tiles (the same on every device: per-row GEMVs, no shared-memory staging)."""
+    return {"BLOCK_R": 16, "BLOCK_K": 128, "BLOCK_N": 128, "num_warps": 4}
+
+
+def _shrink(x: torch.Tensor, ids: torch.Tensor, a: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """(M, R_TOTAL) fp32: row m holds x_m A_i^T in its adapter's columns, zeros elsewhere. `a` may be strided."""
+    m, k = x.shape
+    u = torch.zeros(m, a.shape[0], dtype=torch.float32, device=x.device)
+    cfg = _multi_config()
+    _lora_shrink_kernel[(m,)](x, ids, a, offsets, u, k, a.shape[0], a.stride(0), a.stride(1), BLOCK_R=cfg["BLOCK_R"],
+                              BLOCK_K=cfg["BLOCK_K"], num_warps=cfg["num_warps"])
+    return u
+
+
+def _expand(u: torch.Tensor, ids: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor, scales: torch.Tensor,
+            base: torch.Tensor | None, dtype: torch.dtype, scale: bool) -> torch.Tensor:
+    """(M, N) = base + s_i u_m B_i^T per row (s_i only when `scale`). `b` (N, R_TOTAL) may be strided."""
+    m, n = u.shape[0], b.shape[0]
+    y = torch.empty(m, n, dtype=dtype, device=u.device)
+    cfg = _multi_config()
+    _lora_expand_kernel[(m, triton.cdiv(n, cfg["BLOCK_N"]))](
+        u, ids, b, offsets, scales, base if base is not None else y, y, n, u.shape[1], b.stride(0), b.stride(1),
+        HAS_BASE=base is not None, SCALE=scale, BLOCK_N=cfg["BLOCK_N"], BLOCK_R=cfg["BLOCK_R"], num_warps=cfg["num_warps"])
+    return y
+
+
+def _config(cuda: bool, fp32: bool = False) -> dict:
+    """_lora_kernel tiles: 64 x 64 x 32 on CUDA for 16-bit operands (tensor cores); an fp32 operand means an IEEE FMA
+    dot, whose operand tiles live in registers: 32 x 64 x 16 keeps it spill-free on sm_90 and sm_80
+    (tests/unit/kernels/test_compile_cuda.py). Fewer, larger programs for the interpreter."""
+    if cuda:
+        return {"BLOCK_M": 32 if fp32 else 64, "BLOCK_N": 64, "BLOCK_R": 16 if fp32 else 32, "num_warps": 4, "num_stages": 3}
+    return {"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_R": 64}
 
 
 def _mm(a: torch.Tensor, b: torch.Tensor, scale: float, add: torch.Tensor | None = None, dtype=None) -> torch.Tensor:
@@ -105,7 +179,7 @@ def _mm(a: torch.Tensor, b: torch.Tensor, scale: float, add: torch.Tensor | None
     m, r = a.shape
     n = b.shape[0]
     c = torch.empty(m, n, dtype=dtype or a.dtype, device=a.device)
-    cfg = {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_R": 32} if a.is_cuda else {"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_R": 64}
+    cfg = _config(a.is_cuda, torch.float32 in (a.dtype, b.dtype))
     grid = (triton.cdiv(m, cfg["BLOCK_M"]), triton.cdiv(n, cfg["BLOCK_N"]))
     _lora_kernel[grid](a, b, add if add is not None else c, c, m, n, r, a.stride(0), a.stride(1), b.stride(0), b.stride(1),
                        float(scale), HAS_ADD=add is not None, FP32_DOT=not a.is_cuda, **cfg)
@@ -134,44 +208,31 @@ class _Lora(torch.autograd.Function):
 
 
 class _LoraMulti(torch.autograd.Function):
+    """Forward: shrink then expand. Backward, with U the shrink output and S = diag(s_ids):
+    G = S shrink(dy, B^T) (zero outside each row's adapter columns), dx = expand(G, A^T),
+    dA = G^T x, dB = dy^T S U: two dense GEMMs whose zero blocks keep adapters apart; no host sync anywhere."""
+
     @staticmethod
     def forward(ctx, base_out, x, ids, lora_a, lora_b, offsets, scales):
         x2 = x.reshape(-1, x.shape[-1]).contiguous()
         base2 = base_out.reshape(-1, base_out.shape[-1]).contiguous()
-        m, k = x2.shape
-        n = base2.shape[1]
-        ranks = offsets[1:] - offsets[:-1]
-        block_r = triton.next_power_of_2(max(int(ranks.max()) if ranks.numel() else 1, 1))
-        y = torch.empty_like(base2)
-        grid = (m, triton.cdiv(n, 128))
-        _lora_multi_kernel[grid](x2, base2, ids.reshape(-1).contiguous(), lora_a, lora_b, offsets, scales, y,
-                                 n, k, lora_a.shape[0], BLOCK_N=128, BLOCK_K=64, BLOCK_R=block_r)
-        ctx.save_for_backward(x2, ids, lora_a, lora_b, offsets, scales)
+        ids = ids.reshape(-1).contiguous()
+        u = _shrink(x2, ids, lora_a, offsets)
+        y = _expand(u, ids, lora_b, offsets, scales, base2, base2.dtype, scale=True)
+        ctx.save_for_backward(x2, ids, lora_a, lora_b, offsets, scales, u)
         ctx.x_shape = x.shape
         return y.view(base_out.shape)
 
     @staticmethod
     def backward(ctx, dy):
-        # Grouped by adapter: each adapter's rows form one dense LoRA backward (see the module docstring).
-        x2, ids, lora_a, lora_b, offsets, scales = ctx.saved_tensors
-        dy2 = dy.reshape(-1, dy.shape[-1]).float()
-        ids = ids.reshape(-1)
-        dx = torch.zeros(x2.shape, dtype=torch.float32, device=x2.device)
-        da = torch.zeros(lora_a.shape, dtype=torch.float32, device=x2.device)
-        db = torch.zeros(lora_b.shape, dtype=torch.float32, device=x2.device)
-        bounds = offsets.tolist()
-        for i in range(len(bounds) - 1):
-            o0, o1 = bounds[i], bounds[i + 1]
-            sel = (ids == i).nonzero().squeeze(1)
-            if sel.numel() == 0 or o1 == o0:
-                continue
-            a, b, s = lora_a[o0:o1].float(), lora_b[:, o0:o1].float(), scales[i].float()
-            xs, gs = x2[sel].float(), dy2[sel]
-            g = s * (gs @ b)
-            da[o0:o1] = g.t() @ xs
-            db[:, o0:o1] = s * (gs.t() @ (xs @ a.t()))
-            dx[sel] = g @ a
-        return (dy, dx.to(x2.dtype).view(ctx.x_shape), None, da.to(lora_a.dtype), db.to(lora_b.dtype), None, None)
+        x2, ids, lora_a, lora_b, offsets, scales, u = ctx.saved_tensors
+        dy2 = dy.reshape(-1, dy.shape[-1]).contiguous()
+        s_row = torch.where(ids >= 0, scales[ids.clamp(min=0).long()], 0.0)[:, None]  # (M, 1), gathered on the device
+        g = _shrink(dy2, ids, lora_b.t(), offsets) * s_row  # (M, R_TOTAL) = s dy B_i in row m's adapter columns
+        dx = _expand(g, ids, lora_a.t(), offsets, scales, None, x2.dtype, scale=False) if ctx.needs_input_grad[1] else None
+        da = (g.t() @ x2.float()).to(lora_a.dtype) if ctx.needs_input_grad[3] else None
+        db = (dy2.t().float() @ (u * s_row)).to(lora_b.dtype) if ctx.needs_input_grad[4] else None
+        return dy, dx.view(ctx.x_shape) if dx is not None else None, None, da, db, None, None
 
 
 def lora(base_out: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float,
@@ -219,13 +280,30 @@ def lora_multi(base_out: torch.Tensor, x: torch.Tensor, adapter_ids: torch.Tenso
     if not use_triton(x, backend):
         return lora_multi_ref(base_out, x, adapter_ids, lora_a, lora_b, offsets, scales)
     _check(base_out, x, lora_a, lora_b)
-    n_adapters = scales.numel()
-    if offsets.shape != (n_adapters + 1,) or int(offsets[-1]) != lora_a.shape[0]:
-        raise ValueError(f"lora_multi: offsets {offsets.tolist()} do not cut {lora_a.shape[0]} rank rows into {n_adapters} adapters")
-    if adapter_ids.shape != x.shape[:-1] or bool(((adapter_ids < -1) | (adapter_ids >= n_adapters)).any()):
-        raise ValueError(f"lora_multi: adapter_ids {tuple(adapter_ids.shape)} must match x's rows and lie in [-1, {n_adapters})")
+    _check_multi(x, adapter_ids, lora_a, offsets, scales)
     return _LoraMulti.apply(base_out, x, adapter_ids, lora_a.contiguous(), lora_b.contiguous(),
                             offsets.to(torch.int64).contiguous(), scales.float().contiguous())
+
+
+def _check_multi(x, adapter_ids, lora_a, offsets, scales) -> None:
+    """Shapes always; values only where they are already on the host. On CUDA, reading offsets[-1] or the id range
+    would be a device-to-host sync per layer (and illegal during CUDA-graph capture), so those two checks become
+    device-side asserts (torch._assert_async): a bad value aborts at the next sync instead of raising ValueError."""
+    n_adapters = scales.numel()
+    if offsets.shape != (n_adapters + 1,):
+        raise ValueError(f"lora_multi: offsets {tuple(offsets.shape)} must have num_adapters + 1 = {n_adapters + 1} entries")
+    if adapter_ids.shape != x.shape[:-1]:
+        raise ValueError(f"lora_multi: adapter_ids {tuple(adapter_ids.shape)} must match x's rows {tuple(x.shape[:-1])}")
+    ids_ok = ((adapter_ids >= -1) & (adapter_ids < n_adapters)).all()
+    cut_ok = offsets[-1] == lora_a.shape[0]
+    if offsets.is_cuda:
+        torch._assert_async(cut_ok, f"lora_multi: offsets do not cut {lora_a.shape[0]} rank rows")
+    elif not bool(cut_ok):
+        raise ValueError(f"lora_multi: offsets {offsets.tolist()} do not cut {lora_a.shape[0]} rank rows into {n_adapters} adapters")
+    if adapter_ids.is_cuda:
+        torch._assert_async(ids_ok, f"lora_multi: adapter_ids must lie in [-1, {n_adapters})")
+    elif not bool(ids_ok):
+        raise ValueError(f"lora_multi: adapter_ids {tuple(adapter_ids.shape)} must match x's rows and lie in [-1, {n_adapters})")
 
 
 def _check(base_out, x, lora_a, lora_b) -> None:

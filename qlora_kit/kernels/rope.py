@@ -53,16 +53,21 @@ def _rope_kernel(
     tl.store(y_ptr + x_off + HALF, y2.to(y_ptr.dtype.element_ty), mask=mask)
 
 
+def _config(d: int) -> dict:
+    """Rows per program so a program holds ~2048 half-row elements (6 such tiles live at once: more spills on sm_80);
+    one half-row spans HALF contiguous elements."""
+    block_h = triton.next_power_of_2(d // 2)
+    return {"BLOCK_R": max(1, min(64, 2048 // block_h)), "BLOCK_H": block_h, "num_warps": 4}
+
+
 def _launch(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backward: bool) -> torch.Tensor:
     b, h, s, d = x.shape
     y = torch.empty_like(x)
     rows = b * h * s
-    block_h = triton.next_power_of_2(d // 2)
-    block_r = max(1, min(64, 4096 // block_h))
+    cfg = _config(d)
     batch_stride = s * d if cos.shape[0] > 1 else 0
-    grid = (triton.cdiv(rows, block_r),)
-    _rope_kernel[grid](x, cos, sin, y, rows, h, s, batch_stride, HALF=d // 2, BLOCK_R=block_r, BLOCK_H=block_h,
-                       BACKWARD=backward, num_warps=4)
+    grid = (triton.cdiv(rows, cfg["BLOCK_R"]),)
+    _rope_kernel[grid](x, cos, sin, y, rows, h, s, batch_stride, HALF=d // 2, BACKWARD=backward, **cfg)
     return y
 
 

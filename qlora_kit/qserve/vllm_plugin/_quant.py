@@ -20,7 +20,7 @@ from vllm.model_executor.layers.quantization.base_config import QuantizationConf
 from vllm.model_executor.utils import set_weight_attrs
 
 from qlora_kit.formats import Packed4bit
-from qlora_kit.kernels import dequant, nf4_matmul
+from qlora_kit.kernels import MIN_CAPABILITY, dequant, nf4_matmul
 
 from . import NAME
 from .errors import CheckpointMismatch
@@ -55,7 +55,7 @@ class QloraNF4Config(QuantizationConfig):
 
     @classmethod
     def get_min_capability(cls) -> int:
-        return 70  # the Triton kernels need tensor cores for bf16/fp16 dots
+        return MIN_CAPABILITY  # bf16 tensor-core dots and cp.async pipelining need sm_80 (kernels/_device.py)
 
     @staticmethod
     def get_config_filenames() -> list[str]:

@@ -5,7 +5,8 @@ Update (Loshchilov & Hutter 2019, as torch.optim.AdamW):
     p = p - lr / (1 - b1^t) * m / (sqrt(v) / sqrt(1 - b2^t) + eps)
 8-bit states (Dettmers et al. 2022): m and v are stored as uint8 codes into the signed / unsigned dynamic
 maps with one fp32 absmax per block of 256, dequantized, updated and requantized every step
-(kernels.adamw8bit). Tensors smaller than `min_8bit_size` keep 32-bit states, as bitsandbytes does.
+(kernels.adamw8bit; the resident states of a param group take one kernels.adamw8bit_multi launch per step).
+Tensors smaller than `min_8bit_size` keep 32-bit states, as bitsandbytes does.
 Paged: states of parameters that do not fit `gpu_memory_budget` (bytes of optimizer state on the device)
 live in pinned host memory and are streamed through the device in pages (trainer/optim/paging.py).
 """
@@ -13,7 +14,7 @@ import math
 
 import torch
 
-from qlora_kit.kernels import adamw8bit
+from qlora_kit.kernels import adamw8bit, adamw8bit_multi
 
 from .paging import PageStreamer
 from .qmaps import signed_dynamic_map, unsigned_dynamic_map
@@ -127,6 +128,7 @@ class AdamW(torch.optim.Optimizer):
                 loss = closure()
         for group in self.param_groups:
             lr, (beta1, beta2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
+            batch: dict = {}  # (step, device) -> resident 8-bit tensors (param, grad, codes, absmax) for adamw8bit_multi
             for p in group["params"]:
                 if p.grad is None:
                     continue
@@ -155,8 +157,14 @@ class AdamW(torch.optim.Optimizer):
                 host = {k: state[k] for k in keys}
                 if state["paged"]:
                     self._streamer.run(p.numel(), host, divisors, p.device, update)
+                elif eight:  # resident 8-bit states: batched into one kernel launch per step count below
+                    batch.setdefault((t, p.device), []).append((flat_p, flat_g, *(host[k] for k in _KEYS8)))
                 else:
                     update(0, p.numel(), host)
+            for (t, device), members in batch.items():
+                q1, q2 = self._maps(device)
+                adamw8bit_multi(*map(list, zip(*members)), q1, q2, t, lr, beta1, beta2, eps, wd, self.blocksize,
+                                backend=self.backend)
         return loss
 
     # ---- checkpoints -------------------------------------------------------------------------------

@@ -91,3 +91,14 @@ def test_without_triton_installed_the_cpu_path_runs_and_triton_is_a_clear_error(
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert run.returncode == 0, run.stderr
     assert run.stdout.strip() == "backend='triton' needs Triton, which is not installed (pip install triton)"
+
+
+@pytest.mark.unit
+def test_no_host_sync():
+    # the nested offset is read by the kernel through a pointer, not by float(offset) on the host
+    from tests.unit.kernels.host_sync import no_host_reads
+
+    packed = quantize_4bit(torch.randn(8, 256), "nf4", 64, True)
+    with no_host_reads():
+        out = dequant(packed, torch.bfloat16, backend="triton")
+    torch.testing.assert_close(out, dequant_ref(packed, torch.bfloat16), **tol("dequant", torch.bfloat16))

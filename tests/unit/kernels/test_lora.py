@@ -83,3 +83,26 @@ def test_lora_multi_rejects_bad_adapter_id():
     a, b, offsets, scales = _adapters(16, 16, [4], torch.float32)
     with pytest.raises(ValueError, match=r"lie in \[-1, 1\)"):
         lora_multi(torch.randn(2, 16), torch.randn(2, 16), torch.tensor([0, 1]), a, b, offsets, scales, backend="triton")
+
+
+def test_lora_multi_kernels_have_no_host_sync():
+    # the shrink/expand forward and the backward read ranks and ids on the device (no int(ranks.max()), no
+    # offsets.tolist(), no nonzero); the wrapper's value checks read only host tensors (test below)
+    from qlora_kit.kernels.lora import _LoraMulti
+    from tests.unit.kernels.host_sync import no_host_reads
+
+    a, b, offsets, scales = _adapters(45, 37, [4, 8, 3], torch.float32)
+    ids = torch.tensor([0, -1, 2, 1, 0, 2])
+    base, x = torch.randn(6, 37), torch.randn(6, 45).requires_grad_()
+    a.requires_grad_(), b.requires_grad_()
+    with no_host_reads():
+        y = _LoraMulti.apply(base, x, ids, a, b, offsets, scales)
+        y.backward(torch.ones_like(y))
+    want = lora_multi(base, x.detach(), ids, a.detach(), b.detach(), offsets, scales, backend="torch")
+    _close("y", y, want, torch.float32)
+
+
+def test_lora_multi_rejects_bad_offsets():
+    a, b, offsets, scales = _adapters(16, 16, [4, 2], torch.float32)
+    with pytest.raises(ValueError, match="do not cut 6 rank rows"):
+        lora_multi(torch.randn(2, 16), torch.randn(2, 16), torch.tensor([0, 1]), a, b, offsets + 1, scales, backend="triton")

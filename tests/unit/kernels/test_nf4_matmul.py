@@ -9,7 +9,8 @@ from tests.tolerances import tol
 pytestmark = pytest.mark.unit
 DTYPES = [torch.bfloat16, torch.float16, torch.float32]
 # (M tokens, N out, K in, blocksize, double_quant)
-SHAPES = {"tiny": (2, 16, 64, 64, True), "irregular": (5, 37, 96, 64, False), "irregular_dq": (19, 70, 130, 128, True)}
+SHAPES = {"tiny": (2, 16, 64, 64, True), "irregular": (5, 37, 96, 64, False), "irregular_dq": (19, 70, 130, 128, True),
+          "fused_irregular": (17, 37, 192, 64, False), "fused_dq": (3, 70, 256, 128, True)}
 
 
 def _fwd_bwd(x, packed, bias, dy, backend):
@@ -58,3 +59,46 @@ def test_rejects_wrong_in_features():
     packed = quantize_4bit(torch.randn(16, 64))
     with pytest.raises(ValueError, match="does not fit the 2-d weight"):
         nf4_matmul(torch.randn(2, 32), packed, backend="triton")
+
+
+@pytest.mark.parametrize("m", [1, 16, 17])
+def test_no_host_sync_forward_backward(m):
+    # the nested offset c reaches the kernel as a pointer: no float(offset) per call (a sync per layer on CUDA,
+    # illegal in CUDA-graph capture); the dense route (fp32) decodes through dequant, which has none either
+    from tests.unit.kernels.host_sync import no_host_reads
+
+    packed = quantize_4bit(torch.randn(48, 128), "nf4", 64, True)
+    for dtype in (torch.bfloat16, torch.float32):
+        x = torch.randn(m, 128).to(dtype).requires_grad_()
+        with no_host_reads():
+            y = nf4_matmul(x, packed, backend="triton")
+            y.backward(torch.ones_like(y))
+        assert x.grad.shape == x.shape
+
+
+def test_decode_tiles_fill_the_sms():
+    # M = 1 at N = 4096 (a Llama-8B projection): at least one program per SM on H100 and A100
+    from qlora_kit.kernels._device import A100, H100
+    from qlora_kit.kernels.nf4_matmul import _config
+
+    for target in (H100, A100):
+        for m in (1, 16):
+            cfg = _config(m, target)
+            assert -(-4096 // cfg["BLOCK_O"]) >= target.sms, (target, m, cfg)
+
+
+@pytest.mark.parametrize("m,dtype,k,fused", [(16, torch.bfloat16, 128, True), (64, torch.float16, 256, True),
+                                             (65, torch.bfloat16, 128, False), (1, torch.float32, 128, False),
+                                             (1, torch.bfloat16, 96, False)])
+def test_route(m, dtype, k, fused):
+    # fp32 (wants IEEE) and large batches (compute-bound) go to dequant + torch.matmul (cuBLAS on CUDA)
+    from qlora_kit.kernels.nf4_matmul import _fused
+
+    assert _fused(m, dtype, k, 64) is fused
+
+
+def test_large_batch_route_matches_twin():
+    packed = quantize_4bit(torch.randn(40, 128), "nf4", 64, True)
+    x = torch.randn(65, 128).to(torch.bfloat16)
+    torch.testing.assert_close(nf4_matmul(x, packed, backend="triton").float(), nf4_matmul(x, packed, backend="torch").float(),
+                               **tol("nf4_matmul", torch.bfloat16))
