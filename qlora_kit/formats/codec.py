@@ -127,14 +127,37 @@ def quantize_blockwise_8bit(x: torch.Tensor, blocksize: int = spec.NESTED_BLOCKS
     return torch.bucketize(scaled, bounds).to(torch.uint8), absmax
 
 
+CHUNK_ELEMS = 1 << 16  # whole blocks per pass: ~10 bytes of temporaries each, an fp32 chunk stays in L2
+
+
+def _codes(scaled: torch.Tensor, bounds: list[float], order: torch.Tensor | None) -> torch.Tensor:
+    """The level index of each scaled value: torch.bucketize(scaled, bounds) (ties to the lower level), computed
+    as the count of bounds strictly below it (15 comparisons on a cache-sized chunk, ~2x faster on CPU), mapped
+    back through the sort order for an unsorted codebook (FP4)."""
+    codes = (scaled > bounds[0]).to(torch.uint8)
+    for b in bounds[1:]:
+        codes += scaled > b
+    return codes if order is None else order[codes.long()]
+
+
+def _non_finite(flat: torch.Tensor, name: str) -> NonFiniteWeight:
+    bad = (~torch.isfinite(flat)).sum().item()
+    return NonFiniteWeight(f"{name}: {bad} NaN/Inf value(s) in the weight; fix the checkpoint before quantizing")
+
+
 def quantize_4bit(
     weight: torch.Tensor,
     quant_type: str = "nf4",
     blocksize: int = spec.DEFAULT_BLOCKSIZE,
     double_quant: bool = True,
     name: str = "tensor",
+    chunk_elems: int = CHUNK_ELEMS,
 ) -> Packed4bit:
     """Quantize `weight` blockwise to 4-bit codes (see the module docstring for the math).
+
+    Whole blocks are coded a chunk at a time (blocks are independent, so the bytes equal a whole-tensor
+    pass), which bounds the temporaries whatever the tensor's size; the final partial block follows the
+    tail rules; double quantization runs once over all the absmax (it needs their mean).
 
     Args:
         weight: (...) fp32, fp16 or bf16 tensor on any device.
@@ -142,6 +165,7 @@ def quantize_4bit(
         blocksize: a power of two from 64 to 4096.
         double_quant: quantize absmax again to 8 bits in blocks of 256.
         name: tensor name used in error messages.
+        chunk_elems: elements per pass, rounded down to whole blocks (at least one).
 
     Returns:
         Packed4bit with data ((n + 1) // 2, 1) uint8.
@@ -155,17 +179,34 @@ def quantize_4bit(
     check_quant_type(quant_type, name)
     if weight.numel() == 0:
         raise ShapeMismatch(f"{name}: empty tensor of shape {tuple(weight.shape)} cannot be quantized")
-    flat = weight.reshape(-1).float()
-    if not torch.isfinite(flat).all():
-        bad = (~torch.isfinite(flat)).sum().item()
-        raise NonFiniteWeight(f"{name}: {bad} NaN/Inf value(s) in the weight; fix the checkpoint before quantizing")
-
-    absmax, scaled = _blockwise_scale(flat, blocksize, clamp_tail=True)
+    flat = weight.reshape(-1)
+    n = flat.numel()
     code = spec.code_table(quant_type, weight.device)
-    bounds, order = _sorted_levels(code)
-    if scaled.numel() % 2:
-        scaled = torch.nn.functional.pad(scaled, (0, 1))
-    codes = order[torch.bucketize(scaled, bounds)].to(torch.uint8)
+    midpoints, order = _sorted_levels(code)
+    bounds = midpoints.tolist()  # fp32 values; each comparison converts them back exactly
+    order = None if torch.equal(order, torch.arange(16, device=order.device)) else order.to(torch.uint8)
+    step = max(chunk_elems // blocksize, 1) * blocksize
+    full = n - n % blocksize
+    codes, absmaxes = [], []
+    for start in range(0, full, step):
+        body = flat[start:min(start + step, full)].float().view(-1, blocksize)
+        absmax = body.abs().amax(dim=1)
+        if not torch.isfinite(absmax).all():
+            raise _non_finite(flat, name)
+        scaled = torch.clamp(body * (1.0 / absmax.clamp(min=_TINY)).unsqueeze(1), -1, 1).reshape(-1)
+        codes.append(_codes(scaled, bounds, order))
+        absmaxes.append(absmax)
+    if full < n:
+        tail = flat[full:].float()
+        if not torch.isfinite(tail).all():
+            raise _non_finite(flat, name)
+        divisor = tail.abs().max().clamp(min=_TINY)  # the stored tail absmax is clamped too (bitsandbytes)
+        scaled = torch.clamp(tail / divisor, -1, 1)
+        if scaled.numel() % 2:  # an odd count pads the last byte with the code of 0
+            scaled = torch.nn.functional.pad(scaled, (0, 1))
+        codes.append(_codes(scaled, bounds, order))
+        absmaxes.append(divisor.reshape(1))
+    codes, absmax = torch.cat(codes), torch.cat(absmaxes)
     data = ((codes[0::2] << 4) | codes[1::2]).unsqueeze(1)
 
     nested = None

@@ -13,7 +13,7 @@ _EXPORTS = {
     "inspect_checkpoint": "inspection", "Inspection": "inspection",
     "check_integrity": "verify", "compare": "verify", "VerifyResult": "verify", "Checkpoint": "checkpoint",
     "SourceWeights": "source", "resolve": "source", "plan": "publish", "upload": "publish",
-    "quantize_chunked": "quantize", "ConvertError": "errors",
+    "ConvertError": "errors",
     "SourceNotFound": "errors", "UnsupportedArchitecture": "errors", "UnsupportedSourceDtype": "errors",
     "InvalidOption": "errors", "VerifyFailed": "errors", "PublishError": "errors",
 }

@@ -13,12 +13,11 @@ from pathlib import Path
 
 import torch
 
-from qlora_kit.formats import atomic_dir, quantization_config, should_quantize, to_entries, write_json
+from qlora_kit.formats import atomic_dir, quantization_config, quantize_4bit, should_quantize, to_entries, write_json
 
 from .errors import InvalidOption
 from .options import ConvertConfig
 from .progress import byte_progress
-from .quantize import quantize_chunked
 from .shards import INDEX, ShardWriter
 from .source import SourceWeights, read_config, resolve
 
@@ -62,7 +61,7 @@ def convert_tensor(name: str, tensor: torch.Tensor, cfg: ConvertConfig) -> dict[
     tensor = tensor.to(cfg.dtype)
     if not should_quantize(name, tensor) or cfg.skips(name):
         return {name: tensor}
-    packed = quantize_chunked(tensor.to(cfg.device), cfg.quant_type, cfg.blocksize, cfg.double_quant, name)
+    packed = quantize_4bit(tensor.to(cfg.device), cfg.quant_type, cfg.blocksize, cfg.double_quant, name)
     return to_entries(name, packed.to("cpu"))
 
 

@@ -105,7 +105,7 @@ def test_disk_full_mid_way(tiny_src, tmp_path, monkeypatch):
 
 
 def test_ctrl_c_mid_way(tiny_src, tmp_path, monkeypatch):
-    real, calls = convert_module.quantize_chunked, []
+    real, calls = convert_module.quantize_4bit, []
 
     def interrupted(*args, **kwargs):
         calls.append(args[-1])
@@ -113,7 +113,7 @@ def test_ctrl_c_mid_way(tiny_src, tmp_path, monkeypatch):
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(convert_module, "quantize_chunked", interrupted)
+    monkeypatch.setattr(convert_module, "quantize_4bit", interrupted)
     _assert_failed(_run("convert", tiny_src, tmp_path / "out"), tmp_path / "out", 130, "interrupted")
     assert len(calls) == 5
 
