@@ -12,7 +12,7 @@ import torch
 
 from ._dispatch import use_triton
 from ._triton import tl, triton
-from .ref.lora import lora_multi_ref, lora_ref
+from .cpu.lora import lora_cpu, lora_multi_cpu
 
 _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
@@ -183,17 +183,18 @@ def lora(base_out: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_b: 
         x: (..., K) the layer input, same leading shape and dtype as base_out.
         lora_a: (r, K). lora_b: (N, r). Same dtype as x.
         scale: alpha / r.
-        backend: None/"auto", "torch" or "triton" (kernels/_dispatch.py).
+        backend: None/"auto", "torch" or "triton" (kernels/_dispatch.py). "torch" runs kernels/cpu/lora.py (the
+            twin, kernels/ref/lora.py, is its test oracle).
 
     Returns:
         (..., N) in base_out.dtype.
 
     Raises:
-        ValueError on mismatched shapes, dtypes or devices.
+        ValueError on mismatched shapes, dtypes or devices (checked before dispatch: every backend raises alike).
     """
-    if not use_triton(x, backend):
-        return lora_ref(base_out, x, lora_a, lora_b, scale)
     _check(base_out, x, lora_a, lora_b)
+    if not use_triton(x, backend):
+        return lora_cpu(base_out, x, lora_a, lora_b, scale)
     return _Lora.apply(base_out, x, lora_a, lora_b, scale)
 
 
@@ -208,22 +209,25 @@ def lora_multi(base_out: torch.Tensor, x: torch.Tensor, adapter_ids: torch.Tenso
             Concatenating trainable A_i / B_i keeps them differentiable.
         offsets: (num_adapters + 1,) int64 cumulative ranks [0, r_0, r_0 + r_1, ...].
         scales: (num_adapters,) fp32 alpha_i / r_i.
-        backend: None/"auto", "torch" or "triton" (kernels/_dispatch.py).
+        backend: None/"auto", "torch" or "triton" (kernels/_dispatch.py). "torch" runs kernels/cpu/lora.py, grouped
+            bmm by distinct rank (the twin, kernels/ref/lora.py, is its test oracle).
 
     Returns:
         (..., N) in base_out.dtype.
 
     Raises:
-        ValueError on mismatched shapes, dtypes or devices.
+        ValueError on mismatched shapes, dtypes or devices (checked before dispatch: every backend raises alike).
     """
-    if not use_triton(x, backend):
-        return lora_multi_ref(base_out, x, adapter_ids, lora_a, lora_b, offsets, scales)
     _check(base_out, x, lora_a, lora_b)
     n_adapters = scales.numel()
-    if offsets.shape != (n_adapters + 1,) or int(offsets[-1]) != lora_a.shape[0]:
+    if (offsets.shape != (n_adapters + 1,) or offsets.dtype.is_floating_point or int(offsets[0]) != 0
+            or int(offsets[-1]) != lora_a.shape[0] or bool((offsets[1:] < offsets[:-1]).any())):
         raise ValueError(f"lora_multi: offsets {offsets.tolist()} do not cut {lora_a.shape[0]} rank rows into {n_adapters} adapters")
-    if adapter_ids.shape != x.shape[:-1] or bool(((adapter_ids < -1) | (adapter_ids >= n_adapters)).any()):
+    if (adapter_ids.shape != x.shape[:-1] or adapter_ids.dtype.is_floating_point
+            or bool(((adapter_ids < -1) | (adapter_ids >= n_adapters)).any())):
         raise ValueError(f"lora_multi: adapter_ids {tuple(adapter_ids.shape)} must match x's rows and lie in [-1, {n_adapters})")
+    if not use_triton(x, backend):
+        return lora_multi_cpu(base_out, x, adapter_ids, lora_a, lora_b, offsets, scales)
     return _LoraMulti.apply(base_out, x, adapter_ids, lora_a.contiguous(), lora_b.contiguous(),
                             offsets.to(torch.int64).contiguous(), scales.float().contiguous())
 
