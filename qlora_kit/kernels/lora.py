@@ -181,7 +181,9 @@ def lora(base_out: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_b: 
     Args:
         base_out: (..., N) the frozen base layer's output (e.g. from nf4_matmul).
         x: (..., K) the layer input, same leading shape and dtype as base_out.
-        lora_a: (r, K). lora_b: (N, r). Same dtype as x.
+        lora_a: (r, K). lora_b: (N, r). One dtype (e.g. fp32 masters under bf16 activations): Triton casts them to
+            x's dtype in registers; the CPU path computes in their dtype (fp32 GEMMs beat bf16 ones on CPUs without
+            AVX-512 BF16) and adds the product in base_out's dtype.
         scale: alpha / r.
         backend: None/"auto", "torch" or "triton" (kernels/_dispatch.py). "torch" runs kernels/cpu/lora.py (the
             twin, kernels/ref/lora.py, is its test oracle).
@@ -206,7 +208,7 @@ def lora_multi(base_out: torch.Tensor, x: torch.Tensor, adapter_ids: torch.Tenso
         base_out: (..., N). x: (..., K), same leading shape.
         adapter_ids: (...) integer adapter index per row, -1 for none.
         lora_a: (sum r_i, K) = torch.cat([A_0, A_1, ...]); lora_b: (N, sum r_i) = torch.cat([B_0, B_1, ...], dim=1).
-            Concatenating trainable A_i / B_i keeps them differentiable.
+            Concatenating trainable A_i / B_i keeps them differentiable. One dtype, as in lora().
         offsets: (num_adapters + 1,) int64 cumulative ranks [0, r_0, r_0 + r_1, ...].
         scales: (num_adapters,) fp32 alpha_i / r_i.
         backend: None/"auto", "torch" or "triton" (kernels/_dispatch.py). "torch" runs kernels/cpu/lora.py, grouped
@@ -233,8 +235,10 @@ def lora_multi(base_out: torch.Tensor, x: torch.Tensor, adapter_ids: torch.Tenso
 
 
 def _check(base_out, x, lora_a, lora_b) -> None:
-    if x.dtype not in _DTYPES or lora_a.dtype != x.dtype or lora_b.dtype != x.dtype or base_out.dtype not in _DTYPES:
-        raise ValueError(f"lora: x {x.dtype}, A {lora_a.dtype}, B {lora_b.dtype} must share one of bf16, fp16, fp32")
+    if (x.dtype not in _DTYPES or lora_a.dtype not in _DTYPES or lora_b.dtype != lora_a.dtype
+            or base_out.dtype not in _DTYPES):
+        raise ValueError(f"lora: x {x.dtype}, A {lora_a.dtype}, B {lora_b.dtype}, base_out {base_out.dtype}: each must be "
+                         "bf16, fp16 or fp32, and A and B must share one")
     if (lora_a.shape[1] != x.shape[-1] or lora_b.shape[0] != base_out.shape[-1] or lora_b.shape[1] != lora_a.shape[0]
             or base_out.shape[:-1] != x.shape[:-1]):
         raise ValueError(f"lora: base_out {tuple(base_out.shape)}, x {tuple(x.shape)}, A {tuple(lora_a.shape)}, "

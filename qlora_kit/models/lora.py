@@ -10,14 +10,13 @@ and B_a (out, r_a) starts at zero, so a fresh adapter leaves the base model's ou
 A batch selects the adapter per row: `adapter_ids` (B,) long, -1 = base model only; rows of other
 ids get their own adapter, so one forward serves rows of different customers.
 
-The adapter branch runs in the compute dtype (x's dtype; torch's CPU GEMMs accumulate in fp32) with the
-scale applied to the rank-r intermediate: y = base(x) + (s (x A^T)) B^T. A and B stay fp32 Parameters
-(the masters the optimizer updates); they are cast to x's dtype per forward (a no-op for fp32 compute).
+The adapter branch is kernels.lora / lora_multi with the scale applied to the rank-r intermediate:
+y = base(x) + (s (x A^T)) B^T. A and B stay Parameters in their own dtype (fp32 masters by default) and go to
+the kernels as they are: Triton (CUDA) computes in x's dtype, the CPU path in theirs (see kernels/cpu/lora.py).
 - All rows on one adapter: kernels.lora.
 - Rows of several adapters: one kernels.lora_multi call for all rows, whatever the number of adapters.
   The layer keeps its adapters packed, ordered by (rank, id): A (sum r_i, in), B (out, sum r_i), offsets,
-  scales and an id -> packed index table. Without grad (serving) the packed copy in the compute dtype is
-  reused until an adapter is added, removed or written in place (tracked by the Parameters' versions);
+  scales and an id -> packed index table. Without grad (serving) the packed copy is reused until an adapter is added, removed or written in place (tracked by the Parameters' versions);
   with grad (train-many) it is a differentiable concatenation of the Parameters, made each forward since
   every optimizer step changes them.
 """
@@ -46,7 +45,7 @@ class _Packing:
     scales: torch.Tensor
     dropouts: torch.Tensor
     table: torch.Tensor
-    cache: tuple | None = None  # (key, A, B) packed in a compute dtype, reused without grad while key holds
+    cache: tuple | None = None  # (key, A, B) packed, reused without grad while key holds
 
 
 class _Rows:
@@ -146,16 +145,16 @@ class LoraLinear(nn.Module):
                                      torch.tensor([self.dropouts[i] for i in ids], device=dev), table.to(dev))
         return self._packing
 
-    def _packed_weights(self, packing: _Packing, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """A (sum r_i, in) and B (out, sum r_i) in `dtype`, in packed order."""
+    def _packed_weights(self, packing: _Packing) -> tuple[torch.Tensor, torch.Tensor]:
+        """A (sum r_i, in) and B (out, sum r_i) in packed order."""
         a = [self.lora_a[str(i)] for i in packing.ids]
         b = [self.lora_b[str(i)] for i in packing.ids]
         if torch.is_grad_enabled() and any(p.requires_grad for p in a + b):
-            return torch.cat(a).to(dtype), torch.cat(b, dim=1).to(dtype)
-        key = (dtype, a[0].device, sum(p._version for p in a + b))
+            return torch.cat(a), _cat_columns(b)
+        key = (a[0].device, sum(p._version for p in a + b))
         if packing.cache is None or packing.cache[0] != key:
             with torch.no_grad():
-                packing.cache = (key, torch.cat(a).to(dtype), torch.cat(b, dim=1).to(dtype))
+                packing.cache = (key, torch.cat(a), _cat_columns(b))
         return packing.cache[1], packing.cache[2]
 
     def _dropout(self, x: torch.Tensor, packing: _Packing, local: torch.Tensor) -> torch.Tensor:
@@ -179,17 +178,25 @@ class LoraLinear(nn.Module):
                 return y
             a, b = self.lora_a[str(i)], self.lora_b[str(i)]
             xd = F.dropout(x, self.dropouts[i], self.training)
-            return kernels.lora(y, xd, a.to(x.dtype), b.to(x.dtype), self.scales[i])
+            return kernels.lora(y, xd, a, b, self.scales[i])
         packing = self._packed()
         local = rows.packed_index(packing)  # (B,) packed index per row, -1 = none
         lead = x.shape[:-1]
         ids = local.view(local.shape + (1,) * (len(lead) - local.dim())).expand(lead)
-        a, b = self._packed_weights(packing, x.dtype)
+        a, b = self._packed_weights(packing)
         return kernels.lora_multi(y, self._dropout(x, packing, local), ids, a, b, packing.offsets, packing.scales)
 
     def extra_repr(self) -> str:
         ranks = {i: self.lora_a[str(i)].shape[0] for i in self.adapter_ids}
         return f"in_features={self.in_features}, out_features={self.out_features}, adapters(rank)={ranks}"
+
+
+def _cat_columns(b: list[torch.Tensor]) -> torch.Tensor:
+    """B (out, sum r_i). On CPU it is the transpose of a contiguous (sum r_i, out), so kernels/cpu/lora.py takes an
+    adapter's B as contiguous rows; CUDA's kernel reads the contiguous (out, sum r_i)."""
+    if b[0].is_cuda:
+        return torch.cat(b, dim=1)
+    return torch.cat([t.t() for t in b]).t()
 
 
 def _device_of(module: nn.Module) -> torch.device:

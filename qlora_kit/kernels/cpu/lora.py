@@ -1,9 +1,9 @@
-"""The CPU path of kernels.lora / kernels.lora_multi: the same math as kernels/ref/lora.py, in the input's dtype
-(torch's CPU GEMMs accumulate bf16/fp16 products in fp32) and made of differentiable torch ops, so autograd
-gives dbase, dx, dA and dB.
+"""The CPU path of kernels.lora / kernels.lora_multi: the same math as kernels/ref/lora.py, computed in the adapter
+weights' dtype w (x is cast to w; with fp32 masters this is PEFT's order, and on CPUs without AVX-512 BF16 an fp32
+GEMM is several times faster than a bf16 one), made of differentiable torch ops so autograd gives dbase, dx, dA, dB.
 
-lora:        u = s (x A^T)   (M, r), the scale on the rank-r intermediate, not on the (M, N) output
-             y = base + u B^T                                      (one addmm when base shares x's dtype)
+lora:        u = s (x A^T)   (M, r) in w, the scale on the rank-r intermediate, not on the (M, N) output
+             y = base + u B^T                  (one addmm when base is in w; else the product is cast, then added)
 
 lora_multi:  y_m = base_m + s_i (x_m A_i^T) B_i^T,  i = ids[m]  (Hu et al. 2021, eq. 3, per row; -1: y_m = base_m)
     One computation for all rows, grouped by distinct rank (a few groups), never by adapter: within the group
@@ -16,14 +16,18 @@ lora_multi:  y_m = base_m + s_i (x_m A_i^T) B_i^T,  i = ids[m]  (Hu et al. 2021,
     and D's real rows are added to base. A_g and B_g are views (no copy) when the group's adapters are
     contiguous in the packing and all present (LoraLinear packs by rank); otherwise the present ones are
     gathered once each. FLOPs: 2 P c r (K + N) per group; weight traffic: each present adapter read once.
+    The grouping depends only on the ids and offsets, so it is made once per forward and reused by every layer
+    (they receive views of one ids tensor).
 """
+from dataclasses import dataclass
+
 import torch
 
 
 def lora_cpu(base_out: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
              scale: float) -> torch.Tensor:
-    """base_out + scale (x A^T) B^T in x's dtype, the scale applied to the (M, r) intermediate."""
-    x2 = x.reshape(-1, x.shape[-1])
+    """base_out + scale (x A^T) B^T in A's dtype, the scale applied to the (M, r) intermediate."""
+    x2 = x.reshape(-1, x.shape[-1]).to(lora_a.dtype)
     base2 = base_out.reshape(-1, base_out.shape[-1])
     u = (x2 @ lora_a.t()) * scale
     if base2.dtype == u.dtype:
@@ -33,19 +37,66 @@ def lora_cpu(base_out: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora
     return y.view(base_out.shape)
 
 
-def _group_weights(lora_a, lora_b, first: int, starts: torch.Tensor, rank: int, contiguous: bool):
-    """A_g (P, r, K) and B_g^T (P, r, N) for the P adapters of rank `rank` whose first packed row/column is
-    `starts` (P,); `contiguous`: they are the packed rows/columns [first, first + P r), taken as views."""
-    k, n = lora_a.shape[1], lora_b.shape[0]
-    p = starts.numel()
-    if contiguous:  # views: A rows [first, first + P r), B columns likewise
-        a_g = lora_a[first:first + p * rank].view(p, rank, k)
-        b_g = lora_b[:, first:first + p * rank].view(n, p, rank).permute(1, 2, 0)
-        return a_g, b_g
-    cols = (starts.unsqueeze(1) + torch.arange(rank)).reshape(-1)
-    a_g = lora_a.index_select(0, cols).view(p, rank, k)
-    b_g = lora_b.index_select(1, cols).view(n, p, rank).permute(1, 2, 0)
-    return a_g, b_g
+@dataclass
+class _Group:
+    """The rows of one rank's adapters: `rows` (sorted by adapter), each one's place `slot` in the zero-padded
+    (P, c) block, the P `present` adapters and their first packed row `starts`; `first` >= 0 when they are all
+    of that rank's adapters, contiguous in the packing (their weights are then views)."""
+
+    rank: int
+    rows: torch.Tensor
+    slot: torch.Tensor
+    present: torch.Tensor
+    starts: torch.Tensor
+    c: int
+    first: int
+
+
+_LAST_PLAN: tuple = (None, -1, None, None, None)  # (ids tensor, held so its address is never reused; version; bounds;
+                                                 # shape; groups), replaced whole so threads never see half of one
+
+
+def _plan(adapter_ids: torch.Tensor, bounds: list[int]) -> list[_Group]:
+    """The grouping of rows by rank; every layer of one forward passes views of the same ids, so it is made once."""
+    global _LAST_PLAN
+    held = adapter_ids if adapter_ids._base is None else adapter_ids._base
+    version = -1 if held.is_inference() else held._version  # inference tensors have no version counter
+    last = _LAST_PLAN
+    if last[0] is held and last[1] == version and last[2] == bounds and last[3] == adapter_ids.shape:
+        return last[4]
+    ids = adapter_ids.reshape(-1).to(torch.int64)
+    ranks = [bounds[i + 1] - bounds[i] for i in range(len(bounds) - 1)]
+    rank_of = torch.tensor([0] + ranks, dtype=torch.int64)[ids + 1]  # 0 for -1 and for empty adapters
+    groups = []
+    for rank in sorted(set(r for r in ranks if r > 0)):
+        rows = (rank_of == rank).nonzero().squeeze(1)
+        if rows.numel() == 0:
+            continue
+        rid, order = torch.sort(ids[rows], stable=True)
+        rows = rows[order]
+        present, counts = torch.unique_consecutive(rid, return_counts=True)
+        p, c = present.numel(), int(counts.max())
+        begin = torch.cumsum(counts, 0) - counts
+        group = torch.repeat_interleave(torch.arange(p), counts)
+        slot = group * c + (torch.arange(rows.numel()) - begin[group])
+        members = [i for i, r in enumerate(ranks) if r == rank]
+        whole = p == len(members) and members == list(range(members[0], members[0] + p))
+        starts = torch.tensor(bounds[:-1], dtype=torch.int64)[present]
+        groups.append(_Group(rank, rows, slot, present, starts, c, bounds[members[0]] if whole else -1))
+    _LAST_PLAN = (held, version, bounds, adapter_ids.shape, groups)
+    return groups
+
+
+def _group_weights(lora_a: torch.Tensor, lora_b: torch.Tensor, g: _Group) -> tuple[torch.Tensor, torch.Tensor]:
+    """A_g (P, r, K) and B_g^T (P, r, N) of group g: views when g.first >= 0, else the present adapters gathered.
+    B^T rows are B's columns: cheap to gather when lora_b is the transpose of a contiguous (sum r_i, N) tensor."""
+    k = lora_a.shape[1]
+    p, r = g.present.numel(), g.rank
+    bt = lora_b.t()  # (sum r_i, N)
+    if g.first >= 0:
+        return lora_a[g.first:g.first + p * r].view(p, r, k), bt[g.first:g.first + p * r].unflatten(0, (p, r))
+    cols = (g.starts.unsqueeze(1) + torch.arange(r)).reshape(-1)
+    return lora_a.index_select(0, cols).view(p, r, k), bt.index_select(0, cols).view(p, r, -1)
 
 
 def lora_multi_cpu(base_out: torch.Tensor, x: torch.Tensor, adapter_ids: torch.Tensor, lora_a: torch.Tensor,
@@ -54,32 +105,17 @@ def lora_multi_cpu(base_out: torch.Tensor, x: torch.Tensor, adapter_ids: torch.T
     k, n = x.shape[-1], base_out.shape[-1]
     x2 = x.reshape(-1, k)
     base2 = base_out.reshape(-1, n)
-    ids = adapter_ids.reshape(-1).to(torch.int64)
-    bounds = offsets.tolist()
-    ranks = [bounds[i + 1] - bounds[i] for i in range(len(bounds) - 1)]
-    rank_of = torch.tensor([0] + ranks, dtype=torch.int64)[ids + 1]  # 0 for -1 and for empty adapters
     y = base2
-    for rank in sorted(set(r for r in ranks if r > 0)):
-        rows = (rank_of == rank).nonzero().squeeze(1)
-        if rows.numel() == 0:
-            continue
-        rid = ids[rows]
-        rid, order = torch.sort(rid, stable=True)
-        rows = rows[order]
-        present, counts = torch.unique_consecutive(rid, return_counts=True)
-        p, c = present.numel(), int(counts.max())
-        starts = torch.cumsum(counts, 0) - counts
-        group = torch.repeat_interleave(torch.arange(p), counts)
-        slot = group * c + (torch.arange(rows.numel()) - starts[group])  # row's place in the (P, c) block
-        first = torch.tensor(bounds[:-1], dtype=torch.int64)[present]
-        members = [i for i, r in enumerate(ranks) if r == rank]
-        whole = p == len(members) and members == list(range(members[0], members[0] + p)) \
-            and bounds[members[-1] + 1] - bounds[members[0]] == p * rank
-        a_g, bt_g = _group_weights(lora_a, lora_b, bounds[members[0]] if whole else 0, first, rank, whole)
-        xs = x2.index_select(0, rows)
-        xp = xs.new_zeros(p * c, k).index_copy(0, slot, xs).view(p, c, k)
-        u = torch.bmm(xp, a_g.transpose(1, 2))
-        u = (u * scales.index_select(0, present).view(p, 1, 1)).to(u.dtype)
-        d = torch.bmm(u, bt_g).view(p * c, n).index_select(0, slot)
-        y = y.index_add(0, rows, d.to(y.dtype))
+    for g in _plan(adapter_ids, offsets.tolist()):
+        a_g, bt_g = _group_weights(lora_a, lora_b, g)
+        p = g.present.numel()
+        xs = x2.index_select(0, g.rows).to(lora_a.dtype)
+        if g.c > 1:  # rows of one adapter side by side, zero rows pad each adapter to c
+            xs = xs.new_zeros(p * g.c, k).index_copy(0, g.slot, xs)
+        u = torch.bmm(xs.view(p, g.c, k), a_g.transpose(1, 2))
+        u = (u * scales.index_select(0, g.present).view(p, 1, 1)).to(u.dtype)
+        d = torch.bmm(u, bt_g).view(p * g.c, n)
+        if g.c > 1:
+            d = d.index_select(0, g.slot)
+        y = y.index_add(0, g.rows, d.to(y.dtype))
     return y.view(base_out.shape) if y is not base2 else base_out.clone()

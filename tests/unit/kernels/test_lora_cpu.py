@@ -37,6 +37,24 @@ def test_lora_cpu_matches_twin(shape, dtype):
         _close(name, g, w, dtype)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_fp32_adapters_under_low_precision_activations(dtype):
+    # the model's case: fp32 A/B masters, bf16/fp16 x and base; the CPU path computes in fp32 like the twin
+    m, k, n, r = SHAPES["irregular"]
+    base, x, dy = torch.randn(m, n).to(dtype), torch.randn(m, k).to(dtype), torch.randn(m, n).to(dtype)
+    a, b = torch.randn(r, k) / k**0.5, torch.randn(n, r) / r**0.5
+    got = _grads(lambda *t: lora(*t, 0.5, backend="torch"), (base, x, a, b), dy)
+    want = _grads(lambda *t: lora_ref(*t, 0.5), (base, x, a, b), dy)
+    for name, g, w in zip(("y", "dbase", "dx", "dA", "dB"), got, want):
+        assert g.dtype == w.dtype
+        _close(name, g, w, dtype)
+    offsets, scales = torch.tensor([0, 2, r]), torch.tensor([1.0, 0.5])
+    ids = torch.tensor([1, 0, -1, 1, 1, 0, 0])
+    y = lora_multi(base, x, ids, a, b, offsets, scales, backend="torch")
+    assert y.dtype == dtype
+    _close("multi", y, lora_multi_ref(base, x, ids, a, b, offsets, scales), dtype)
+
+
 def _adapters(k, n, ranks, dtype):
     a = torch.cat([torch.randn(r, k) / k**0.5 for r in ranks]).to(dtype)
     b = torch.cat([torch.randn(n, r) / r**0.5 for r in ranks], dim=1).to(dtype)
@@ -81,7 +99,24 @@ def test_bad_inputs_raise_the_same_error_on_every_backend(backend):
         lora_multi(base, x, torch.tensor([0, 1]), a, b, offsets, scales, backend=backend)
     with pytest.raises(ValueError, match="do not cut 4 rank rows"):
         lora_multi(base, x, torch.tensor([0, 0]), a, b, torch.tensor([0, 3]), scales, backend=backend)
-    with pytest.raises(ValueError, match="must share one of"):
+    with pytest.raises(ValueError, match="A and B must share one"):
         lora(base, x, a.double(), b, 1.0, backend=backend)
     with pytest.raises(ValueError, match="do not fit"):
         lora(base, x, a, b[:8], 1.0, backend=backend)
+
+
+def test_transposed_b_layout_and_reused_ids_follow_the_twin():
+    # LoraLinear hands B as the transpose of a contiguous (sum r_i, N); the row grouping is reused while the
+    # same ids tensor comes back unchanged, and redone after an in-place write or with other offsets
+    a, b, offsets, scales = _adapters(45, 37, [4, 8, 4, 8], torch.float32)
+    bt = b.t().contiguous().t()
+    base, x = torch.randn(2, 6, 37), torch.randn(2, 6, 45)
+    ids = torch.tensor([[0, 1, 2, 3, -1, 1], [2, 2, 2, 0, 3, 3]])
+    for _ in range(2):
+        got = lora_multi(base, x, ids, a, bt, offsets, scales, backend="torch")
+        torch.testing.assert_close(got, lora_multi_ref(base, x, ids, a, b, offsets, scales), **tol("lora"))
+        ids[0, 4] = 1
+    few = torch.tensor([0, 4, 12])
+    got = lora_multi(base, x, ids.clamp(max=1), a[:12], bt[:, :12], few, scales[:2], backend="torch")
+    torch.testing.assert_close(got, lora_multi_ref(base, x, ids.clamp(max=1), a[:12], b[:, :12], few, scales[:2]),
+                               **tol("lora"))
