@@ -13,9 +13,10 @@ lora_multi:  y_m = base_m + s_i (x_m A_i^T) B_i^T,  i = ids[m]  (Hu et al. 2021,
              U = s[:, None, None] * bmm(X, A_g^T)      A_g (P, r, K):  A_i stacked, a view of lora_a
              D = bmm(U, B_g^T)                          B_g (P, N, r):  B_i stacked, a view of lora_b
 
-    and D's real rows are added to base. A_g and B_g are views (no copy) when the group's adapters are
-    contiguous in the packing and all present (LoraLinear packs by rank); otherwise the present ones are
-    gathered once each. FLOPs: 2 P c r (K + N) per group; weight traffic: each present adapter read once.
+    and D's real rows are added to base. A_g and B_g are views (no copy) of the packed span from the first to
+    the last present adapter of that rank when at most half of the span is absent (LoraLinear packs by rank, so
+    a rank's adapters are contiguous); otherwise the present ones are gathered once each.
+    FLOPs: 2 P c r (K + N) per group; weight traffic: each adapter of the block read once.
     The grouping depends only on the ids and offsets, so it is made once per forward and reused by every layer
     (they receive views of one ids tensor).
 """
@@ -39,14 +40,14 @@ def lora_cpu(base_out: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora
 
 @dataclass
 class _Group:
-    """The rows of one rank's adapters: `rows` (sorted by adapter), each one's place `slot` in the zero-padded
-    (P, c) block, the P `present` adapters and their first packed row `starts`; `first` >= 0 when they are all
-    of that rank's adapters, contiguous in the packing (their weights are then views)."""
+    """The rows of one rank's adapters: `rows` (sorted by adapter) and each one's place `slot` in the zero-padded
+    (P, c) block of the P adapters `adapters` (with their first packed rows `starts`). `first` >= 0: those P are
+    contiguous in the packing from row `first` (their weights are views)."""
 
     rank: int
     rows: torch.Tensor
     slot: torch.Tensor
-    present: torch.Tensor
+    adapters: torch.Tensor
     starts: torch.Tensor
     c: int
     first: int
@@ -75,14 +76,20 @@ def _plan(adapter_ids: torch.Tensor, bounds: list[int]) -> list[_Group]:
         rid, order = torch.sort(ids[rows], stable=True)
         rows = rows[order]
         present, counts = torch.unique_consecutive(rid, return_counts=True)
-        p, c = present.numel(), int(counts.max())
+        c = int(counts.max())
         begin = torch.cumsum(counts, 0) - counts
-        group = torch.repeat_interleave(torch.arange(p), counts)
-        slot = group * c + (torch.arange(rows.numel()) - begin[group])
-        members = [i for i, r in enumerate(ranks) if r == rank]
-        whole = p == len(members) and members == list(range(members[0], members[0] + p))
-        starts = torch.tensor(bounds[:-1], dtype=torch.int64)[present]
-        groups.append(_Group(rank, rows, slot, present, starts, c, bounds[members[0]] if whole else -1))
+        place = torch.arange(rows.numel()) - torch.repeat_interleave(begin, counts)  # row's place among its adapter's
+        lo, hi = int(present[0]), int(present[-1])
+        members = set(i for i, r in enumerate(ranks) if r == rank)
+        if hi - lo + 1 <= 2 * present.numel() and all(i in members for i in range(lo, hi + 1)):
+            # the span lo..hi is contiguous in the packing and at most half absent: take it as views (absent
+            # adapters get zero rows) rather than copy the present ones
+            adapters, first, group = torch.arange(lo, hi + 1), bounds[lo], rid - lo
+        else:
+            adapters, first = present, -1
+            group = torch.repeat_interleave(torch.arange(present.numel()), counts)
+        starts = torch.tensor(bounds[:-1], dtype=torch.int64)[adapters]
+        groups.append(_Group(rank, rows, group * c + place, adapters, starts, c, first))
     _LAST_PLAN = (held, version, bounds, adapter_ids.shape, groups)
     return groups
 
@@ -91,7 +98,7 @@ def _group_weights(lora_a: torch.Tensor, lora_b: torch.Tensor, g: _Group) -> tup
     """A_g (P, r, K) and B_g^T (P, r, N) of group g: views when g.first >= 0, else the present adapters gathered.
     B^T rows are B's columns: cheap to gather when lora_b is the transpose of a contiguous (sum r_i, N) tensor."""
     k = lora_a.shape[1]
-    p, r = g.present.numel(), g.rank
+    p, r = g.adapters.numel(), g.rank
     bt = lora_b.t()  # (sum r_i, N)
     if g.first >= 0:
         return lora_a[g.first:g.first + p * r].view(p, r, k), bt[g.first:g.first + p * r].unflatten(0, (p, r))
@@ -108,14 +115,15 @@ def lora_multi_cpu(base_out: torch.Tensor, x: torch.Tensor, adapter_ids: torch.T
     y = base2
     for g in _plan(adapter_ids, offsets.tolist()):
         a_g, bt_g = _group_weights(lora_a, lora_b, g)
-        p = g.present.numel()
+        p = g.adapters.numel()
         xs = x2.index_select(0, g.rows).to(lora_a.dtype)
-        if g.c > 1:  # rows of one adapter side by side, zero rows pad each adapter to c
+        dense = p * g.c == g.rows.numel()  # no padding: slot is 0, 1, 2, ...
+        if not dense:  # rows of one adapter side by side, zero rows pad each adapter to c
             xs = xs.new_zeros(p * g.c, k).index_copy(0, g.slot, xs)
         u = torch.bmm(xs.view(p, g.c, k), a_g.transpose(1, 2))
-        u = (u * scales.index_select(0, g.present).view(p, 1, 1)).to(u.dtype)
+        u = (u * scales.index_select(0, g.adapters).view(p, 1, 1)).to(u.dtype)
         d = torch.bmm(u, bt_g).view(p * g.c, n)
-        if g.c > 1:
+        if not dense:
             d = d.index_select(0, g.slot)
         y = y.index_add(0, g.rows, d.to(y.dtype))
     return y.view(base_out.shape) if y is not base2 else base_out.clone()

@@ -120,3 +120,13 @@ def test_transposed_b_layout_and_reused_ids_follow_the_twin():
     got = lora_multi(base, x, ids.clamp(max=1), a[:12], bt[:, :12], few, scales[:2], backend="torch")
     torch.testing.assert_close(got, lora_multi_ref(base, x, ids.clamp(max=1), a[:12], b[:, :12], few, scales[:2]),
                                **tol("lora"))
+
+
+@pytest.mark.parametrize("used", [[1, 3, 4], [0, 5], [2]], ids=["span_with_a_gap", "gathered", "one"])
+def test_subsets_of_one_rank_follow_the_twin(used):
+    # six rank-4 adapters; rows use a subset: a span at most half absent is taken as views, a sparse one gathered
+    a, b, offsets, scales = _adapters(45, 37, [4] * 6, torch.float32)
+    ids = torch.tensor([used[i % len(used)] for i in range(7)] + [-1])
+    base, x = torch.randn(8, 37), torch.randn(8, 45)
+    got = lora_multi(base, x, ids, a, b, offsets, scales, backend="torch")
+    torch.testing.assert_close(got, lora_multi_ref(base, x, ids, a, b, offsets, scales), **tol("lora"))
