@@ -24,7 +24,7 @@ qtrain ask --base "$nf4" --adapter "$out" \
 
 echo "== qserve serve $nf4 --adapter quillfeather=$out: the same questions over the OpenAI API =="
 port=$(python -c "import socket; s = socket.socket(); s.bind(('127.0.0.1', 0)); print(s.getsockname()[1])")
-qserve serve "$nf4" --adapter quillfeather="$out" --port "$port" --dequantize-base > "$out/qserve.log" 2>&1 &
+qserve serve "$nf4" --adapter quillfeather="$out" --port "$port" > "$out/qserve.log" 2>&1 &
 server=$!
 trap 'kill $server 2>/dev/null || true' EXIT
 for _ in $(seq 120); do

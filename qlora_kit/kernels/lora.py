@@ -14,7 +14,7 @@ import torch
 
 from ._dispatch import use_triton
 from ._triton import tl, triton
-from .ref.lora import lora_multi_ref, lora_ref
+from .cpu.lora import lora_cpu, lora_multi_cpu
 
 _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
@@ -242,19 +242,22 @@ def lora(base_out: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_b: 
     Args:
         base_out: (..., N) the frozen base layer's output (e.g. from nf4_matmul).
         x: (..., K) the layer input, same leading shape and dtype as base_out.
-        lora_a: (r, K). lora_b: (N, r). Same dtype as x.
+        lora_a: (r, K). lora_b: (N, r). One dtype (e.g. fp32 masters under bf16 activations): Triton casts them to
+            x's dtype in registers; the CPU path computes in their dtype (fp32 GEMMs beat bf16 ones on CPUs without
+            AVX-512 BF16) and adds the product in base_out's dtype.
         scale: alpha / r.
-        backend: None/"auto", "torch" or "triton" (kernels/_dispatch.py).
+        backend: None/"auto", "torch" or "triton" (kernels/_dispatch.py). "torch" runs kernels/cpu/lora.py (the
+            twin, kernels/ref/lora.py, is its test oracle).
 
     Returns:
         (..., N) in base_out.dtype.
 
     Raises:
-        ValueError on mismatched shapes, dtypes or devices.
+        ValueError on mismatched shapes, dtypes or devices (checked before dispatch: every backend raises alike).
     """
-    if not use_triton(x, backend):
-        return lora_ref(base_out, x, lora_a, lora_b, scale)
     _check(base_out, x, lora_a, lora_b)
+    if not use_triton(x, backend):
+        return lora_cpu(base_out, x, lora_a, lora_b, scale)
     return _Lora.apply(base_out, x, lora_a, lora_b, scale)
 
 
@@ -266,21 +269,22 @@ def lora_multi(base_out: torch.Tensor, x: torch.Tensor, adapter_ids: torch.Tenso
         base_out: (..., N). x: (..., K), same leading shape.
         adapter_ids: (...) integer adapter index per row, -1 for none.
         lora_a: (sum r_i, K) = torch.cat([A_0, A_1, ...]); lora_b: (N, sum r_i) = torch.cat([B_0, B_1, ...], dim=1).
-            Concatenating trainable A_i / B_i keeps them differentiable.
+            Concatenating trainable A_i / B_i keeps them differentiable. One dtype, as in lora().
         offsets: (num_adapters + 1,) int64 cumulative ranks [0, r_0, r_0 + r_1, ...].
         scales: (num_adapters,) fp32 alpha_i / r_i.
-        backend: None/"auto", "torch" or "triton" (kernels/_dispatch.py).
+        backend: None/"auto", "torch" or "triton" (kernels/_dispatch.py). "torch" runs kernels/cpu/lora.py, grouped
+            bmm by distinct rank (the twin, kernels/ref/lora.py, is its test oracle).
 
     Returns:
         (..., N) in base_out.dtype.
 
     Raises:
-        ValueError on mismatched shapes, dtypes or devices.
+        ValueError on mismatched shapes, dtypes or devices (checked before dispatch: every backend raises alike).
     """
-    if not use_triton(x, backend):
-        return lora_multi_ref(base_out, x, adapter_ids, lora_a, lora_b, offsets, scales)
     _check(base_out, x, lora_a, lora_b)
     _check_multi(x, adapter_ids, lora_a, offsets, scales)
+    if not use_triton(x, backend):
+        return lora_multi_cpu(base_out, x, adapter_ids, lora_a, lora_b, offsets, scales)
     return _LoraMulti.apply(base_out, x, adapter_ids, lora_a.contiguous(), lora_b.contiguous(),
                             offsets.to(torch.int64).contiguous(), scales.float().contiguous())
 
@@ -290,12 +294,14 @@ def _check_multi(x, adapter_ids, lora_a, offsets, scales) -> None:
     would be a device-to-host sync per layer (and illegal during CUDA-graph capture), so those two checks become
     device-side asserts (torch._assert_async): a bad value aborts at the next sync instead of raising ValueError."""
     n_adapters = scales.numel()
-    if offsets.shape != (n_adapters + 1,):
-        raise ValueError(f"lora_multi: offsets {tuple(offsets.shape)} must have num_adapters + 1 = {n_adapters + 1} entries")
-    if adapter_ids.shape != x.shape[:-1]:
-        raise ValueError(f"lora_multi: adapter_ids {tuple(adapter_ids.shape)} must match x's rows {tuple(x.shape[:-1])}")
+    if offsets.shape != (n_adapters + 1,) or offsets.dtype.is_floating_point:
+        raise ValueError(f"lora_multi: offsets {offsets.dtype} {tuple(offsets.shape)} must be {n_adapters + 1} integers "
+                         "(num_adapters + 1)")
+    if adapter_ids.shape != x.shape[:-1] or adapter_ids.dtype.is_floating_point:
+        raise ValueError(f"lora_multi: adapter_ids {adapter_ids.dtype} {tuple(adapter_ids.shape)} must be integers "
+                         f"matching x's rows {tuple(x.shape[:-1])}")
     ids_ok = ((adapter_ids >= -1) & (adapter_ids < n_adapters)).all()
-    cut_ok = offsets[-1] == lora_a.shape[0]
+    cut_ok = (offsets[-1] == lora_a.shape[0]) & (offsets[0] == 0) & (offsets[1:] >= offsets[:-1]).all()
     if offsets.is_cuda:
         torch._assert_async(cut_ok, f"lora_multi: offsets do not cut {lora_a.shape[0]} rank rows")
     elif not bool(cut_ok):
@@ -307,8 +313,10 @@ def _check_multi(x, adapter_ids, lora_a, offsets, scales) -> None:
 
 
 def _check(base_out, x, lora_a, lora_b) -> None:
-    if x.dtype not in _DTYPES or lora_a.dtype != x.dtype or lora_b.dtype != x.dtype or base_out.dtype not in _DTYPES:
-        raise ValueError(f"lora: x {x.dtype}, A {lora_a.dtype}, B {lora_b.dtype} must share one of bf16, fp16, fp32")
+    if (x.dtype not in _DTYPES or lora_a.dtype not in _DTYPES or lora_b.dtype != lora_a.dtype
+            or base_out.dtype not in _DTYPES):
+        raise ValueError(f"lora: x {x.dtype}, A {lora_a.dtype}, B {lora_b.dtype}, base_out {base_out.dtype}: each must be "
+                         "bf16, fp16 or fp32, and A and B must share one")
     if (lora_a.shape[1] != x.shape[-1] or lora_b.shape[0] != base_out.shape[-1] or lora_b.shape[1] != lora_a.shape[0]
             or base_out.shape[:-1] != x.shape[:-1]):
         raise ValueError(f"lora: base_out {tuple(base_out.shape)}, x {tuple(x.shape)}, A {tuple(lora_a.shape)}, "

@@ -110,14 +110,15 @@ def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, backend: s
         (..., N) tensor in x.dtype.
 
     Raises:
-        ValueError on a wrong dtype, device, shape, or N > 65536.
+        ValueError on a wrong dtype, device or shape (checked before dispatch, so every backend raises alike), or
+        N > 65536 on the Triton path.
     """
-    if not use_triton(x, backend):
-        return rmsnorm_ref(x, weight, eps)
     if x.dtype not in _DTYPES:
         raise ValueError(f"rmsnorm: x dtype {x.dtype} is not one of bf16, fp16, fp32")
     if weight.shape != (x.shape[-1],) or weight.device != x.device:
         raise ValueError(f"rmsnorm: weight {tuple(weight.shape)} on {weight.device} does not match x {tuple(x.shape)} on {x.device}")
+    if not use_triton(x, backend):
+        return rmsnorm_ref(x, weight, eps)
     if x.shape[-1] > _MAX_N:
         raise ValueError(f"rmsnorm: row length {x.shape[-1]} exceeds {_MAX_N}; one program holds a whole row")
     return _RMSNorm.apply(x, weight.contiguous(), eps)

@@ -95,10 +95,8 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backend: str | N
         (batch, num_heads, seq, head_dim) in x.dtype.
 
     Raises:
-        ValueError on mismatched shapes, an odd head_dim, a wrong dtype or device.
+        ValueError on mismatched shapes, an odd head_dim, a wrong dtype or device (checked before dispatch).
     """
-    if not use_triton(x, backend):
-        return rope_ref(x, cos, sin)
     if x.dim() != 4 or x.shape[-1] % 2:
         raise ValueError(f"rope: x {tuple(x.shape)} must be (batch, num_heads, seq, head_dim) with an even head_dim")
     if x.dtype not in _DTYPES:
@@ -108,6 +106,8 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backend: str | N
         raise ValueError(f"rope: cos {tuple(cos.shape)} / sin {tuple(sin.shape)} do not fit x {tuple(x.shape)}")
     if cos.device != x.device or sin.device != x.device:
         raise ValueError("rope: x, cos and sin must be on one device")
+    if not use_triton(x, backend):
+        return rope_ref(x, cos, sin)
     cos3 = cos.reshape(-1, s, d).contiguous()
     sin3 = sin.reshape(-1, s, d).contiguous()
     return _Rope.apply(x, cos3, sin3)

@@ -84,12 +84,12 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor, backend: str | None = None) -> 
         (..., N) in gate.dtype.
 
     Raises:
-        ValueError on mismatched shapes, dtypes or devices.
+        ValueError on mismatched shapes, dtypes or devices (checked before dispatch).
     """
-    if not use_triton(gate, backend):
-        return swiglu_ref(gate, up)
     if gate.shape != up.shape or gate.dtype != up.dtype or gate.device != up.device:
         raise ValueError(f"swiglu: gate {tuple(gate.shape)} {gate.dtype} and up {tuple(up.shape)} {up.dtype} must match")
     if gate.dtype not in _DTYPES:
         raise ValueError(f"swiglu: dtype {gate.dtype} is not one of bf16, fp16, fp32")
+    if not use_triton(gate, backend):
+        return swiglu_ref(gate, up)
     return _SwiGLU.apply(gate, up)

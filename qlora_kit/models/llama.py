@@ -6,6 +6,7 @@
     logits = lm_head(norm(h_L))          (lm_head = E when embeddings are tied)
 
 RMSNorm(x) = w * (x / sqrt(mean(x^2) + eps)), computed in fp32, cast back before the weight.
+RMSNorm, RoPE and SwiGLU run kernels/ (Triton on CUDA; on CPU their twins, which round as written here).
 Module paths equal Hugging Face's (model.layers.N.self_attn.q_proj ...), so checkpoint and PEFT
 adapter names map one to one. Every projection is a LoraLinear over a frozen base (NF4Linear when
 quantized, nn.Linear otherwise).
@@ -13,6 +14,8 @@ quantized, nn.Linear otherwise).
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from qlora_kit import kernels
 
 from .attention import AttentionMeta, attend, build_meta
 from .batch import Batch
@@ -33,9 +36,7 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
+        return kernels.rmsnorm(x, self.weight, self.eps)
 
 
 def _projection(in_features: int, out_features: int, bias: bool, quantized: bool, backend) -> LoraLinear:
@@ -81,7 +82,7 @@ class MLP(nn.Module):
         self.down_proj = _projection(i, h, cfg.mlp_bias, quantized, backend)
 
     def forward(self, x, adapter_ids) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x, adapter_ids)) * self.up_proj(x, adapter_ids), adapter_ids)
+        return self.down_proj(kernels.swiglu(self.gate_proj(x, adapter_ids), self.up_proj(x, adapter_ids)), adapter_ids)
 
 
 class DecoderLayer(nn.Module):

@@ -8,19 +8,73 @@ A_a (r_a, in) starts Kaiming-uniform (a = sqrt(5), as nn.Linear and the LoRA pap
 and B_a (out, r_a) starts at zero, so a fresh adapter leaves the base model's output unchanged.
 
 A batch selects the adapter per row: `adapter_ids` (B,) long, -1 = base model only; rows of other
-ids get their own adapter, so one forward serves rows of different customers. The adapter branch
-runs in the adapter weights' dtype (fp32 by default), is scaled there, then cast to the base
-output's dtype and added (the order PEFT uses for 4-bit bases).
+ids get their own adapter, so one forward serves rows of different customers.
+
+The adapter branch is kernels.lora / lora_multi with the scale applied to the rank-r intermediate:
+y = base(x) + (s (x A^T)) B^T. A and B stay Parameters in their own dtype (fp32 masters by default) and go to
+the kernels as they are: Triton (CUDA) computes in x's dtype, the CPU path in theirs (see kernels/cpu/lora.py).
+- All rows on one adapter: kernels.lora.
+- Rows of several adapters: one kernels.lora_multi call for all rows, whatever the number of adapters.
+  The layer keeps its adapters packed, ordered by (rank, id): A (sum r_i, in), B (out, sum r_i), offsets,
+  scales and an id -> packed index table. Without grad (serving) the packed copy is reused until an adapter is added, removed or written in place (tracked by the Parameters' versions);
+  with grad (train-many) it is a differentiable concatenation of the Parameters, made each forward since
+  every optimizer step changes them.
 """
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from qlora_kit import kernels
+
 from .nf4_linear import linear_forward
 
 BASE_ONLY = -1
+
+
+@dataclass
+class _Packing:
+    """A layer's adapters in packed order: ids (sorted by rank, then id), offsets (n + 1,), scales (n,) fp32,
+    dropouts (n,), and table (max id + 3,) mapping id + 1 -> packed index (-1: not in this layer; ids above
+    the largest are clamped to the last entry, -1)."""
+
+    ids: tuple[int, ...]
+    offsets: torch.Tensor
+    scales: torch.Tensor
+    dropouts: torch.Tensor
+    table: torch.Tensor
+    cache: tuple | None = None  # (key, A, B) packed, reused without grad while key holds
+
+
+class _Rows:
+    """What one forward's adapter_ids say, worked out once and shared by every layer (the same tensor reaches all):
+    the single id every row carries (or None), and each packing's per-row packed indices."""
+
+    _last: tuple = (None, -1, None)
+
+    @classmethod
+    def of(cls, ids: torch.Tensor) -> "_Rows":
+        last, version, rows = cls._last
+        now = -1 if ids.is_inference() else ids._version  # inference tensors have no version counter
+        if last is not ids or version != now:
+            rows = cls(ids)
+            cls._last = (ids, now, rows)
+        return rows
+
+    def __init__(self, ids: torch.Tensor):
+        lo, hi = torch.aminmax(ids) if ids.numel() else (torch.tensor(-1), torch.tensor(-1))
+        lo, hi = int(lo), int(hi)
+        self.ids, self.uniform, self.local = ids, lo if lo == hi else None, {}
+
+    def packed_index(self, packing: _Packing) -> torch.Tensor:
+        got = self.local.get(packing.ids)
+        if got is None:
+            table = packing.table.to(self.ids.device)
+            got = table[(self.ids + 1).clamp(0, table.numel() - 1)]
+            self.local[packing.ids] = got
+        return got
 
 
 class LoraLinear(nn.Module):
@@ -41,6 +95,7 @@ class LoraLinear(nn.Module):
         self.lora_b = nn.ParameterDict()
         self.scales: dict[int, float] = {}
         self.dropouts: dict[int, float] = {}
+        self._packing: _Packing | None = None
 
     @property
     def adapter_ids(self) -> list[int]:
@@ -60,11 +115,13 @@ class LoraLinear(nn.Module):
         self.lora_b[str(adapter_id)] = nn.Parameter(torch.zeros(self.out_features, rank, dtype=dtype, device=device))
         self.scales[adapter_id] = float(scale)
         self.dropouts[adapter_id] = float(dropout)
+        self._packing = None
 
     def remove_adapter(self, adapter_id: int) -> None:
         if adapter_id in self.scales:
             del self.lora_a[str(adapter_id)], self.lora_b[str(adapter_id)]
             del self.scales[adapter_id], self.dropouts[adapter_id]
+            self._packing = None
 
     def adapter_params(self, adapter_id: int | None = None) -> dict[str, nn.Parameter]:
         """The trainable tensors: {"lora_a.<id>": A, "lora_b.<id>": B} for one adapter or all."""
@@ -76,29 +133,70 @@ class LoraLinear(nn.Module):
                 out[f"lora_b.{i}"] = self.lora_b[str(i)]
         return out
 
-    def _delta(self, x: torch.Tensor, adapter_id: int) -> torch.Tensor:
-        a, b = self.lora_a[str(adapter_id)], self.lora_b[str(adapter_id)]
-        x = F.dropout(x.to(a.dtype), self.dropouts[adapter_id], self.training)
-        return (x @ a.t()) @ b.t() * self.scales[adapter_id]
+    def _packed(self) -> _Packing:
+        if self._packing is None:
+            ids = tuple(sorted(self.scales, key=lambda i: (self.lora_a[str(i)].shape[0], i)))
+            dev = self.lora_a[str(ids[0])].device
+            ranks = [self.lora_a[str(i)].shape[0] for i in ids]
+            table = torch.full((max(ids) + 3,), -1, dtype=torch.int64)  # the last entry: every id above the largest
+            table[torch.tensor(ids) + 1] = torch.arange(len(ids))
+            self._packing = _Packing(ids, torch.tensor([0] + ranks, device=dev).cumsum(0),
+                                     torch.tensor([self.scales[i] for i in ids], device=dev),
+                                     torch.tensor([self.dropouts[i] for i in ids], device=dev), table.to(dev))
+        return self._packing
+
+    def _packed_weights(self, packing: _Packing) -> tuple[torch.Tensor, torch.Tensor]:
+        """A (sum r_i, in) and B (out, sum r_i) in packed order."""
+        a = [self.lora_a[str(i)] for i in packing.ids]
+        b = [self.lora_b[str(i)] for i in packing.ids]
+        if torch.is_grad_enabled() and any(p.requires_grad for p in a + b):
+            return torch.cat(a), _cat_columns(b)
+        key = (a[0].device, sum(p._version for p in a + b))
+        if packing.cache is None or packing.cache[0] != key:
+            with torch.no_grad():
+                packing.cache = (key, torch.cat(a), _cat_columns(b))
+        return packing.cache[1], packing.cache[2]
+
+    def _dropout(self, x: torch.Tensor, packing: _Packing, local: torch.Tensor) -> torch.Tensor:
+        """Inverted dropout of the LoRA input with each row's adapter's probability (0 for rows without one)."""
+        if not self.training or max(self.dropouts.values()) == 0:
+            return x
+        p = torch.where(local >= 0, packing.dropouts[local.clamp(min=0)], 0.0)
+        p = p.view(p.shape + (1,) * (x.dim() - p.dim()))
+        keep = torch.rand(x.shape, device=x.device) >= p
+        return x * torch.where(keep, 1 / (1 - p), 0.0).to(x.dtype)
 
     def forward(self, x: torch.Tensor, adapter_ids: torch.Tensor | None = None) -> torch.Tensor:
         """x (B, T, in_features), adapter_ids (B,) long or None (= all rows base only) -> (B, T, out_features)."""
         y = linear_forward(self.base, x)
         if adapter_ids is None or not self.scales:
             return y
-        present = [i for i in torch.unique(adapter_ids).tolist() if i in self.scales]
-        if not present:
-            return y
-        if len(present) == 1 and bool((adapter_ids == present[0]).all()):
-            return y + self._delta(x, present[0]).to(y.dtype)
-        for i in present:
-            rows = (adapter_ids == i).nonzero().squeeze(1)
-            y = y.index_add(0, rows, self._delta(x[rows], i).to(y.dtype))
-        return y
+        rows = _Rows.of(adapter_ids)
+        if rows.uniform is not None:
+            i = rows.uniform
+            if i not in self.scales:
+                return y
+            a, b = self.lora_a[str(i)], self.lora_b[str(i)]
+            xd = F.dropout(x, self.dropouts[i], self.training)
+            return kernels.lora(y, xd, a, b, self.scales[i])
+        packing = self._packed()
+        local = rows.packed_index(packing)  # (B,) packed index per row, -1 = none
+        lead = x.shape[:-1]
+        ids = local.view(local.shape + (1,) * (len(lead) - local.dim())).expand(lead)
+        a, b = self._packed_weights(packing)
+        return kernels.lora_multi(y, self._dropout(x, packing, local), ids, a, b, packing.offsets, packing.scales)
 
     def extra_repr(self) -> str:
         ranks = {i: self.lora_a[str(i)].shape[0] for i in self.adapter_ids}
         return f"in_features={self.in_features}, out_features={self.out_features}, adapters(rank)={ranks}"
+
+
+def _cat_columns(b: list[torch.Tensor]) -> torch.Tensor:
+    """B (out, sum r_i). On CPU it is the transpose of a contiguous (sum r_i, out), so kernels/cpu/lora.py takes an
+    adapter's B as contiguous rows; CUDA's kernel reads the contiguous (out, sum r_i)."""
+    if b[0].is_cuda:
+        return torch.cat(b, dim=1)
+    return torch.cat([t.t() for t in b]).t()
 
 
 def _device_of(module: nn.Module) -> torch.device:

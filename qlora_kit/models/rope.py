@@ -17,6 +17,8 @@ import math
 
 import torch
 
+from qlora_kit import kernels
+
 from .config import RopeConfig
 
 
@@ -46,8 +48,6 @@ def rope_cos_sin(inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch.d
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate x (B, heads, T, head_dim) by cos/sin (B, T, head_dim)."""
-    half = x.shape[-1] // 2
-    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-    return x * cos + rotated * sin
+    """Rotate x (B, heads, T, head_dim) by cos/sin (B, T, head_dim): kernels.rope (each product and the sum
+    rounded to x's dtype, as Hugging Face)."""
+    return kernels.rope(x, cos, sin)

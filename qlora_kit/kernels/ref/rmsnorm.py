@@ -8,7 +8,12 @@ import torch
 
 
 def rmsnorm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    """y = x / sqrt(mean(x^2) + eps) * w (Zhang & Sennrich 2019), in fp32, cast to x.dtype; autograd gives grads."""
+    """y = w * round(x / sqrt(mean(x^2) + eps)) (Zhang & Sennrich 2019); autograd gives grads.
+
+    The statistics and the normalization are fp32; the normalized x is rounded to x.dtype, then multiplied by
+    w (cast to x.dtype) in x.dtype: two roundings, in the order of Hugging Face's LlamaRMSNorm and models/llama.py,
+    which calls this through kernels.rmsnorm (bit for bit the same logits as before the switch).
+    """
     x32 = x.float()
     rstd = torch.rsqrt(x32.pow(2).mean(dim=-1, keepdim=True) + eps)
-    return (x32 * rstd * weight.float()).to(x.dtype)
+    return weight.to(x.dtype) * (x32 * rstd).to(x.dtype)

@@ -44,8 +44,8 @@ class ManyConfig:
     jobs: str = _f("", "jobs file (.toml): [defaults] plus one [[jobs]] table per adapter")
     out: str = _f("", "output folder: OUT/<job>/ per adapter, summary.json (must not exist unless --resume)")
     resume: bool = _f(False, "continue a crashed or stopped run in OUT: finished jobs are kept, the others resume")
-    rows_per_pass: int = _f(32, "most rows in one mixed forward pass (0 = every job's micro-batch together); "
-                            "LoRA's per-adapter loop costs adapters x rows per pass, so a cap keeps many jobs cheap")
+    rows_per_pass: int = _f(0, "most rows in one mixed forward pass; 0 (default) = every job's micro-batch together "
+                            "(one batched LoRA call for all adapters); a cap only bounds activation memory")
     compute_dtype: str = _f(_TD["compute_dtype"], "activation dtype", choices=("bfloat16", "float16", "float32"))
     device: str = _f(_TD["device"], "cuda if available, else cpu", choices=("auto", "cpu", "cuda"))
     gradient_checkpointing: bool = _f(_TD["gradient_checkpointing"], "recompute each decoder layer in backward")

@@ -87,3 +87,64 @@ def test_bad_adapter_arguments():
         layer.add_adapter(-1, rank=4, scale=1.0)
     with pytest.raises(ValueError, match="rank=0"):
         layer.add_adapter(0, rank=0, scale=1.0)
+
+
+def _many(n, ranks=(2, 4, 8)):
+    layer, w = _lora()
+    for i in range(n):
+        layer.add_adapter(i * 3 + 1, rank=ranks[i % len(ranks)], scale=2.0 / ranks[i % len(ranks)])
+        with torch.no_grad():
+            layer.lora_b[str(i * 3 + 1)].normal_()
+    return layer, w
+
+
+def test_mixed_path_reuses_its_packing_and_sees_in_place_writes():
+    # serving: the packed A/B are made once, not per forward; an in-place write (an adapter install) refreshes them
+    layer, w = _many(5)
+    ids, x = torch.tensor([1, 4, 7, 10, 13, -1, 4]), torch.randn(7, 1, 64)
+    with torch.no_grad():
+        first = layer(x, ids)
+        packed = layer._packing.cache[1]
+        assert torch.equal(layer(x, ids.clone()), first) and layer._packing.cache[1] is packed
+        layer.lora_b["4"].mul_(2.0)
+        again = layer(x, ids.clone())
+    assert not torch.equal(again[1], first[1]) and torch.equal(again[0], first[0])
+    delta = 2.0 / 4 * (x[1] @ layer.lora_a["4"].t() @ layer.lora_b["4"].t())
+    torch.testing.assert_close(again[1], F.linear(x[1], w) + delta, **tol("mixed_batch"))
+
+
+def test_mixed_path_gradients_equal_each_adapter_alone():
+    # train-many: one lora_multi call for all rows gives every adapter the gradient of its own rows
+    layer, _ = _many(6)
+    ids, x = torch.tensor([1, 4, 4, 16, -1, 10, 13, 1]), torch.randn(8, 3, 64)
+    dy = torch.randn(8, 3, 32)
+    layer(x, ids).backward(dy)
+    mixed = {k: p.grad.clone() for k, p in layer.adapter_params().items()}
+    layer.zero_grad()
+    for row, i in enumerate(ids.tolist()):
+        if i >= 0:
+            layer(x[row:row + 1], torch.tensor([i])).backward(dy[row:row + 1])
+    for k, p in layer.adapter_params().items():
+        want = torch.zeros_like(p) if p.grad is None else p.grad  # adapter 7 has no row
+        torch.testing.assert_close(mixed[k], want, **tol("lora_grad"), msg=k)
+    assert layer.lora_a["7"].grad is None
+
+
+def test_mixed_path_is_one_lora_multi_call(monkeypatch):
+    from qlora_kit import kernels
+    layer, _ = _many(32)
+    calls = []
+    real = kernels.lora_multi
+    monkeypatch.setattr(kernels, "lora_multi", lambda *a, **k: calls.append(a[2]) or real(*a, **k))
+    with torch.no_grad():
+        layer(torch.randn(32, 1, 64), torch.arange(32) * 3 + 1)
+    assert len(calls) == 1 and calls[0].shape == (32, 1)
+
+
+def test_rows_of_an_adapter_this_layer_lacks_get_the_base_only():
+    # an adapter that targets other modules: its rows (ids above, below and between this layer's) get base(x)
+    layer, _ = _many(2)  # ids 1 and 4
+    ids, x = torch.tensor([4, 9, 1, 2, 0]), torch.randn(5, 2, 64)
+    y = layer(x, ids)
+    for row in (1, 3, 4):
+        assert torch.equal(y[row], layer(x, None)[row])

@@ -1,0 +1,129 @@
+"""The CPU path of kernels.lora / kernels.lora_multi: the same math as kernels/ref/lora.py, computed in the adapter
+weights' dtype w (x is cast to w; with fp32 masters this is PEFT's order, and on CPUs without AVX-512 BF16 an fp32
+GEMM is several times faster than a bf16 one), made of differentiable torch ops so autograd gives dbase, dx, dA, dB.
+
+lora:        u = s (x A^T)   (M, r) in w, the scale on the rank-r intermediate, not on the (M, N) output
+             y = base + u B^T                  (one addmm when base is in w; else the product is cast, then added)
+
+lora_multi:  y_m = base_m + s_i (x_m A_i^T) B_i^T,  i = ids[m]  (Hu et al. 2021, eq. 3, per row; -1: y_m = base_m)
+    One computation for all rows, grouped by distinct rank (a few groups), never by adapter: within the group
+    of rank r, the rows of its P present adapters are sorted by adapter and laid out as a zero-padded
+    (P, c, K) block (c = the most rows any of them has), then
+
+             U = s[:, None, None] * bmm(X, A_g^T)      A_g (P, r, K):  A_i stacked, a view of lora_a
+             D = bmm(U, B_g^T)                          B_g (P, N, r):  B_i stacked, a view of lora_b
+
+    and D's real rows are added to base. A_g and B_g are views (no copy) of the packed span from the first to
+    the last present adapter of that rank when at most half of the span is absent (LoraLinear packs by rank, so
+    a rank's adapters are contiguous); otherwise the present ones are gathered once each.
+    FLOPs: 2 P c r (K + N) per group; weight traffic: each adapter of the block read once.
+    The grouping depends only on the ids and offsets, so it is made once per forward and reused by every layer
+    (they receive views of one ids tensor).
+"""
+from dataclasses import dataclass
+
+import torch
+
+
+def lora_cpu(base_out: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
+             scale: float) -> torch.Tensor:
+    """base_out + scale (x A^T) B^T in A's dtype, the scale applied to the (M, r) intermediate."""
+    x2 = x.reshape(-1, x.shape[-1]).to(lora_a.dtype)
+    base2 = base_out.reshape(-1, base_out.shape[-1])
+    u = (x2 @ lora_a.t()) * scale
+    if base2.dtype == u.dtype:
+        y = torch.addmm(base2, u, lora_b.t())
+    else:
+        y = base2 + (u @ lora_b.t()).to(base2.dtype)
+    return y.view(base_out.shape)
+
+
+@dataclass
+class _Group:
+    """The rows of one rank's adapters: `rows` (sorted by adapter) and each one's place `slot` in the zero-padded
+    (P, c) block of the P adapters `adapters` (with their first packed rows `starts`). `first` >= 0: those P are
+    contiguous in the packing from row `first` (their weights are views)."""
+
+    rank: int
+    rows: torch.Tensor
+    slot: torch.Tensor
+    adapters: torch.Tensor
+    starts: torch.Tensor
+    c: int
+    first: int
+
+
+_LAST_PLAN: tuple = (None, -1, None, None, None)  # (ids tensor, held so its address is never reused; version; bounds;
+                                                 # shape; groups), replaced whole so threads never see half of one
+
+
+def _plan(adapter_ids: torch.Tensor, bounds: list[int]) -> list[_Group]:
+    """The grouping of rows by rank; every layer of one forward passes views of the same ids, so it is made once."""
+    global _LAST_PLAN
+    held = adapter_ids if adapter_ids._base is None else adapter_ids._base
+    version = -1 if held.is_inference() else held._version  # inference tensors have no version counter
+    last = _LAST_PLAN
+    if last[0] is held and last[1] == version and last[2] == bounds and last[3] == adapter_ids.shape:
+        return last[4]
+    ids = adapter_ids.reshape(-1).to(torch.int64)
+    ranks = [bounds[i + 1] - bounds[i] for i in range(len(bounds) - 1)]
+    rank_of = torch.tensor([0] + ranks, dtype=torch.int64)[ids + 1]  # 0 for -1 and for empty adapters
+    groups = []
+    for rank in sorted(set(r for r in ranks if r > 0)):
+        rows = (rank_of == rank).nonzero().squeeze(1)
+        if rows.numel() == 0:
+            continue
+        rid, order = torch.sort(ids[rows], stable=True)
+        rows = rows[order]
+        present, counts = torch.unique_consecutive(rid, return_counts=True)
+        c = int(counts.max())
+        begin = torch.cumsum(counts, 0) - counts
+        place = torch.arange(rows.numel()) - torch.repeat_interleave(begin, counts)  # row's place among its adapter's
+        lo, hi = int(present[0]), int(present[-1])
+        members = set(i for i, r in enumerate(ranks) if r == rank)
+        if hi - lo + 1 <= 2 * present.numel() and all(i in members for i in range(lo, hi + 1)):
+            # the span lo..hi is contiguous in the packing and at most half absent: take it as views (absent
+            # adapters get zero rows) rather than copy the present ones
+            adapters, first, group = torch.arange(lo, hi + 1), bounds[lo], rid - lo
+        else:
+            adapters, first = present, -1
+            group = torch.repeat_interleave(torch.arange(present.numel()), counts)
+        starts = torch.tensor(bounds[:-1], dtype=torch.int64)[adapters]
+        groups.append(_Group(rank, rows, group * c + place, adapters, starts, c, first))
+    _LAST_PLAN = (held, version, bounds, adapter_ids.shape, groups)
+    return groups
+
+
+def _group_weights(lora_a: torch.Tensor, lora_b: torch.Tensor, g: _Group) -> tuple[torch.Tensor, torch.Tensor]:
+    """A_g (P, r, K) and B_g^T (P, r, N) of group g: views when g.first >= 0, else the present adapters gathered.
+    B^T rows are B's columns: cheap to gather when lora_b is the transpose of a contiguous (sum r_i, N) tensor."""
+    k = lora_a.shape[1]
+    p, r = g.adapters.numel(), g.rank
+    bt = lora_b.t()  # (sum r_i, N)
+    if g.first >= 0:
+        return lora_a[g.first:g.first + p * r].view(p, r, k), bt[g.first:g.first + p * r].unflatten(0, (p, r))
+    cols = (g.starts.unsqueeze(1) + torch.arange(r)).reshape(-1)
+    return lora_a.index_select(0, cols).view(p, r, k), bt.index_select(0, cols).view(p, r, -1)
+
+
+def lora_multi_cpu(base_out: torch.Tensor, x: torch.Tensor, adapter_ids: torch.Tensor, lora_a: torch.Tensor,
+                   lora_b: torch.Tensor, offsets: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """Per-row multi-adapter LoRA as grouped bmm (module docstring); arguments as kernels.lora_multi."""
+    k, n = x.shape[-1], base_out.shape[-1]
+    x2 = x.reshape(-1, k)
+    base2 = base_out.reshape(-1, n)
+    y = base2
+    for g in _plan(adapter_ids, offsets.tolist()):
+        a_g, bt_g = _group_weights(lora_a, lora_b, g)
+        p = g.adapters.numel()
+        xs = x2.index_select(0, g.rows).to(lora_a.dtype)
+        dense = p * g.c == g.rows.numel()  # no padding: slot is 0, 1, 2, ...
+        if not dense:  # rows of one adapter side by side, zero rows pad each adapter to c
+            xs = xs.new_zeros(p * g.c, k).index_copy(0, g.slot, xs)
+        u = torch.bmm(xs.view(p, g.c, k), a_g.transpose(1, 2))
+        u = (u * scales.index_select(0, g.adapters).view(p, 1, 1)).to(u.dtype)
+        d = torch.bmm(u, bt_g).view(p * g.c, n)
+        if not dense:
+            d = d.index_select(0, g.slot)
+        y = y.index_add(0, g.rows, d.to(y.dtype))
+    return y.view(base_out.shape) if y is not base2 else base_out.clone()

@@ -1,0 +1,132 @@
+"""kernels/cpu/lora.py (the CPU path of lora / lora_multi) vs the twins in kernels/ref/lora.py, forward and gradients."""
+import pytest
+import torch
+
+from qlora_kit.kernels import lora, lora_multi
+from qlora_kit.kernels.ref import lora_multi_ref, lora_ref
+from tests.tolerances import tol
+
+pytestmark = pytest.mark.unit
+DTYPES = [torch.bfloat16, torch.float16, torch.float32]
+# (M rows, K in, N out, rank)
+SHAPES = {"tiny": (2, 16, 16, 4), "irregular": (7, 45, 37, 5), "llama7b_r8": (3, 4096, 4096, 8)}
+
+
+def _close(name, a, r, dtype):
+    scale = max(1.0, r.float().abs().max().item())
+    torch.testing.assert_close(a.float() / scale, r.float() / scale, **tol("lora", dtype), msg=name)
+
+
+def _grads(fn, tensors, dy):
+    leaves = [t.detach().requires_grad_() for t in tensors]
+    y = fn(*leaves)
+    y.backward(dy)
+    return [y] + [t.grad for t in leaves]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES.values(), ids=SHAPES.keys())
+def test_lora_cpu_matches_twin(shape, dtype):
+    m, k, n, r = shape
+    base, x = torch.randn(m, n).to(dtype), torch.randn(m, k).to(dtype)
+    a, b = (torch.randn(r, k) / k**0.5).to(dtype), (torch.randn(n, r) / r**0.5).to(dtype)
+    dy = torch.randn(m, n).to(dtype)
+    got = _grads(lambda *t: lora(*t, 0.5, backend="torch"), (base, x, a, b), dy)
+    want = _grads(lambda *t: lora_ref(*t, 0.5), (base, x, a, b), dy)
+    for name, g, w in zip(("y", "dbase", "dx", "dA", "dB"), got, want):
+        _close(name, g, w, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_fp32_adapters_under_low_precision_activations(dtype):
+    # the model's case: fp32 A/B masters, bf16/fp16 x and base; the CPU path computes in fp32 like the twin
+    m, k, n, r = SHAPES["irregular"]
+    base, x, dy = torch.randn(m, n).to(dtype), torch.randn(m, k).to(dtype), torch.randn(m, n).to(dtype)
+    a, b = torch.randn(r, k) / k**0.5, torch.randn(n, r) / r**0.5
+    got = _grads(lambda *t: lora(*t, 0.5, backend="torch"), (base, x, a, b), dy)
+    want = _grads(lambda *t: lora_ref(*t, 0.5), (base, x, a, b), dy)
+    for name, g, w in zip(("y", "dbase", "dx", "dA", "dB"), got, want):
+        assert g.dtype == w.dtype
+        _close(name, g, w, dtype)
+    offsets, scales = torch.tensor([0, 2, r]), torch.tensor([1.0, 0.5])
+    ids = torch.tensor([1, 0, -1, 1, 1, 0, 0])
+    y = lora_multi(base, x, ids, a, b, offsets, scales, backend="torch")
+    assert y.dtype == dtype
+    _close("multi", y, lora_multi_ref(base, x, ids, a, b, offsets, scales), dtype)
+
+
+def _adapters(k, n, ranks, dtype):
+    a = torch.cat([torch.randn(r, k) / k**0.5 for r in ranks]).to(dtype)
+    b = torch.cat([torch.randn(n, r) / r**0.5 for r in ranks], dim=1).to(dtype)
+    offsets = torch.tensor([0] + ranks).cumsum(0)
+    scales = torch.tensor([2.0 / max(r, 1) for r in ranks])
+    return a, b, offsets, scales
+
+
+# ranks: packed by rank (views of lora_a / lora_b), interleaved (gathered), an empty adapter, one adapter only
+RANKS = {"by_rank": [4, 4, 8, 8, 8], "interleaved": [8, 4, 8, 3, 4], "empty": [4, 0, 4], "one": [5]}
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("ranks", RANKS.values(), ids=RANKS.keys())
+@pytest.mark.parametrize("shape", [(2, 3, 16, 16), (3, 5, 45, 37)], ids=["tiny", "irregular"])
+def test_lora_multi_cpu_matches_twin(shape, ranks, dtype):
+    bsz, t, k, n = shape
+    a, b, offsets, scales = _adapters(k, n, ranks, dtype)
+    gen = torch.Generator().manual_seed(len(ranks) * 7 + t)
+    ids = torch.randint(-1, len(ranks), (bsz, t), generator=gen)
+    ids[0, 0], ids[-1, -1] = len(ranks) - 1, -1
+    base, x, dy = (torch.randn(bsz, t, n).to(dtype), torch.randn(bsz, t, k).to(dtype), torch.randn(bsz, t, n).to(dtype))
+    got = _grads(lambda bo, xx, aa, bb: lora_multi(bo, xx, ids, aa, bb, offsets, scales, backend="torch"), (base, x, a, b), dy)
+    want = _grads(lambda bo, xx, aa, bb: lora_multi_ref(bo, xx, ids, aa, bb, offsets, scales), (base, x, a, b), dy)
+    for name, g, w in zip(("y", "dbase", "dx", "dA", "dB"), got, want):
+        _close(name, g, w, dtype)
+
+
+def test_lora_multi_cpu_all_rows_base_only_is_base():
+    a, b, offsets, scales = _adapters(16, 8, [4, 2], torch.float32)
+    base = torch.randn(3, 8)
+    y = lora_multi(base, torch.randn(3, 16), torch.tensor([-1, -1, -1]), a, b, offsets, scales, backend="torch")
+    assert torch.equal(y, base)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_bad_inputs_raise_the_same_error_on_every_backend(backend):
+    # validated before dispatch: the CPU path and the Triton path refuse the same inputs with the same message
+    a, b, offsets, scales = _adapters(16, 16, [4], torch.float32)
+    base, x = torch.randn(2, 16), torch.randn(2, 16)
+    with pytest.raises(ValueError, match=r"lie in \[-1, 1\)"):
+        lora_multi(base, x, torch.tensor([0, 1]), a, b, offsets, scales, backend=backend)
+    with pytest.raises(ValueError, match="do not cut 4 rank rows"):
+        lora_multi(base, x, torch.tensor([0, 0]), a, b, torch.tensor([0, 3]), scales, backend=backend)
+    with pytest.raises(ValueError, match="A and B must share one"):
+        lora(base, x, a.double(), b, 1.0, backend=backend)
+    with pytest.raises(ValueError, match="do not fit"):
+        lora(base, x, a, b[:8], 1.0, backend=backend)
+
+
+def test_transposed_b_layout_and_reused_ids_follow_the_twin():
+    # LoraLinear hands B as the transpose of a contiguous (sum r_i, N); the row grouping is reused while the
+    # same ids tensor comes back unchanged, and redone after an in-place write or with other offsets
+    a, b, offsets, scales = _adapters(45, 37, [4, 8, 4, 8], torch.float32)
+    bt = b.t().contiguous().t()
+    base, x = torch.randn(2, 6, 37), torch.randn(2, 6, 45)
+    ids = torch.tensor([[0, 1, 2, 3, -1, 1], [2, 2, 2, 0, 3, 3]])
+    for _ in range(2):
+        got = lora_multi(base, x, ids, a, bt, offsets, scales, backend="torch")
+        torch.testing.assert_close(got, lora_multi_ref(base, x, ids, a, b, offsets, scales), **tol("lora"))
+        ids[0, 4] = 1
+    few = torch.tensor([0, 4, 12])
+    got = lora_multi(base, x, ids.clamp(max=1), a[:12], bt[:, :12], few, scales[:2], backend="torch")
+    torch.testing.assert_close(got, lora_multi_ref(base, x, ids.clamp(max=1), a[:12], b[:, :12], few, scales[:2]),
+                               **tol("lora"))
+
+
+@pytest.mark.parametrize("used", [[1, 3, 4], [0, 5], [2]], ids=["span_with_a_gap", "gathered", "one"])
+def test_subsets_of_one_rank_follow_the_twin(used):
+    # six rank-4 adapters; rows use a subset: a span at most half absent is taken as views, a sparse one gathered
+    a, b, offsets, scales = _adapters(45, 37, [4] * 6, torch.float32)
+    ids = torch.tensor([used[i % len(used)] for i in range(7)] + [-1])
+    base, x = torch.randn(8, 37), torch.randn(8, 45)
+    got = lora_multi(base, x, ids, a, b, offsets, scales, backend="torch")
+    torch.testing.assert_close(got, lora_multi_ref(base, x, ids, a, b, offsets, scales), **tol("lora"))
