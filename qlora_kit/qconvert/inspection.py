@@ -2,14 +2,17 @@
 
 Bits per parameter of a quantized weight = 8 * (bytes of its codes + every state entry) / params;
 for NF4, blocksize 64, double quant that is 4 + 8/64 + 32/(64*256) + (16*4 + 256*4 + JSON)/params
-≈ 4.127 for large weights. Only headers and the small quant_state JSON blobs are read.
+≈ 4.127 for large weights. Only headers and the small state entries are read (and checked as a loader
+would, formats.layout.from_entries); the packed codes are not.
 """
 import json
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from qlora_kit.formats import decode_state_json, spec
+import torch
+
+from qlora_kit.formats import decode_state_json, from_entries, spec
 
 from .checkpoint import Checkpoint
 
@@ -59,6 +62,13 @@ class Inspection:
 def _quantized_row(ckpt: Checkpoint, name: str) -> TensorRow:
     qt = next(q for q in spec.QUANT_TYPES if f"{name}.{spec.QUANT_STATE_PREFIX}{q}" in ckpt.file_of)
     fields = decode_state_json(name, ckpt.get(f"{name}.{spec.QUANT_STATE_PREFIX}{qt}"), qt)
+    # the same state checks as every loader (shapes, codebooks, absmax values), without reading the packed codes
+    state = {k: ckpt.get(k) for k in ckpt.entries_of(name) if k in ckpt.file_of and k != name}
+    if name in ckpt.file_of:
+        h = ckpt.header(name)
+        state[name] = torch.empty(h["shape"], dtype=torch.uint8 if h["dtype"] == "U8" else torch.float32,
+                                  device="meta")
+    from_entries(name, state)
     shape = tuple(fields["shape"])
     nbytes = sum(ckpt.nbytes(k) for k in ckpt.entries_of(name) if k in ckpt.file_of)
     return TensorRow(name, shape, qt, math.prod(shape), nbytes, fields["blocksize"],
