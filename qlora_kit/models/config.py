@@ -126,6 +126,9 @@ def config_from_hf(cfg: dict) -> ModelConfig:
         arch = model_type or ",".join(cfg.get("architectures") or []) or "<missing model_type>"
         raise UnsupportedArchitecture(f"unsupported architecture {arch!r} (config.json model_type); "
                                       f"supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
+    qc = cfg.get("quantization_config")
+    if qc is not None and not isinstance(qc, dict):
+        raise ConfigError(f"config.json: quantization_config={qc!r:.60} must be an object")
     missing = [k for k in _REQUIRED if k not in cfg]
     if missing:
         raise ConfigError(f"config.json: missing {missing} (needed by the {model_type} decoder)")
@@ -185,5 +188,5 @@ def load_config(folder: str | os.PathLike) -> ModelConfig:
         raise ConfigError(f"{path}: not valid JSON ({e})") from None
     try:
         return config_from_hf(data)
-    except ConfigError as e:
-        raise ConfigError(f"{path}: {str(e).removeprefix('config.json: ')}") from None
+    except (ConfigError, UnsupportedArchitecture) as e:
+        raise type(e)(f"{path}: {str(e).removeprefix('config.json: ')}") from None

@@ -75,10 +75,22 @@ class Checkpoint:
         """The packed codes key plus every state key of quantized weight `name`."""
         return [name] + [k for k in self.keys if k.startswith(name + ".") and is_state_key(k)]
 
-    def packed(self, name: str) -> Packed4bit:
-        """Rebuild quantized weight `name`; raises FormatError subclasses naming the tensor."""
-        present = {k: self.get(k) for k in self.entries_of(name) if k in self.file_of}
-        return from_entries(name, present)
+    def packed(self, name: str, codes: bool = True) -> Packed4bit:
+        """Rebuild quantized weight `name`; raises FormatError subclasses naming the file and the tensor.
+
+        With codes=False the packed codes are not read (a meta tensor of their declared shape stands in): every
+        state check still runs, at the cost of the small state entries only.
+        """
+        present = {k: self.get(k) for k in self.entries_of(name) if k in self.file_of and (codes or k != name)}
+        if not codes and name in self.file_of:
+            h = self.header(name)
+            present[name] = torch.empty(h["shape"], dtype=torch.uint8 if h["dtype"] == "U8" else torch.float32,
+                                        device="meta")
+        try:
+            return from_entries(name, present)
+        except FormatError as e:
+            where = self.file_of.get(name) or self.folder
+            raise type(e)(f"{where}: {e}") from None
 
     def plain_keys(self) -> list[str]:
         """Keys that are neither a quantized weight nor one of its state entries."""

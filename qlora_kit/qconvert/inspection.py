@@ -10,9 +10,7 @@ import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import torch
-
-from qlora_kit.formats import decode_state_json, from_entries, spec
+from qlora_kit.formats import decode_state_json, spec
 
 from .checkpoint import Checkpoint
 
@@ -61,14 +59,8 @@ class Inspection:
 
 def _quantized_row(ckpt: Checkpoint, name: str) -> TensorRow:
     qt = next(q for q in spec.QUANT_TYPES if f"{name}.{spec.QUANT_STATE_PREFIX}{q}" in ckpt.file_of)
+    ckpt.packed(name, codes=False)  # the same state checks as every loader, without reading the packed codes
     fields = decode_state_json(name, ckpt.get(f"{name}.{spec.QUANT_STATE_PREFIX}{qt}"), qt)
-    # the same state checks as every loader (shapes, codebooks, absmax values), without reading the packed codes
-    state = {k: ckpt.get(k) for k in ckpt.entries_of(name) if k in ckpt.file_of and k != name}
-    if name in ckpt.file_of:
-        h = ckpt.header(name)
-        state[name] = torch.empty(h["shape"], dtype=torch.uint8 if h["dtype"] == "U8" else torch.float32,
-                                  device="meta")
-    from_entries(name, state)
     shape = tuple(fields["shape"])
     nbytes = sum(ckpt.nbytes(k) for k in ckpt.entries_of(name) if k in ckpt.file_of)
     return TensorRow(name, shape, qt, math.prod(shape), nbytes, fields["blocksize"],

@@ -91,7 +91,9 @@ def read_config(folder: Path) -> dict:
                                       f"qconvert handles {', '.join(LLAMA_FAMILY)} ({', '.join(ARCHITECTURES)})")
     if "quantization_config" in config:
         qc = config["quantization_config"]
-        method = qc.get("quant_method", "?") if isinstance(qc, dict) else qc
+        if not isinstance(qc, dict):
+            raise FormatError(f"{path}: quantization_config={qc!r:.60} must be an object")
+        method = qc.get("quant_method", "?")
         raise UnsupportedSourceDtype(f"{path}: the source is already quantized (quant_method={method!r}); "
                                      f"convert needs a float32/float16/bfloat16 checkpoint")
     check_shapes_config(config, path)

@@ -187,12 +187,17 @@ def _normalise(raw: dict, where: str) -> dict:
 
 def build_config(file: str | os.PathLike | None = None, **overrides) -> TrainConfig:
     """Defaults <- config file <- overrides (None values are 'not given' and skipped)."""
-    values = read_config_file(file) if file else {}
-    values.update(_normalise({k: v for k, v in overrides.items() if v is not None}, "command line"))
+    from_file = read_config_file(file) if file else {}
+    given = _normalise({k: v for k, v in overrides.items() if v is not None}, "command line")
     try:
-        return TrainConfig(**values)
+        return TrainConfig(**{**from_file, **given})
     except TypeError as e:  # pragma: no cover - _normalise rejects unknown keys first
         raise ConfigError(str(e)) from None
+    except ConfigError as e:  # name the file when the bad value came from it
+        key = str(e).split("=", 1)[0].split(" ", 1)[0]
+        if key in from_file and key not in given:
+            raise ConfigError(f"{file}: {e}") from None
+        raise
 
 
 def with_overrides(cfg: TrainConfig, **changes) -> TrainConfig:
