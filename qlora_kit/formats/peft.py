@@ -71,6 +71,13 @@ class LoraConfig:
                 raise AdapterFormatError(f"{key}: {e} (adapter_config.json key {key})") from None
         object.__setattr__(self, "_tables", tables)
 
+    def __getstate__(self):  # the compiled pattern tables hold closures: pickle the fields, rebuild on load
+        return {k: v for k, v in self.__dict__.items() if k != "_tables"}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self.__post_init__()
+
     def scale(self, rank: int | None = None) -> float:
         """s = alpha / r, or alpha / sqrt(r) with rsLoRA (Kalajdzievski 2023)."""
         r = rank or self.r

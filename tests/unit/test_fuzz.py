@@ -8,7 +8,6 @@ import json
 import math
 import random
 import struct
-import threading
 import time
 
 import httpx
