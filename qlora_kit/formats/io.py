@@ -8,6 +8,7 @@ import contextlib
 import json
 import os
 import shutil
+import socket
 import struct
 import tempfile
 from collections.abc import Iterator, Mapping
@@ -52,16 +53,68 @@ def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
         raise
 
 
+OWNER_FILE = ".qlora_kit.owner"  # inside a temporary folder: {"pid", "start", "host"} of the writing process
+
+
+def _start_time(pid: int) -> str | None:
+    """The process's start time in clock ticks since boot (Linux /proc), to tell a reused pid apart."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat.rsplit(")", 1)[-1].split()[19]  # field 22; the command name may hold spaces
+
+
+def _owner() -> dict:
+    return {"pid": os.getpid(), "start": _start_time(os.getpid()), "host": socket.gethostname()}
+
+
+def _provably_dead(owner_file: Path) -> bool:
+    """True only when the owner file names a process on this host that is gone (or whose pid was reused)."""
+    try:
+        owner = json.loads(owner_file.read_text())
+        pid, start, host = int(owner["pid"]), owner.get("start"), owner["host"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    if host != socket.gethostname() or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return start is not None and _start_time(pid) not in (None, start)
+
+
+def clean_stale_temps(parent: str | os.PathLike) -> list[Path]:
+    """Remove the `.*.tmp` folders in `parent` left by atomic_dir writers that were killed (SIGKILL, power
+    loss): only those whose owner file proves the writer dead. Returns the folders removed."""
+    removed = []
+    for tmp in Path(parent).glob(".*.tmp"):
+        if tmp.is_dir() and not tmp.is_symlink() and _provably_dead(tmp / OWNER_FILE):
+            shutil.rmtree(tmp, ignore_errors=True)
+            removed.append(tmp)
+    return removed
+
+
 @contextlib.contextmanager
 def atomic_dir(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temporary folder beside `path`; on success rename it to `path` (replacing it if `overwrite`)."""
+    """Yield a temporary folder beside `path`; on success rename it to `path` (replacing it if `overwrite`).
+
+    The temporary folder holds an owner file (pid, start time, host) until the rename, so a later writer into
+    the same parent can remove it if this process is killed before it can clean up (clean_stale_temps).
+    """
     path = Path(path)
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path}: already exists (pass --overwrite to replace it)")
     path.parent.mkdir(parents=True, exist_ok=True)
+    clean_stale_temps(path.parent)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
+        (tmp / OWNER_FILE).write_text(json.dumps(_owner()))
         yield tmp
+        (tmp / OWNER_FILE).unlink()
         os.chmod(tmp, 0o755)
         if path.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
@@ -92,11 +145,30 @@ def save_safetensors(tensors: Mapping[str, torch.Tensor], path: str | os.PathLik
         tmp.write_bytes(blob)
 
 
+def _no_duplicates(pairs):
+    out = {}
+    for k, v in pairs:
+        if k in out:
+            raise FormatError(f"duplicate key {k!r}")
+        out[k] = v
+    return out
+
+
+def _is_uint(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
 def read_header(path: str | os.PathLike) -> dict:
-    """Parse and check a safetensors header: sizes, dtypes and offsets against the file, before allocating.
+    """Parse and check a safetensors header as strictly as the safetensors spec, before allocating.
+
+    The rules (safetensors' README and its Rust reader): a little-endian u64 N <= 100 MB, then N bytes of
+    UTF-8 JSON starting with `{` (trailing spaces allowed as padding), no duplicate keys; `__metadata__`, if
+    present, maps strings to strings; every other entry is exactly {dtype, shape, data_offsets} with a known
+    dtype, a shape of non-negative integers and two integer offsets whose span equals the tensor's byte size;
+    sorted by offset the tensors tile the body exactly (no overlap, no hole, nothing before or after them).
 
     Returns the header dict (tensor name -> {dtype, shape, data_offsets}, plus `__metadata__`).
-    Raises FormatError naming the file on any truncation or inconsistency.
+    Raises FormatError naming the file, and the tensor or field, on any violation.
     """
     path = Path(path)
     if not path.is_file():
@@ -109,32 +181,52 @@ def read_header(path: str | os.PathLike) -> dict:
         (hlen,) = struct.unpack("<Q", raw)
         if hlen > MAX_HEADER_BYTES or 8 + hlen > size:
             raise FormatError(f"{path}: header length {hlen} exceeds the file size {size} (truncated or corrupt)")
-        try:
-            header = json.loads(f.read(hlen).decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise FormatError(f"{path}: header is not valid JSON ({e})") from None
+        text = f.read(hlen)
+    if not text.startswith(b"{"):
+        raise FormatError(f"{path}: header is not valid JSON (a safetensors header starts with '{{')")
+    try:
+        header = json.loads(text.decode("utf-8"), object_pairs_hook=_no_duplicates)
+    except FormatError as e:
+        raise FormatError(f"{path}: header has a {e}") from None
+    except (UnicodeDecodeError, RecursionError, ValueError) as e:
+        raise FormatError(f"{path}: header is not valid JSON ({e})") from None
     if not isinstance(header, dict):
         raise FormatError(f"{path}: header is not a JSON object")
+    meta = header.get("__metadata__", {})
+    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+        raise FormatError(f"{path}: __metadata__ must map strings to strings, got {meta!r:.200}")
     body = size - 8 - hlen
-    end_max = 0
+    spans = []
     for name, info in header.items():
         if name == "__metadata__":
             continue
-        try:
-            dtype, shape, (start, end) = info["dtype"], info["shape"], info["data_offsets"]
-        except (KeyError, TypeError, ValueError):
-            raise FormatError(f"{path}: tensor {name}: malformed header entry {info!r}") from None
-        if dtype not in _DTYPE_BYTES:
-            raise FormatError(f"{path}: tensor {name}: unknown dtype {dtype!r}")
+        where = f"{path}: tensor {name}"
+        if not isinstance(info, dict) or set(info) != {"dtype", "shape", "data_offsets"}:
+            raise FormatError(f"{where}: entry must be exactly {{dtype, shape, data_offsets}}, got {info!r:.200}")
+        dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
+        if not isinstance(dtype, str) or dtype not in _DTYPE_BYTES:
+            raise FormatError(f"{where}: unknown dtype {dtype!r:.100}")
+        if not isinstance(shape, list) or not all(_is_uint(d) for d in shape):
+            raise FormatError(f"{where}: shape {shape!r:.100} must be a list of non-negative integers")
+        if not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_uint(o) for o in offsets):
+            raise FormatError(f"{where}: data_offsets {offsets!r:.100} must be two non-negative integers")
+        start, end = offsets
         numel = 1
         for d in shape:
             numel *= d
-        if not (0 <= start <= end <= body) or end - start != numel * _DTYPE_BYTES[dtype]:
-            raise FormatError(f"{path}: tensor {name}: offsets [{start}, {end}) do not fit {dtype} {shape} "
+        if not start <= end <= body or end - start != numel * _DTYPE_BYTES[dtype]:
+            raise FormatError(f"{where}: offsets [{start}, {end}) do not fit {dtype} {shape} "
                               f"in a body of {body} bytes (truncated or corrupt)")
-        end_max = max(end_max, end)
-    if end_max != body:
-        raise FormatError(f"{path}: body is {body} bytes but tensors end at {end_max} (truncated or trailing bytes)")
+        spans.append((start, end, name))
+    pos = 0
+    for start, end, name in sorted(spans):
+        if start != pos:
+            what = "overlaps the previous tensor" if start < pos else f"leaves a hole of {start - pos} bytes before it"
+            raise FormatError(f"{path}: tensor {name}: data_offsets [{start}, {end}) {what} "
+                              "(safetensors requires tensors to tile the body exactly)")
+        pos = end
+    if pos != body:
+        raise FormatError(f"{path}: body is {body} bytes but tensors end at {pos} (truncated or trailing bytes)")
     return header
 
 
@@ -146,16 +238,35 @@ def open_safetensors(path: str | os.PathLike) -> Iterator:
         yield f
 
 
+def index_shards(index: str | os.PathLike) -> dict[str, Path]:
+    """The weight_map of a shard index (model.safetensors.index.json), each shard confined to its folder.
+
+    Returns tensor name -> shard path. Raises FormatError naming the index and the entry when the file is not
+    a {"weight_map": {name: file}} object or a shard name is absolute, has a folder part or `..`.
+    """
+    index = Path(index)
+    try:
+        data = json.loads(index.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, RecursionError, ValueError) as e:
+        raise FormatError(f"{index}: not valid JSON ({e})") from None
+    weight_map = data.get("weight_map") if isinstance(data, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise FormatError(f"{index}: weight_map must be a non-empty object of tensor name -> shard file")
+    out = {}
+    for name, file in weight_map.items():
+        if not isinstance(file, str) or not file or Path(file).name != file or file in (".", ".."):
+            raise FormatError(f"{index}: weight_map[{name!r}] = {file!r:.100}: must be a file name inside "
+                              f"{index.parent} (no folders, '..' or absolute paths)")
+        out[name] = index.parent / file
+    return out
+
+
 def safetensors_files(folder: str | os.PathLike) -> list[Path]:
     """The weight files of a checkpoint folder: model.safetensors, or the shards its index names (FORMAT.md §1)."""
     folder = Path(folder)
     index = folder / "model.safetensors.index.json"
     if index.is_file():
-        try:
-            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
-            raise FormatError(f"{index}: not a safetensors index with a weight_map ({e})") from None
-        return [folder / s for s in shards]
+        return sorted(set(index_shards(index).values()))
     single = folder / "model.safetensors"
     if not single.is_file():
         raise FormatError(f"{folder}: no model.safetensors or model.safetensors.index.json "

@@ -18,7 +18,7 @@ from collections.abc import Mapping
 import torch
 
 from . import spec
-from .codec import NestedAbsmax, Packed4bit, QuantState, check_blocksize, check_quant_type
+from .codec import NestedAbsmax, Packed4bit, QuantState, check_blocksize, check_quant_type, decode_absmax
 from .errors import CorruptQuantState, MissingTensor, ShapeMismatch, UnsupportedDtype
 
 
@@ -83,13 +83,13 @@ def decode_state_json(name: str, blob: torch.Tensor, quant_type: str) -> dict:
         raise CorruptQuantState(f"{where}: missing key(s) {missing}")
     if fields["quant_type"] != quant_type:
         raise CorruptQuantState(f"{where}: quant_type {fields['quant_type']!r} disagrees with the entry name")
-    if fields["dtype"] not in spec.NAME_DTYPES:
-        raise UnsupportedDtype(f"{where}: dtype {fields['dtype']!r} is not one of {sorted(spec.NAME_DTYPES)}")
+    if not isinstance(fields["dtype"], str) or fields["dtype"] not in spec.NAME_DTYPES:
+        raise UnsupportedDtype(f"{where}: dtype {fields['dtype']!r:.60} is not one of {sorted(spec.NAME_DTYPES)}")
     shape = fields["shape"]
-    if not isinstance(shape, list) or not shape or not all(isinstance(d, int) and d > 0 for d in shape):
-        raise CorruptQuantState(f"{where}: shape {shape!r} must be a non-empty list of positive integers")
-    if not isinstance(fields["blocksize"], int):
-        raise CorruptQuantState(f"{where}: blocksize {fields['blocksize']!r} is not an integer")
+    if not isinstance(shape, list) or not shape or not all(_is_int(d) and d > 0 for d in shape):
+        raise CorruptQuantState(f"{where}: shape {shape!r:.60} must be a non-empty list of positive integers")
+    if not _is_int(fields["blocksize"]):
+        raise CorruptQuantState(f"{where}: blocksize {fields['blocksize']!r:.60} is not an integer")
     check_blocksize(fields["blocksize"], where)
     nested = [k for k in spec.NESTED_STATE_KEYS if k in fields]
     if nested and len(nested) != len(spec.NESTED_STATE_KEYS):
@@ -97,12 +97,46 @@ def decode_state_json(name: str, blob: torch.Tensor, quant_type: str) -> dict:
     if nested:
         if fields["nested_dtype"] != "float32":
             raise CorruptQuantState(f"{where}: nested_dtype {fields['nested_dtype']!r} must be 'float32'")
-        if not isinstance(fields["nested_blocksize"], int) or fields["nested_blocksize"] <= 0:
-            raise CorruptQuantState(f"{where}: nested_blocksize {fields['nested_blocksize']!r} is invalid")
+        if not _is_int(fields["nested_blocksize"]) or fields["nested_blocksize"] not in spec.BLOCKSIZES:
+            raise CorruptQuantState(f"{where}: nested_blocksize {fields['nested_blocksize']!r:.60} is invalid "
+                                    f"(a power of two in 64..4096; bitsandbytes writes {spec.NESTED_BLOCKSIZE})")
         offset = fields["nested_offset"]
-        if not isinstance(offset, (int, float)) or not math.isfinite(offset):
+        if not isinstance(offset, (int, float)) or isinstance(offset, bool) or not math.isfinite(offset):
             raise CorruptQuantState(f"{where}: nested_offset {offset!r} is not a finite number")
     return fields
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def check_state_values(name: str, state: QuantState) -> None:
+    """The values of a quant state that no loader may trust blindly: quant_map is the NF4/FP4 codebook and
+    nested_quant_map the 8-bit dynamic map (|diff| <= 1e-6); absmax, decoded, is finite and >= 0.
+
+    Raises:
+        CorruptQuantState naming the entry.
+    """
+    if not torch.allclose(state.code.float().cpu(), spec.code_table(state.quant_type), rtol=0, atol=CODE_ATOL):
+        raise CorruptQuantState(f"{name}.{spec.QUANT_MAP}: is not the {state.quant_type} codebook (corrupt)")
+    if state.nested is not None:
+        if not torch.allclose(state.nested.code.float().cpu(), _dynamic_map(), rtol=0, atol=CODE_ATOL):
+            raise CorruptQuantState(f"{name}.{spec.NESTED_QUANT_MAP}: is not the 8-bit dynamic map (corrupt)")
+        if not torch.isfinite(state.nested.absmax).all():
+            raise CorruptQuantState(f"{name}.{spec.NESTED_ABSMAX}: holds NaN/Inf (corrupt)")
+    absmax = decode_absmax(state)
+    if not torch.isfinite(absmax).all() or (absmax < 0).any():
+        raise CorruptQuantState(f"{name}.{spec.ABSMAX}: decoded absmax has NaN/Inf or negative values (corrupt)")
+
+
+CODE_ATOL = 1e-6
+_DYNAMIC: list[torch.Tensor] = []
+
+
+def _dynamic_map() -> torch.Tensor:
+    if not _DYNAMIC:
+        _DYNAMIC.append(spec.dynamic_map())
+    return _DYNAMIC[0]
 
 
 def _get(tensors: Mapping[str, torch.Tensor], key: str) -> torch.Tensor:
@@ -117,7 +151,8 @@ def _expect(key: str, t: torch.Tensor, dtype: torch.dtype, shape: tuple[int, ...
 
 
 def from_entries(name: str, tensors: Mapping[str, torch.Tensor]) -> Packed4bit:
-    """Rebuild one quantized weight from checkpoint entries, checking every shape against the JSON."""
+    """Rebuild one quantized weight from checkpoint entries, checking every shape against the JSON and the
+    state's values (check_state_values), so no corrupt state decodes to NaN or zero weights."""
     found = [qt for qt in spec.QUANT_TYPES if f"{name}.{spec.QUANT_STATE_PREFIX}{qt}" in tensors]
     if len(found) != 1:
         raise MissingTensor(f"{name}: expected exactly one quant_state.bitsandbytes__nf4|fp4 entry, found {len(found)}")
@@ -145,6 +180,7 @@ def from_entries(name: str, tensors: Mapping[str, torch.Tensor]) -> Packed4bit:
     else:
         _expect(f"{name}.{spec.ABSMAX}", absmax, torch.float32, (blocks,))
     state = QuantState(quant_type, blocksize, shape, spec.NAME_DTYPES[fields["dtype"]], absmax, code, nested)
+    check_state_values(name, state)
     return Packed4bit(data, state)
 
 

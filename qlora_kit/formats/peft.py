@@ -10,13 +10,14 @@ W x + (lora_alpha / r) * B A x  (or lora_alpha / sqrt(r) with use_rslora). Pickl
 adapter_model.bin files are refused: adapters load from safetensors only.
 """
 import json
+import math
 import os
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from ._pattern import PatternError, PatternTable
 from .errors import AdapterFormatError
 from .io import atomic_dir, load_safetensors, save_safetensors, write_json
 
@@ -41,12 +42,41 @@ class LoraConfig:
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
-        if not isinstance(self.r, int) or self.r < 1:
-            raise AdapterFormatError(f"r={self.r!r}: must be an integer >= 1 (adapter_config.json key r)")
+        def bad(key, rule):
+            raise AdapterFormatError(f"{key}={getattr(self, key)!r}: {rule} (adapter_config.json key {key})")
+
+        if not _is_int(self.r) or self.r < 1:
+            bad("r", "must be an integer >= 1")
+        if not _is_number(self.lora_alpha):
+            bad("lora_alpha", "must be a finite number")
+        if not isinstance(self.target_modules, tuple) or not all(isinstance(t, str) and t for t in self.target_modules):
+            bad("target_modules", "must be a module name or a list of module names")
         if not self.target_modules:
             raise AdapterFormatError("target_modules is empty (adapter_config.json key target_modules)")
-        if not 0.0 <= self.lora_dropout < 1.0:
-            raise AdapterFormatError(f"lora_dropout={self.lora_dropout}: must be in [0, 1)")
+        if not _is_number(self.lora_dropout) or not 0.0 <= self.lora_dropout < 1.0:
+            bad("lora_dropout", "must be in [0, 1)")
+        if not isinstance(self.use_rslora, bool):
+            bad("use_rslora", "must be true or false")
+        if self.base_model_name_or_path is not None and not isinstance(self.base_model_name_or_path, str):
+            bad("base_model_name_or_path", "must be a string or null")
+        tables = {}
+        for key, ok, rule in (("rank_pattern", lambda v: _is_int(v) and v >= 1, "integers >= 1"),
+                              ("alpha_pattern", _is_number, "finite numbers")):
+            table = getattr(self, key)
+            if not isinstance(table, dict) or not all(ok(v) for v in table.values()):
+                bad(key, f"must map module-name patterns to {rule}")
+            try:
+                tables[key] = PatternTable(table)
+            except PatternError as e:
+                raise AdapterFormatError(f"{key}: {e} (adapter_config.json key {key})") from None
+        object.__setattr__(self, "_tables", tables)
+
+    def __getstate__(self):  # the compiled pattern tables hold closures: pickle the fields, rebuild on load
+        return {k: v for k, v in self.__dict__.items() if k != "_tables"}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self.__post_init__()
 
     def scale(self, rank: int | None = None) -> float:
         """s = alpha / r, or alpha / sqrt(r) with rsLoRA (Kalajdzievski 2023)."""
@@ -55,11 +85,17 @@ class LoraConfig:
 
     def rank_for(self, module_path: str) -> int:
         """r of one module: `rank_pattern` overrides `r` where a key matches the end of the module path."""
-        return int(_pattern_value(self.rank_pattern, module_path, self.r))
+        return self._lookup("rank_pattern", module_path, self.r)
 
     def alpha_for(self, module_path: str) -> float:
         """lora_alpha of one module: `alpha_pattern` overrides it the same way."""
-        return float(_pattern_value(self.alpha_pattern, module_path, self.lora_alpha))
+        return float(self._lookup("alpha_pattern", module_path, self.lora_alpha))
+
+    def _lookup(self, key: str, module_path: str, default):
+        try:
+            return self._tables[key].lookup(module_path, default)
+        except PatternError as e:
+            raise AdapterFormatError(f"{key}: {e} (adapter_config.json key {key})") from None
 
     def scale_for(self, module_path: str, rank: int | None = None) -> float:
         """s of one module, from its own alpha and rank (the stored rank when given)."""
@@ -103,27 +139,32 @@ class LoraConfig:
         if obj.get("bias", "none") != "none":
             raise AdapterFormatError(f"{where}: bias={obj['bias']!r} is not supported (only 'none')")
         targets = obj["target_modules"]
-        targets = (targets,) if isinstance(targets, str) else tuple(targets)
+        targets = (targets,) if isinstance(targets, str) else tuple(targets) if isinstance(targets, list) else targets
         known = {"r", "lora_alpha", "target_modules", "lora_dropout", "use_rslora", "base_model_name_or_path",
                  "rank_pattern", "alpha_pattern"}
         try:
             return cls(
                 r=obj["r"], lora_alpha=obj["lora_alpha"], target_modules=targets,
-                lora_dropout=float(obj.get("lora_dropout") or 0.0), use_rslora=bool(obj.get("use_rslora", False)),
+                lora_dropout=_or(obj.get("lora_dropout"), 0.0), use_rslora=_or(obj.get("use_rslora"), False),
                 base_model_name_or_path=obj.get("base_model_name_or_path"),
-                rank_pattern=dict(obj.get("rank_pattern") or {}), alpha_pattern=dict(obj.get("alpha_pattern") or {}),
+                rank_pattern=_or(obj.get("rank_pattern"), {}), alpha_pattern=_or(obj.get("alpha_pattern"), {}),
                 extra={k: v for k, v in obj.items() if k not in known},
             )
         except AdapterFormatError as e:
             raise AdapterFormatError(f"{where}: {e}") from None
 
 
-def _pattern_value(pattern: dict, path: str, default):
-    """PEFT's rank_pattern / alpha_pattern rule: a key (a regex) that matches the whole path or its end."""
-    for key, value in pattern.items():
-        if re.fullmatch(rf"(.*\.)?{key}", path):
-            return value
-    return default
+def _or(value, default):
+    """PEFT writes null for an unset optional key."""
+    return default if value is None else value
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
 def lora_pairs(tensors: dict[str, torch.Tensor], where: str = WEIGHTS_NAME) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:

@@ -11,7 +11,7 @@ from .adapters import (
 from .attention import AttentionMeta, KVCache, StaticKVCache, attend, build_meta
 from .batch import Batch
 from .config import SUPPORTED_MODEL_TYPES, ModelConfig, RopeConfig, config_from_hf, load_config
-from .errors import AdapterError, CheckpointError, ModelError, TokenizerError, UnsupportedArchitecture
+from .errors import AdapterError, CheckpointError, ConfigError, ModelError, TokenizerError, UnsupportedArchitecture
 from .generate import generate
 from .llama import PROJECTIONS, Llama, RMSNorm
 from .loading import load_model
@@ -24,7 +24,7 @@ __all__ = [
     "adapter_ids", "adapter_params", "adapter_state", "add_adapter", "load_peft_adapter", "remove_adapter",
     "save_peft_adapter", "AttentionMeta", "KVCache", "StaticKVCache", "attend", "build_meta", "Batch",
     "SUPPORTED_MODEL_TYPES", "ModelConfig", "RopeConfig", "config_from_hf", "load_config",
-    "AdapterError", "CheckpointError", "ModelError", "TokenizerError", "UnsupportedArchitecture",
+    "AdapterError", "CheckpointError", "ConfigError", "ModelError", "TokenizerError", "UnsupportedArchitecture",
     "generate", "PROJECTIONS", "Llama", "RMSNorm", "load_model", "BASE_ONLY", "LoraLinear", "NF4Linear",
     "SamplingParams", "sample", "Tokenizer",
 ]

@@ -15,7 +15,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import UnsupportedArchitecture
+from .errors import ConfigError, UnsupportedArchitecture
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
@@ -37,11 +37,11 @@ class RopeConfig:
             raise UnsupportedArchitecture(
                 f"rope_type={self.rope_type!r} is not supported; supported: {', '.join(SUPPORTED_ROPE_TYPES)}")
         if self.theta <= 0:
-            raise ValueError(f"rope_theta={self.theta}: must be > 0")
+            raise ConfigError(f"rope_theta={self.theta}: must be > 0")
         if self.factor <= 0:
-            raise ValueError(f"rope factor={self.factor}: must be > 0")
+            raise ConfigError(f"rope factor={self.factor}: must be > 0")
         if self.rope_type == "llama3" and self.high_freq_factor <= self.low_freq_factor:
-            raise ValueError(f"llama3 rope: high_freq_factor={self.high_freq_factor} must exceed "
+            raise ConfigError(f"llama3 rope: high_freq_factor={self.high_freq_factor} must exceed "
                              f"low_freq_factor={self.low_freq_factor}")
 
 
@@ -75,17 +75,17 @@ class ModelConfig:
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads",
                      "head_dim"):
             value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name}={value!r}: must be an integer >= 1 (config.json)")
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ConfigError(f"{name}={value!r}: must be an integer >= 1 (config.json)")
         if self.num_heads % self.num_kv_heads:
-            raise ValueError(f"num_attention_heads={self.num_heads} is not a multiple of "
+            raise ConfigError(f"num_attention_heads={self.num_heads} is not a multiple of "
                              f"num_key_value_heads={self.num_kv_heads} (config.json)")
         if self.head_dim % 2:
-            raise ValueError(f"head_dim={self.head_dim}: must be even for rotary embeddings")
+            raise ConfigError(f"head_dim={self.head_dim}: must be even for rotary embeddings")
         if self.hidden_act not in ("silu", "swish"):
             raise UnsupportedArchitecture(f"hidden_act={self.hidden_act!r} is not supported; supported: silu")
-        if self.sliding_window is not None and self.sliding_window < 1:
-            raise ValueError(f"sliding_window={self.sliding_window}: must be >= 1 or null")
+        if self.sliding_window is not None and (not isinstance(self.sliding_window, int) or self.sliding_window < 1):
+            raise ConfigError(f"sliding_window={self.sliding_window}: must be >= 1 or null")
 
     @property
     def q_size(self) -> int:
@@ -119,13 +119,38 @@ def config_from_hf(cfg: dict) -> ModelConfig:
         UnsupportedArchitecture: model_type outside SUPPORTED_MODEL_TYPES, or an unknown rope_type.
         ValueError: inconsistent shapes.
     """
+    if not isinstance(cfg, dict):
+        raise ConfigError(f"config.json: must be a JSON object, not {type(cfg).__name__}")
     model_type = cfg.get("model_type")
     if model_type not in SUPPORTED_MODEL_TYPES:
         arch = model_type or ",".join(cfg.get("architectures") or []) or "<missing model_type>"
         raise UnsupportedArchitecture(f"unsupported architecture {arch!r} (config.json model_type); "
                                       f"supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
+    qc = cfg.get("quantization_config")
+    if qc is not None and not isinstance(qc, dict):
+        raise ConfigError(f"config.json: quantization_config={qc!r:.60} must be an object")
+    missing = [k for k in _REQUIRED if k not in cfg]
+    if missing:
+        raise ConfigError(f"config.json: missing {missing} (needed by the {model_type} decoder)")
+    try:
+        return _config(cfg, model_type)
+    except (TypeError, ValueError, ZeroDivisionError, OverflowError) as e:
+        if isinstance(e, ConfigError):
+            raise
+        raise ConfigError(f"config.json: a field has the wrong type or value ({type(e).__name__}: {e})") from None
+
+
+_REQUIRED = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+
+
+def _config(cfg: dict, model_type: str) -> ModelConfig:
     num_heads = cfg["num_attention_heads"]
-    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // num_heads
+    if not isinstance(num_heads, int) or isinstance(num_heads, bool) or num_heads < 1:
+        raise ConfigError(f"num_attention_heads={num_heads!r}: must be an integer >= 1 (config.json)")
+    hidden = cfg["hidden_size"]
+    if not isinstance(hidden, int) or isinstance(hidden, bool) or hidden < 1:
+        raise ConfigError(f"hidden_size={hidden!r}: must be an integer >= 1 (config.json)")
+    head_dim = cfg.get("head_dim") or hidden // num_heads
     attention_bias = bool(cfg.get("attention_bias", False))
     if model_type in ("qwen2", "qwen3") and cfg.get("use_sliding_window"):
         raise UnsupportedArchitecture(f"{model_type} with use_sliding_window=true is not supported (config.json)")
@@ -157,4 +182,11 @@ def load_config(folder: str | os.PathLike) -> ModelConfig:
     path = Path(folder) / "config.json"
     if not path.is_file():
         raise UnsupportedArchitecture(f"{path}: missing; not a Hugging Face model folder")
-    return config_from_hf(json.loads(path.read_text()))
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, RecursionError, ValueError) as e:
+        raise ConfigError(f"{path}: not valid JSON ({e})") from None
+    try:
+        return config_from_hf(data)
+    except (ConfigError, UnsupportedArchitecture) as e:
+        raise type(e)(f"{path}: {str(e).removeprefix('config.json: ')}") from None

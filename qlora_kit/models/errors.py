@@ -10,6 +10,10 @@ class UnsupportedArchitecture(ModelError):
     """config.json names a model type or RoPE scaling the decoder does not implement."""
 
 
+class ConfigError(ModelError, ValueError):
+    """A config.json that is not a JSON object, lacks a field the decoder needs, or holds a value out of range."""
+
+
 class CheckpointError(ModelError):
     """A checkpoint folder lacks a tensor the decoder needs, or holds one it cannot place."""
 

@@ -9,7 +9,8 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from qlora_kit.formats import FormatError, Packed4bit, from_entries, is_state_key, quantized_weight_names, read_header
+from qlora_kit.formats import (FormatError, Packed4bit, from_entries, index_shards, is_state_key,
+                               quantized_weight_names, read_header)
 
 from .errors import SourceNotFound
 from .shards import INDEX, SINGLE
@@ -27,12 +28,9 @@ class Checkpoint:
             raise SourceNotFound(f"{self.folder}: no such checkpoint folder")
         self.index: dict[str, str] | None = None
         if (self.folder / INDEX).is_file():
-            path = self.folder / INDEX
-            try:
-                self.index = json.loads(path.read_text())["weight_map"]
-            except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as e:
-                raise FormatError(f"{path}: not a valid shard index ({type(e).__name__}: {e})") from None
-            self.files = [self.folder / f for f in sorted(set(self.index.values()))]
+            shards = index_shards(self.folder / INDEX)  # confined to the folder
+            self.index = {k: p.name for k, p in shards.items()}
+            self.files = sorted(set(shards.values()))
         elif (self.folder / SINGLE).is_file():
             self.files = [self.folder / SINGLE]
         else:
@@ -53,8 +51,7 @@ class Checkpoint:
         self.quantized = quantized_weight_names(self.keys)
         self._stack = ExitStack()
         self._handles: dict[Path, object] = {}
-        config = self.folder / "config.json"
-        self.config = json.loads(config.read_text()) if config.is_file() else {}
+        self.config = _read_config(self.folder / "config.json")
 
     def __enter__(self) -> "Checkpoint":
         return self
@@ -78,10 +75,22 @@ class Checkpoint:
         """The packed codes key plus every state key of quantized weight `name`."""
         return [name] + [k for k in self.keys if k.startswith(name + ".") and is_state_key(k)]
 
-    def packed(self, name: str) -> Packed4bit:
-        """Rebuild quantized weight `name`; raises FormatError subclasses naming the tensor."""
-        present = {k: self.get(k) for k in self.entries_of(name) if k in self.file_of}
-        return from_entries(name, present)
+    def packed(self, name: str, codes: bool = True) -> Packed4bit:
+        """Rebuild quantized weight `name`; raises FormatError subclasses naming the file and the tensor.
+
+        With codes=False the packed codes are not read (a meta tensor of their declared shape stands in): every
+        state check still runs, at the cost of the small state entries only.
+        """
+        present = {k: self.get(k) for k in self.entries_of(name) if k in self.file_of and (codes or k != name)}
+        if not codes and name in self.file_of:
+            h = self.header(name)
+            present[name] = torch.empty(h["shape"], dtype=torch.uint8 if h["dtype"] == "U8" else torch.float32,
+                                        device="meta")
+        try:
+            return from_entries(name, present)
+        except FormatError as e:
+            where = self.file_of.get(name) or self.folder
+            raise type(e)(f"{where}: {e}") from None
 
     def plain_keys(self) -> list[str]:
         """Keys that are neither a quantized weight nor one of its state entries."""
@@ -95,3 +104,19 @@ class Checkpoint:
     @staticmethod
     def numel(shape) -> int:
         return math.prod(shape)
+
+
+def _read_config(path: Path) -> dict:
+    """config.json as a dict ({} when absent); FormatError naming the file when it is not a JSON object."""
+    if not path.is_file():
+        return {}
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, RecursionError, ValueError) as e:
+        raise FormatError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(config, dict):
+        raise FormatError(f"{path}: must be a JSON object, not {type(config).__name__}")
+    qc = config.get("quantization_config")
+    if qc is not None and not isinstance(qc, dict):
+        raise FormatError(f"{path}: quantization_config={qc!r:.100} must be an object")
+    return config

@@ -18,6 +18,7 @@ from qlora_kit.formats import atomic_dir, quantization_config, quantize_4bit, sh
 from .errors import InvalidOption
 from .options import ConvertConfig
 from .progress import byte_progress
+from .shapes import check_tensor_shapes
 from .shards import INDEX, ShardWriter
 from .source import SourceWeights, read_config, resolve
 
@@ -74,11 +75,11 @@ def convert(src: str, out: str | Path, cfg: ConvertConfig = ConvertConfig(), rev
         FileExistsError when OUT exists and cfg.overwrite is false; OSError when writing fails.
     """
     folder = resolve(src, revision, token)
+    out = Path(out)
+    check_out(out, folder)
     config = read_config(folder)
     weights = SourceWeights(folder)
-    out = Path(out)
-    if out.resolve() == folder.resolve() or folder.resolve() in out.resolve().parents:
-        raise InvalidOption(f"{out}: OUT must not be SRC ({folder}) or lie inside it")
+    check_tensor_shapes(config, weights.infos, folder / "config.json")
     if out.exists() and not cfg.overwrite:
         raise FileExistsError(f"{out}: already exists (pass --overwrite to replace it)")
     threads = torch.get_num_threads()
@@ -89,6 +90,13 @@ def convert(src: str, out: str | Path, cfg: ConvertConfig = ConvertConfig(), rev
         torch.set_num_threads(threads)
     return ConvertResult(out, files, weights.total_bytes, sum(f.stat().st_size for f in files),
                          *_counts(weights, cfg))
+
+
+def check_out(out: Path, src: Path) -> None:
+    """OUT may not be SRC, lie inside it, or contain it (--overwrite replaces OUT: it would delete SRC)."""
+    o, f = out.resolve(), src.resolve()
+    if o == f or f in o.parents or o in f.parents:
+        raise InvalidOption(f"{out}: OUT must not be SRC ({src}), lie inside it or contain it")
 
 
 def _counts(weights: SourceWeights, cfg: ConvertConfig) -> tuple[int, int]:

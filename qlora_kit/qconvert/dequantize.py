@@ -12,7 +12,7 @@ from qlora_kit.formats import atomic_dir, spec, write_json
 from qlora_kit.kernels import dequant
 
 from .checkpoint import Checkpoint
-from .convert import SOURCE_KEY, aux_files
+from .convert import SOURCE_KEY, aux_files, check_out
 from .progress import byte_progress
 from .shards import ShardWriter
 
@@ -25,6 +25,7 @@ def dequantize(path: str | Path, out: str | Path, dtype: str | None = None, max_
         FormatError subclasses naming the tensor; FileExistsError when OUT exists and not `overwrite`.
     """
     out = Path(out)
+    check_out(out, Path(path))
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out}: already exists (pass --overwrite to replace it)")
     target = spec.NAME_DTYPES[dtype] if dtype else None

@@ -2,7 +2,8 @@
 
 Bits per parameter of a quantized weight = 8 * (bytes of its codes + every state entry) / params;
 for NF4, blocksize 64, double quant that is 4 + 8/64 + 32/(64*256) + (16*4 + 256*4 + JSON)/params
-≈ 4.127 for large weights. Only headers and the small quant_state JSON blobs are read.
+≈ 4.127 for large weights. Only headers and the small state entries are read (and checked as a loader
+would, formats.layout.from_entries); the packed codes are not.
 """
 import json
 import math
@@ -58,6 +59,7 @@ class Inspection:
 
 def _quantized_row(ckpt: Checkpoint, name: str) -> TensorRow:
     qt = next(q for q in spec.QUANT_TYPES if f"{name}.{spec.QUANT_STATE_PREFIX}{q}" in ckpt.file_of)
+    ckpt.packed(name, codes=False)  # the same state checks as every loader, without reading the packed codes
     fields = decode_state_json(name, ckpt.get(f"{name}.{spec.QUANT_STATE_PREFIX}{qt}"), qt)
     shape = tuple(fields["shape"])
     nbytes = sum(ckpt.nbytes(k) for k in ckpt.entries_of(name) if k in ckpt.file_of)

@@ -56,10 +56,15 @@ class _Shard:
         self.entries[name] = (TORCH_TO_ST[t.dtype], list(t.shape), align, self.sizes[align])
         self.sizes[align] += raw.nbytes
 
-    def finish(self, path: Path, metadata: dict[str, str]) -> None:
-        """Write header + sections to `path` (fsynced) and delete the section files."""
+    def seal(self) -> None:
+        """Close the section files: a full shard waits for close() without holding descriptors (a model of
+        hundreds of shards would otherwise need four open files each)."""
         for f in self.files.values():
             f.close()
+
+    def finish(self, path: Path, metadata: dict[str, str]) -> None:
+        """Write header + sections to `path` (fsynced) and delete the section files."""
+        self.seal()
         base = {}
         offset = 0
         for a in _ALIGNS:
@@ -107,6 +112,7 @@ class ShardWriter:
     def add_group(self, tensors: dict[str, torch.Tensor]) -> None:
         size = sum(t.numel() * t.element_size() for t in tensors.values())
         if self.current is not None and self.current.nbytes and self.current.nbytes + size > self.max_shard_size:
+            self.current.seal()
             self.done.append(self.current)
             self.current = None
         if self.current is None:

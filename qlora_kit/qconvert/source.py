@@ -17,9 +17,10 @@ from pathlib import Path
 
 import torch
 
-from qlora_kit.formats import FormatError, read_header
+from qlora_kit.formats import FormatError, index_shards, read_header
 
 from .errors import SourceNotFound, UnsupportedArchitecture, UnsupportedSourceDtype
+from .shapes import check_shapes_config
 
 LLAMA_FAMILY = ("llama", "mistral", "qwen2", "qwen3")
 ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
@@ -76,28 +77,32 @@ def read_config(folder: Path) -> dict:
     if not path.is_file():
         raise SourceNotFound(f"{folder}: no config.json (not a Hugging Face checkpoint folder)")
     try:
-        config = json.loads(path.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, RecursionError, ValueError) as e:
         raise FormatError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(config, dict):
+        raise FormatError(f"{path}: must be a JSON object, not {type(config).__name__}")
     model_type = config.get("model_type")
     archs = config.get("architectures") or []
-    if model_type not in LLAMA_FAMILY or any(a not in ARCHITECTURES for a in archs):
+    if not isinstance(archs, list) or not all(isinstance(a, str) for a in archs):
+        raise FormatError(f"{path}: architectures={archs!r:.100} must be a list of class names")
+    if not isinstance(model_type, str) or model_type not in LLAMA_FAMILY or any(a not in ARCHITECTURES for a in archs):
         raise UnsupportedArchitecture(f"{path}: model_type={model_type!r} architectures={archs} is not supported; "
                                       f"qconvert handles {', '.join(LLAMA_FAMILY)} ({', '.join(ARCHITECTURES)})")
     if "quantization_config" in config:
-        method = config["quantization_config"].get("quant_method", "?")
+        qc = config["quantization_config"]
+        if not isinstance(qc, dict):
+            raise FormatError(f"{path}: quantization_config={qc!r:.60} must be an object")
+        method = qc.get("quant_method", "?")
         raise UnsupportedSourceDtype(f"{path}: the source is already quantized (quant_method={method!r}); "
                                      f"convert needs a float32/float16/bfloat16 checkpoint")
+    check_shapes_config(config, path)
     return config
 
 
 def _index_files(folder: Path, index_name: str) -> list[Path]:
     index = folder / index_name
-    try:
-        weight_map = json.loads(index.read_text())["weight_map"]
-    except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as e:
-        raise FormatError(f"{index}: not a valid shard index ({type(e).__name__}: {e})") from None
-    files = [folder / f for f in sorted(set(weight_map.values()))]
+    files = sorted(set(index_shards(index).values()))  # confined to the folder
     for f in files:
         if not f.is_file():
             raise FormatError(f"{index}: names shard {f.name}, which is missing")

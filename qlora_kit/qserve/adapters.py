@@ -186,7 +186,7 @@ class AdapterRegistry:
         self.register(name, path, trusted)
         try:
             return self.load(name)
-        except QloraKitError:
+        except Exception:  # any failure, ours or the loader's: nothing stays registered, then re-raise
             with self._lock:
                 e = self._entries.get(name)
                 if e is not None and e.refs == 0:
@@ -213,6 +213,7 @@ class AdapterRegistry:
                 return e.info()
             e.state, path, trusted = AdapterState.LOADING, e.path, e.trusted
         t0 = time.perf_counter()
+        loaded = False
         try:
             real = str(self.resolve_path(path, trusted))  # again: the folder may have changed since register
             payload, nbytes = self._loader(name, real)
@@ -221,13 +222,16 @@ class AdapterRegistry:
             cap = self.config.resident_budget_bytes
             if cap is not None and nbytes > cap:
                 raise AdapterRefused(f"adapter {name!r}: {nbytes} bytes exceed resident_budget_bytes={cap}")
+            loaded = True
         except (QloraKitError, OSError, ValueError) as err:
-            with self._lock:
-                e.state = AdapterState.DISK
-                self._loaded.notify_all()
             if isinstance(err, AdapterRefused):
                 raise
             raise AdapterRefused(f"adapter {name!r}: {err}") from err
+        finally:  # whatever the loader raised, the entry never stays LOADING (waiters would hang)
+            if not loaded:
+                with self._lock:
+                    e.state = AdapterState.DISK
+                    self._loaded.notify_all()
         with self._lock:
             e.state, e.payload, e.nbytes = AdapterState.CPU, payload, nbytes
             e.load_time_s, e.last_used = time.perf_counter() - t0, next(self._clock)

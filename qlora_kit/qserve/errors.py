@@ -52,3 +52,15 @@ class Forbidden(ServeError):
 
 class BodyTooLarge(ServeError):
     """A request body over the server's max_body_bytes (HTTP 413)."""
+
+
+class SamplingFailed(ServeError):
+    """One request's sampling step failed (e.g. its parameters overflow); it ends that request alone (HTTP 500)."""
+
+
+class KeyFileError(ServeError, ValueError):
+    """An --api-keys file that cannot be read or breaks its schema; refused at start-up (CLI exit 2)."""
+
+
+class ServeConfigError(ServeError, ValueError):
+    """A server setting that cannot work (e.g. --allowed-root that is not a folder); refused at start-up."""

@@ -14,15 +14,19 @@ from pathlib import Path
 import torch
 import uvicorn
 
-from qlora_kit.models import NF4Linear, Tokenizer, load_model
+from qlora_kit.models import NF4Linear, Tokenizer, load_config, load_model
 from qlora_kit.models.nf4_linear import dense_linear
 
 from .api import KeyStore, create_app
+from .api.app import check_adapter_name
 from ._socket import bind_listener
 from .config import ServeConfig
 from .engine.engine import Engine
+from .errors import ServeConfigError
 
 log = logging.getLogger("qserve")
+OPEN_WARNING = ("qserve: WARNING: no --api-keys file: authentication is OFF and every caller is an admin "
+                "(may call every adapter, load and unload adapters, and read /metrics)")
 
 
 def base_names(folder: Path) -> tuple[str, ...]:
@@ -51,6 +55,29 @@ def dequantize_bases(model) -> tuple[int, int]:
     return n, extra
 
 
+def served_name(config: ServeConfig) -> str:
+    """The `model` name of the base in requests and /v1/models: the checkpoint folder's name."""
+    return os.path.basename(os.path.normpath(config.checkpoint))
+
+
+def preflight(config: ServeConfig) -> KeyStore:
+    """Check what needs no model before loading it: the key file, the allowed root, the checkpoint's
+    config.json and tokenizer, and the start-up adapter names. Returns the KeyStore.
+
+    Raises:
+        KeyFileError, ServeConfigError, models.ConfigError / UnsupportedArchitecture, TokenizerError,
+        AdapterRefused.
+    """
+    keys = KeyStore.from_file(config.api_keys)
+    if config.allowed_root is not None and not os.path.isdir(config.allowed_root):
+        raise ServeConfigError(f"allowed_root={config.allowed_root!r}: not an existing folder (flag --allowed-root)")
+    for name, _ in config.adapters:
+        check_adapter_name(name, served_name(config))
+    load_config(config.checkpoint)
+    Tokenizer(config.checkpoint)
+    return keys
+
+
 def build_engine(config: ServeConfig, announce=print) -> Engine:
     """Load the model and tokenizer, start the engine, load the start-up adapters (refused ones raise)."""
     folder = Path(config.checkpoint)
@@ -60,8 +87,13 @@ def build_engine(config: ServeConfig, announce=print) -> Engine:
         announce(f"qserve: --dequantize-base: {n} projections held dense in {config.dtype}, "
                  f"{extra / 2**20:,.1f} MiB more than the 4-bit base")
     engine = Engine(model, Tokenizer(folder), config, base_names(folder)).start()
-    for name, path in config.adapters:
-        engine.registry.add(name, path, trusted=True)
+    try:
+        for name, path in config.adapters:
+            check_adapter_name(name, served_name(config))
+            engine.registry.add(name, path, trusted=True)
+    except BaseException:
+        engine.stop()
+        raise
     return engine
 
 
@@ -80,17 +112,16 @@ class ServerHandle:
         self.engine.stop()
 
 
-def _server(config: ServeConfig, engine: Engine) -> uvicorn.Server:
-    keys = KeyStore.from_file(config.api_keys)
-    served = os.path.basename(os.path.normpath(config.checkpoint))
-    app = create_app(engine, keys, served)
+def _server(config: ServeConfig, engine: Engine, keys: KeyStore) -> uvicorn.Server:
+    app = create_app(engine, keys, served_name(config))
     return uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5))
 
 
 def start(config: ServeConfig, engine: Engine | None = None) -> ServerHandle:
     """Run the server in a daemon thread; returns once it accepts connections."""
+    keys = preflight(config) if engine is None else KeyStore.from_file(config.api_keys)
     engine = engine or build_engine(config)
-    server = _server(config, engine)
+    server = _server(config, engine, keys)
     sock = bind_listener(config.host, config.port)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True, name="qserve-http")
     thread.start()
@@ -103,12 +134,15 @@ def start(config: ServeConfig, engine: Engine | None = None) -> ServerHandle:
 
 def serve(config: ServeConfig, announce=print) -> None:
     """Run until interrupted."""
+    if config.api_keys is None:
+        announce(OPEN_WARNING)
+    keys = preflight(config)
     engine = build_engine(config, announce)
     sock = bind_listener(config.host, config.port)
     host, port = sock.getsockname()[:2]
-    announce(f"qserve: serving {config.checkpoint} as {os.path.basename(os.path.normpath(config.checkpoint))!r} "
+    announce(f"qserve: serving {config.checkpoint} as {served_name(config)!r} "
              f"on http://{host}:{port} ({len(config.adapters)} adapters)")
     try:
-        _server(config, engine).run(sockets=[sock])
+        _server(config, engine, keys).run(sockets=[sock])
     finally:
         engine.stop()

@@ -10,8 +10,10 @@
 The LR schedule is a pure function of the step (trainer/schedule.py), so the step is its whole state.
 """
 import json
+import math
 import os
 import random
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -123,3 +125,26 @@ def load_checkpoint(path: Path, model: Llama, adapter_id: int, optimizer) -> tup
     version, internal, gauss = meta["python_random"]
     random.setstate((version, tuple(internal), gauss))
     return Position(meta["step"], meta["epoch"], meta["micro"]), meta["config"]
+
+
+def non_finite(loss: float, grad_norm: float) -> str | None:
+    """The one non-finite policy's test: what is wrong with a step, or None when its loss and norm are finite."""
+    if not math.isfinite(loss):
+        return f"loss is {loss}"
+    if not math.isfinite(grad_norm):
+        return f"gradient norm is {grad_norm}"
+    return None
+
+
+def aborted(out: Path, fresh: bool) -> KeyboardInterrupt:
+    """A run aborted at once (second Ctrl-C): leave OUT rerunnable or resumable and say which.
+
+    A fresh run (OUT made by it) with no checkpoint yet could be neither rerun (OUT exists) nor resumed,
+    so it is removed; otherwise OUT stays and the message names --resume.
+    """
+    out = Path(out)
+    kept = any(out.rglob(f"checkpoints/{PREFIX}*/{STATE_NAME}")) if out.is_dir() else False
+    if fresh and not kept:
+        shutil.rmtree(out, ignore_errors=True)
+        return KeyboardInterrupt(f"aborted: no output was left behind ({out} removed: it held no checkpoint yet)")
+    return KeyboardInterrupt(f"aborted: {out} kept; continue from its latest checkpoint with --resume {out}")

@@ -6,6 +6,7 @@ paged AdamW, effective batch 16). A TOML/YAML file (`--config`) overrides them, 
 from these fields (trainer/cli.py), override the file. Keys are the field names (dashes allowed).
 """
 import json
+import math
 import os
 import tomllib
 from dataclasses import MISSING, asdict, dataclass, field, fields, replace
@@ -94,6 +95,11 @@ class TrainConfig:
         for name in nonneg:
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name}={getattr(self, name)}: must be >= 0 (--{_flag(name)})")
+        for f in fields(self):  # nan passes every comparison below; inf trains to an all-NaN adapter
+            if isinstance(getattr(self, f.name), float) and not math.isfinite(getattr(self, f.name)):
+                raise ConfigError(f"{f.name}={getattr(self, f.name)}: must be a finite number (--{_flag(f.name)})")
+        if not 0 <= self.seed < 2**63:
+            raise ConfigError(f"seed={self.seed}: must be in [0, 2**63) (--seed)")
         for name in ("eval_fraction", "warmup_ratio", "lora_dropout", "adam_beta1", "adam_beta2"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ConfigError(f"{name}={getattr(self, name)}: must be in [0, 1) (--{_flag(name)})")
@@ -125,7 +131,10 @@ def read_config_file(path: str | os.PathLike) -> dict:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
-    text = path.read_text()
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
     suffix = path.suffix.lower()
     try:
         if suffix == ".toml":
@@ -140,6 +149,8 @@ def read_config_file(path: str | os.PathLike) -> dict:
             raise ConfigError(f"{path}: unknown config type {suffix!r}; use .toml, .yaml/.yml or .json")
     except (tomllib.TOMLDecodeError, json.JSONDecodeError) as e:
         raise ConfigError(f"{path}: {e}") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: nested too deeply") from None
     except Exception as e:  # yaml.YAMLError carries the line and column in its text
         if HAS_YAML and isinstance(e, yaml.YAMLError):
             raise ConfigError(f"{path}: {' '.join(str(e).split())}") from None
@@ -158,10 +169,14 @@ def _normalise(raw: dict, where: str) -> dict:
             raise ConfigError(f"{where}: unknown key {key!r}; known keys: {', '.join(sorted(known))}")
         default = known[name].default
         if isinstance(default, tuple):
+            if not isinstance(value, (str, list, tuple)) or not all(isinstance(v, str) for v in value):
+                raise ConfigError(f"{where}: {key}={value!r}: expected a comma-separated string or a list of strings")
             value = tuple(s.strip() for s in value.split(",")) if isinstance(value, str) else tuple(value)
         elif isinstance(default, bool):
             if not isinstance(value, bool):
                 raise ConfigError(f"{where}: {key}={value!r}: expected true or false")
+        elif isinstance(value, bool):
+            raise ConfigError(f"{where}: {key}={value!r}: expected a {type(default).__name__}, not true/false")
         elif isinstance(default, float) and isinstance(value, int):
             value = float(value)
         elif not isinstance(value, type(default)):
@@ -172,12 +187,17 @@ def _normalise(raw: dict, where: str) -> dict:
 
 def build_config(file: str | os.PathLike | None = None, **overrides) -> TrainConfig:
     """Defaults <- config file <- overrides (None values are 'not given' and skipped)."""
-    values = read_config_file(file) if file else {}
-    values.update(_normalise({k: v for k, v in overrides.items() if v is not None}, "command line"))
+    from_file = read_config_file(file) if file else {}
+    given = _normalise({k: v for k, v in overrides.items() if v is not None}, "command line")
     try:
-        return TrainConfig(**values)
+        return TrainConfig(**{**from_file, **given})
     except TypeError as e:  # pragma: no cover - _normalise rejects unknown keys first
         raise ConfigError(str(e)) from None
+    except ConfigError as e:  # name the file when the bad value came from it
+        key = str(e).split("=", 1)[0].split(" ", 1)[0]
+        if key in from_file and key not in given:
+            raise ConfigError(f"{file}: {e}") from None
+        raise
 
 
 def with_overrides(cfg: TrainConfig, **changes) -> TrainConfig:

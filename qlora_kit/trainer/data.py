@@ -110,15 +110,23 @@ def load_examples(path: str | os.PathLike, tok: Tokenizer, max_seq_len: int, tru
     if not path.is_file():
         raise DataError(f"{path}: dataset file not found")
     out = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, 1):
+            where = f"{path}:{n}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(f"{where}: not valid UTF-8 (byte {raw[e.start]:#04x} at column {e.start + 1})") from None
             if not line.strip():
                 continue
-            where = f"{path}:{n}"
             try:
                 rec = json.loads(line)
             except json.JSONDecodeError as e:
                 raise DataError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
+            except RecursionError:
+                raise DataError(f"{where}: not valid JSON (nested too deeply)") from None
+            except ValueError as e:  # e.g. an integer over Python's digit limit
+                raise DataError(f"{where}: not valid JSON ({e})") from None
             ex = tokenize_record(tok, rec, where, n)
             if len(ex) > max_seq_len:
                 if not truncate:

@@ -22,3 +22,8 @@ class OutputExists(TrainError):
 
 class ResumeError(TrainError):
     """A --resume checkpoint that is missing, incomplete, or from a different configuration."""
+
+
+class NonFiniteTraining(TrainError):
+    """A step whose loss or gradient norm is NaN or inf: training stops, the last good state is kept as a
+    checkpoint (the same policy for train and each train-many job)."""

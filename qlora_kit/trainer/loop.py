@@ -4,7 +4,9 @@ checkpoints, resume and Ctrl-C.
 One optimizer step = grad_accum micro-batches; its loss is the mean over all of its loss tokens
 (each micro-batch's summed loss is divided by the step's token count before backward), so the
 result does not depend on how tokens fall into micro-batches. Ctrl-C (SIGINT) finishes the current
-step, writes a resumable checkpoint and returns; a second Ctrl-C aborts at once.
+step, writes a resumable checkpoint and returns; a second Ctrl-C aborts at once (checkpoint.aborted: a fresh
+OUT without a checkpoint is removed, otherwise it stays resumable). A step with a non-finite loss or gradient
+norm is not applied: its last good state is saved and NonFiniteTraining raised (checkpoint.non_finite).
 """
 import signal
 import threading
@@ -21,8 +23,9 @@ from qlora_kit.models import Tokenizer, adapter_state
 
 from . import setup
 from .batching import StepBatch, collate, plan_epoch
-from .checkpoint import Position, load_checkpoint, save_checkpoint
+from .checkpoint import Position, aborted, load_checkpoint, non_finite, save_checkpoint
 from .config import TrainConfig
+from .errors import NonFiniteTraining
 from .forward import summed_loss
 from .metrics import MetricsLog, peak_memory_mb
 from .plot import write_loss_curve
@@ -146,6 +149,13 @@ def train(cfg: TrainConfig, on_step: Callable[[int, float], None] | None = None,
                     loss.backward()
                     loss_sum += loss.detach().item()
                 norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"))
+                bad = non_finite(loss_sum, float(norm))
+                if bad is not None:  # not applied: keep the last good state and stop (as a train-many job does)
+                    optimizer.zero_grad(set_to_none=True)
+                    kept = save_checkpoint(out, model, setup.ADAPTER_ID, lora, optimizer, pos, cfg.to_json())
+                    raise NonFiniteTraining(f"step {step + 1}: {bad}; training stopped, the last good state "
+                                            f"(step {pos.step}) is kept at {kept}: lower --learning-rate and "
+                                            f"continue with --resume {out}")
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
                 pos = Position(step + 1, nxt.epoch, nxt.micro)
@@ -165,6 +175,8 @@ def train(cfg: TrainConfig, on_step: Callable[[int, float], None] | None = None,
                     log.write({"step": step + 1, "eval_loss": evaluate(model, cfg, data, device)})
                 if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < total:
                     save_checkpoint(out, model, setup.ADAPTER_ID, lora, optimizer, pos, cfg.to_json())
+    except KeyboardInterrupt:  # the second Ctrl-C: OUT is left rerunnable or resumable, and the message says which
+        raise aborted(out, fresh=resume_from is None) from None
     finally:
         bar.close()
     result.tokens_per_s = tok_run / max(time.perf_counter() - t_run, 1e-9)

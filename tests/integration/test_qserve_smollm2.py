@@ -229,7 +229,8 @@ def test_auth_and_error_statuses(server):
 
 
 def test_metrics_and_memory_report(server):
-    text = httpx.get(server.url + "/metrics").text
+    assert httpx.get(server.url + "/metrics").status_code == 401  # keys on: operators only
+    text = httpx.get(server.url + "/metrics", headers={"Authorization": f"Bearer {ADMIN}"}).text
     for name in ("qserve_requests_total", "qserve_generation_tokens_total", "qserve_request_latency_seconds_bucket",
                  "qserve_requests_waiting", "qserve_adapters_resident", "qserve_adapter_load_seconds_count",
                  "qserve_prefix_cache_hit_tokens"):

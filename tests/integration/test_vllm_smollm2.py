@@ -169,6 +169,6 @@ def test_admin_load_unload_at_run_time(env):
     assert r.status_code == 200, r.text
     with pytest.raises(openai.NotFoundError):
         _complete(env, "acme-hot", PROMPTS[1], ACME)
-    metrics = httpx.get(env.url + "/metrics").text
+    metrics = httpx.get(env.url + "/metrics", headers={"Authorization": f"Bearer {ADMIN}"}).text
     assert "qserve_requests_total" in metrics and "qserve_time_to_first_token_seconds_count" in metrics
     assert "vllm:" in metrics

@@ -8,7 +8,7 @@ import uuid
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
-from ..errors import AdapterNotFound, BodyTooLarge, InvalidRequest
+from ..errors import AdapterNotFound, AdapterRefused, BodyTooLarge, InvalidRequest
 from . import errors
 from .auth import KeyStore, Principal
 from .protocol import ChatRequest, CompletionRequest, LoadAdapter, UnloadAdapter
@@ -29,7 +29,9 @@ async def _body(request: Request, limit: int) -> dict:
         chunks.append(chunk)
     try:
         data = json.loads(b"".join(chunks) or b"null")
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except RecursionError:
+        raise InvalidRequest("request body: JSON nested too deeply") from None
+    except (UnicodeDecodeError, ValueError) as e:  # JSONDecodeError, and ints over Python's digit limit
         raise InvalidRequest(f"request body: not valid JSON ({e})") from None
     if not isinstance(data, dict):
         raise InvalidRequest("request body: must be a JSON object")
@@ -45,6 +47,22 @@ def model_list(principal: Principal, served_name: str, registry, created: int) -
             data.append({"id": a.name, "object": "model", "created": created, "owned_by": "qserve",
                          "root": a.path if principal.admin else a.name, "parent": served_name})
     return {"object": "list", "data": data}
+
+
+def check_adapter_name(name: str, served_name: str) -> None:
+    """An adapter may not take the base model's name (requests for it would be ambiguous)."""
+    if name == served_name:
+        raise AdapterRefused(f"adapter name {name!r}: is the served base model's name; choose another")
+
+
+async def _cancel_on_disconnect(request: Request, handle) -> None:
+    """Wait for the client to go away (the ASGI server sends http.disconnect), then cancel its request."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            handle.close()
+            return
+        await asyncio.sleep(0.05)  # a stray body message: the body was already read
 
 
 def create_app(engine, keys: KeyStore, served_name: str) -> FastAPI:
@@ -72,22 +90,23 @@ def create_app(engine, keys: KeyStore, served_name: str) -> FastAPI:
 
     async def run(request: Request, principal: Principal, prompt_ids, body, chat: bool):
         adapter = adapter_of(body.model, principal)
-        handle = engine.add(prompt_ids, body.sampling(DEFAULT_MAX_TOKENS), adapter)
+        handle = engine.add(prompt_ids, body.sampling(DEFAULT_MAX_TOKENS), adapter, tenant=principal.tenant)
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             return StreamingResponse(_sse(handle, rid, body.model, chat, include_usage),
                                      media_type="text/event-stream")
         text, last = [], None
-        while last is None or last.finish_reason is None:
-            try:
-                last = await asyncio.wait_for(handle.get(), 1.0)
-            except asyncio.TimeoutError:
-                if await request.is_disconnected():
-                    handle.close()
-                    return JSONResponse({}, status_code=499)
-                continue
-            text.append(last.text)
+        watcher = asyncio.create_task(_cancel_on_disconnect(request, handle))
+        try:
+            while last is None or last.finish_reason is None:
+                last = await handle.get()
+                text.append(last.text)
+        finally:  # done, or this handler cancelled: stop watching; a request not finished is cancelled
+            watcher.cancel()
+            handle.close()
+        if last.finish_reason == "cancelled":
+            return JSONResponse({}, status_code=499)
         if last.finish_reason == "error":
             return errors.error_response(last.error or "generation failed", 500, "server_error")
         choice = {"index": 0, "finish_reason": last.finish_reason, "logprobs": None}
@@ -124,6 +143,7 @@ def create_app(engine, keys: KeyStore, served_name: str) -> FastAPI:
     async def load_lora_adapter(request: Request, principal: Principal = Depends(who)):
         KeyStore.check_admin(principal)
         body = LoadAdapter.model_validate(await _body(request, limit))
+        check_adapter_name(body.lora_name, served_name)
         info = await asyncio.to_thread(engine.registry.add, body.lora_name, body.lora_path)
         return {"status": "ok", "message": f"Success: LoRA adapter '{info.name}' added successfully.",
                 "adapter": _adapter_json(info)}
@@ -147,7 +167,8 @@ def create_app(engine, keys: KeyStore, served_name: str) -> FastAPI:
         return JSONResponse({"status": "ok" if alive else "engine stopped"}, status_code=200 if alive else 503)
 
     @app.get("/metrics")
-    async def metrics():
+    async def metrics(principal: Principal = Depends(who)):
+        KeyStore.check_metrics(principal)  # counters move with other tenants' requests (prefix hits, tokens)
         return PlainTextResponse(engine.metrics.render(engine.gauges()), media_type="text/plain; version=0.0.4")
 
     return app

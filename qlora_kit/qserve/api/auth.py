@@ -15,7 +15,19 @@ import json
 import os
 from dataclasses import dataclass
 
-from ..errors import Forbidden, Unauthorized
+from ..errors import Forbidden, KeyFileError, Unauthorized
+
+# field -> (JSON type, meaning); every entry needs `key`
+_FIELDS = {"key": (str, "the bearer token"), "tenant": (str, "name shown in errors"),
+           "adapters": (list, "adapter names or patterns"), "base": (bool, "may call the base model"),
+           "admin": (bool, "may call everything and manage adapters")}
+_KIND_NAMES = {str: "a string", list: "a list of strings", bool: "true or false (a JSON boolean)"}
+
+
+def _is(value, kind) -> bool:
+    if kind is list:
+        return isinstance(value, list) and all(isinstance(a, str) and a for a in value)
+    return type(value) is kind
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,28 +62,41 @@ class KeyStore:
 
     @classmethod
     def from_file(cls, path: str | os.PathLike | None) -> "KeyStore":
-        """Read the key file. Raises ValueError naming the file and the bad entry."""
+        """Read the key file strictly: booleans are JSON booleans, unknown fields are refused.
+
+        Raises:
+            KeyFileError (a ValueError) naming the file and the bad entry or field.
+        """
         if path is None:
             return cls(None)
         try:
-            data = json.loads(open(path, encoding="utf-8").read())
-        except (OSError, json.JSONDecodeError) as e:
-            raise ValueError(f"{path}: cannot read the API key file ({e})") from None
-        keys = data.get("keys") if isinstance(data, dict) else None
+            with open(path, encoding="utf-8") as f:
+                data = json.load(f)
+        except (OSError, UnicodeDecodeError, RecursionError, ValueError) as e:
+            raise KeyFileError(f"{path}: cannot read the API key file ({e})") from None
+        if not isinstance(data, dict) or set(data) != {"keys"}:
+            raise KeyFileError(f"{path}: must be a JSON object with exactly one field, 'keys'")
+        keys = data["keys"]
         if not isinstance(keys, list) or not keys:
-            raise ValueError(f"{path}: needs a non-empty list under 'keys'")
+            raise KeyFileError(f"{path}: needs a non-empty list under 'keys'")
         out = {}
         for i, k in enumerate(keys):
-            key = k.get("key") if isinstance(k, dict) else None
-            if not isinstance(key, str) or len(key) < 8:
-                raise ValueError(f"{path}: keys[{i}].key must be a string of at least 8 characters")
-            adapters = k.get("adapters", [])
-            if not isinstance(adapters, list) or not all(isinstance(a, str) for a in adapters):
-                raise ValueError(f"{path}: keys[{i}].adapters must be a list of names or patterns")
+            where = f"{path}: keys[{i}]"
+            if not isinstance(k, dict):
+                raise KeyFileError(f"{where}: must be an object with fields {sorted(_FIELDS)}")
+            unknown = sorted(set(k) - set(_FIELDS))
+            if unknown:
+                raise KeyFileError(f"{where}: unknown field(s) {unknown}; allowed: {sorted(_FIELDS)}")
+            for field, (kind, _) in _FIELDS.items():
+                if field in k and not _is(k[field], kind):
+                    raise KeyFileError(f"{where}.{field}={k[field]!r}: must be {_KIND_NAMES[kind]}")
+            key = k.get("key")
+            if key is None or len(key) < 8:
+                raise KeyFileError(f"{where}.key must be a string of at least 8 characters")
             if _digest(key) in out:
-                raise ValueError(f"{path}: keys[{i}] repeats an earlier key")
-            out[_digest(key)] = Principal(str(k.get("tenant", f"key{i}")), tuple(adapters),
-                                          bool(k.get("base", True)), bool(k.get("admin", False)))
+                raise KeyFileError(f"{where} repeats an earlier key")
+            out[_digest(key)] = Principal(k.get("tenant", f"key{i}"), tuple(k.get("adapters", ())),
+                                          k.get("base", True), k.get("admin", False))
         return cls(out)
 
     @property
@@ -100,3 +125,9 @@ class KeyStore:
     def check_admin(who: Principal) -> None:
         if not who.admin:
             raise Forbidden(f"tenant {who.tenant!r}: loading and unloading adapters needs an admin key")
+
+    @staticmethod
+    def check_metrics(who: Principal) -> None:
+        """/metrics is for operators when keys are on: its counters would let a tenant watch other tenants."""
+        if not who.admin:
+            raise Forbidden(f"tenant {who.tenant!r}: reading /metrics needs an admin key")

@@ -63,7 +63,8 @@ def error_response(message: str, status: int, kind: str = "invalid_request_error
 def _validation_message(errors) -> tuple[str, str | None]:
     first = errors[0] if errors else {}
     loc = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
-    return (f"{loc}: {first.get('msg', 'invalid value')}" if loc else first.get("msg", "invalid body")), loc or None
+    msg = str(first.get("msg", "invalid value")).removeprefix("Value error, ")  # our own ValueErrors' text
+    return (f"{loc}: {msg}" if loc else msg), loc or None
 
 
 def install(app: FastAPI) -> None:

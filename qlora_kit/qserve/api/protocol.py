@@ -1,15 +1,29 @@
-"""Request bodies of the OpenAI-compatible and admin endpoints (pydantic; unknown fields are ignored),
-and their conversion to engine SamplingParams."""
+"""Request bodies of the OpenAI-compatible and admin endpoints, and their conversion to engine SamplingParams.
+
+Types are strict (pydantic strict mode: "5" is not an integer, true is not a token id). OpenAI fields this
+server does not implement are refused by name unless they hold their no-op value (UNSUPPORTED); other unknown
+fields (e.g. `user`) are ignored.
+"""
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from ..engine import SamplingParams
 from ..errors import InvalidRequest
 
 
+# field -> the values that mean "not used" (accepted and ignored); anything else is a 400 naming the field
+UNSUPPORTED = {
+    "logprobs": (None, False), "top_logprobs": (None, 0), "echo": (None, False), "best_of": (None, 1),
+    "suffix": (None, ""), "logit_bias": (None, {}), "presence_penalty": (None, 0), "frequency_penalty": (None, 0),
+    "repetition_penalty": (None, 1), "min_tokens": (None, 0), "tools": (None, []), "tool_choice": (None, "none"),
+    "functions": (None, []), "response_format": (None, {"type": "text"}), "guided_json": (None,),
+    "guided_regex": (None,), "guided_choice": (None,), "prompt_logprobs": (None,),
+}
+
+
 class _Body(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)
 
 
 class StreamOptions(_Body):
@@ -28,6 +42,15 @@ class _Sampling(_Body):
     stream_options: StreamOptions | None = None
     n: int = Field(default=1, ge=1, le=1)
     ignore_eos: bool = False
+
+    @model_validator(mode="before")
+    @classmethod
+    def _refuse_unsupported(cls, data):
+        if isinstance(data, dict):
+            for key, neutral in UNSUPPORTED.items():
+                if key in data and not any(_same(data[key], v) for v in neutral):
+                    raise InvalidRequest(f"{key}={data[key]!r}: not supported by this server (leave it out)")
+        return data
 
     def sampling(self, default_max_tokens: int) -> SamplingParams:
         stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
@@ -74,3 +97,13 @@ class LoadAdapter(_Body):
 
 class UnloadAdapter(_Body):
     lora_name: str = Field(min_length=1, max_length=128)
+
+
+def _same(value, neutral) -> bool:
+    """JSON equality without Python's 1 == True (0 and 0.0 are the same number)."""
+    def number(v):
+        return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+    if number(value) and number(neutral):
+        return value == neutral
+    return type(value) is type(neutral) and value == neutral

@@ -20,11 +20,12 @@ class Block:
     ref_count: int = 0
     hash: int | None = None
     token_ids: tuple[int, ...] = ()
-    salt: int = 0
+    salt: tuple = ()
 
 
-def block_hash(salt: int, prev_hash: int | None, token_ids: tuple[int, ...]) -> int:
-    """Chain hash of one full block; `salt` is the adapter uid (0 = base model)."""
+def block_hash(salt, prev_hash: int | None, token_ids: tuple[int, ...]) -> int:
+    """Chain hash of one full block; `salt` is the request's `prefix_salt` (adapter uid and tenant), so a
+    block is only ever shared by requests of the same adapter load and the same tenant."""
     return hash((salt, prev_hash, token_ids))
 
 
@@ -88,12 +89,12 @@ class BlockManager:
         tokens, bs, out, prev = request.all_token_ids, self.block_size, [], None
         for i in range((len(tokens) - 1) // bs):
             chunk = tuple(tokens[i * bs:(i + 1) * bs])
-            h = block_hash(request.adapter_uid, prev, chunk)
+            h = block_hash(request.prefix_salt, prev, chunk)
             bid = self._by_hash.get(h)
             if bid is None:
                 break
             blk = self.blocks[bid]
-            if blk.token_ids != chunk or blk.salt != request.adapter_uid or blk.hash != h:
+            if blk.token_ids != chunk or blk.salt != request.prefix_salt or blk.hash != h:
                 break
             out.append(bid)
             prev = h
@@ -109,10 +110,10 @@ class BlockManager:
         for i in range(len(request.block_hashes), n_full):
             tokens = tokens or request.all_token_ids
             chunk = tuple(tokens[i * bs:(i + 1) * bs])
-            h = block_hash(request.adapter_uid, prev, chunk)
+            h = block_hash(request.prefix_salt, prev, chunk)
             blk = self.blocks[request.block_table[i]]
             if blk.hash is None:
-                blk.hash, blk.token_ids, blk.salt = h, chunk, request.adapter_uid
+                blk.hash, blk.token_ids, blk.salt = h, chunk, request.prefix_salt
                 self._by_hash.setdefault(h, blk.block_id)
             request.block_hashes.append(h)
             prev = h
@@ -164,7 +165,7 @@ class BlockManager:
         blk = self.blocks[bid]
         if blk.hash is not None and self._by_hash.get(blk.hash) == bid:
             del self._by_hash[blk.hash]
-        blk.hash, blk.token_ids, blk.salt, blk.ref_count = None, (), 0, 1
+        blk.hash, blk.token_ids, blk.salt, blk.ref_count = None, (), (), 1
         return bid
 
     def reset_prefix_cache(self) -> None:

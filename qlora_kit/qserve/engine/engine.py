@@ -14,7 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from ..adapters import AdapterRegistry, RegistryConfig
-from ..errors import InvalidRequest, ServeError
+from ..errors import InvalidRequest, SamplingFailed, ServeError
 from ..metrics import Metrics
 from .block_manager import BlockManager
 from .lora import evict, install, read_adapter
@@ -164,8 +164,10 @@ class Engine:
         self._pool.shutdown(wait=False, cancel_futures=True)
 
     # -- intake ---------------------------------------------------------------------------------------------
-    def add(self, prompt_ids: list[int], sampling: SamplingParams, adapter: str | None = None) -> RequestHandle:
-        """Queue a request (call from the event loop). Raises ServeError subclasses (404, 413, 429, 400)."""
+    def add(self, prompt_ids: list[int], sampling: SamplingParams, adapter: str | None = None,
+            tenant: str | None = None) -> RequestHandle:
+        """Queue a request (call from the event loop); `tenant` salts the prefix cache.
+        Raises ServeError subclasses (404, 413, 429, 400)."""
         if sampling.max_tokens > self.config.max_tokens_limit:
             raise InvalidRequest(f"max_tokens={sampling.max_tokens}: the limit is {self.config.max_tokens_limit}")
         stops = () if sampling.ignore_eos else tuple(self.tokenizer.stop_token_ids)
@@ -173,7 +175,7 @@ class Engine:
                             max_tokens=sampling.max_tokens, seed=sampling.seed, stop=sampling.stop,
                             stop_token_ids=tuple(sorted(set(sampling.stop_token_ids) | set(stops))),
                             ignore_eos=sampling.ignore_eos)
-        req = Request(prompt_ids, sp, adapter)
+        req = Request(prompt_ids, sp, adapter, tenant=tenant)
         handle = RequestHandle(self, req)
         with self._lock:
             self.scheduler.add(req)
@@ -211,6 +213,11 @@ class Engine:
                 continue
             self.steps += 1
             with self._lock:
+                for it in batch.items:  # a request whose own sampling failed ends alone; the batch goes on
+                    err = sampled.get(it.request.request_id)
+                    if isinstance(err, SamplingFailed):
+                        self.scheduler.finish(it.request, FinishReason.ERROR, str(err))
+                        self._finish_output(it.request, "")
                 self.scheduler.update(batch, sampled)
                 for it in batch.items:
                     if it.request.request_id in sampled:
@@ -256,7 +263,9 @@ class Engine:
     def _load_job(self, name: str) -> None:
         try:
             self.registry.load(name)
-        except ServeError as err:
+        except Exception as err:  # any loader failure ends the requests waiting for it, never the loop
+            if not isinstance(err, ServeError):
+                log.exception("adapter %r: load failed", name)
             with self._lock:
                 for req in [r for r in self.scheduler.waiting if r.adapter == name]:
                     self.scheduler.finish(req, FinishReason.ERROR, str(err))

@@ -55,7 +55,10 @@ def read_adapter(model, name: str, path: str, base_names: tuple[str, ...] = (),
     except QloraKitError as e:
         raise AdapterRefused(f"{where}: {e}") from None
     wanted = {_norm_name(n) for n in base_names if n}
-    if wanted and config.base_model_name_or_path and _norm_name(config.base_model_name_or_path) not in wanted:
+    if wanted and not config.base_model_name_or_path:
+        raise AdapterRefused(f"{where}: adapter_config.json has no base_model_name_or_path, so it cannot be checked "
+                             f"against this server's base {sorted(wanted)}; set it to the base it was trained on")
+    if wanted and _norm_name(config.base_model_name_or_path) not in wanted:
         raise AdapterRefused(f"{where}: trained for base model {config.base_model_name_or_path!r}, but this server "
                              f"serves {sorted(wanted)}; load it on its own base (or add an alias with --base-name)")
     layers = model.lora_layers()

@@ -6,13 +6,15 @@ at the next scheduling step).
 """
 import enum
 import itertools
-import math
 import time
 from dataclasses import dataclass
 
 from ..errors import InvalidRequest
 
 _ids = itertools.count()
+# Below this, logits / T overflow float32 (|logit| ~ 1e2 / 1e-3 is fine; / 1e-300 is inf and softmax is NaN).
+MIN_TEMPERATURE = 1e-3
+SEED_RANGE = (-(2**63), 2**64 - 1)  # what a torch.Generator accepts
 
 
 class RequestStatus(enum.Enum):
@@ -36,13 +38,13 @@ class SamplingParams:
     """Per-request sampling settings; validated on construction.
 
     Args:
-        temperature: 0 means greedy; otherwise in (0, 2].
+        temperature: 0 means greedy; otherwise in [MIN_TEMPERATURE, 2].
         top_p: nucleus mass in (0, 1].
         top_k: keep the k most likely tokens; 0 or -1 disables.
         max_tokens: most tokens to generate, >= 1.
         stop_token_ids: token ids that end generation (the eos id is added by the engine unless ignore_eos).
         stop: strings that end generation; matched by the engine on detokenized text.
-        seed: per-request RNG seed, or None.
+        seed: per-request RNG seed in SEED_RANGE, or None.
         ignore_eos: keep generating past the eos token.
 
     Raises:
@@ -62,9 +64,9 @@ class SamplingParams:
         def bad(field, value, rule):
             raise InvalidRequest(f"{field}={value!r}: {rule}")
 
-        if not isinstance(self.temperature, (int, float)) or not math.isfinite(self.temperature) \
-                or not 0.0 <= self.temperature <= 2.0:
-            bad("temperature", self.temperature, "must be a number in [0, 2] (0 = greedy)")
+        if not isinstance(self.temperature, (int, float)) or isinstance(self.temperature, bool) \
+                or not (self.temperature == 0.0 or MIN_TEMPERATURE <= self.temperature <= 2.0):
+            bad("temperature", self.temperature, f"must be 0 (greedy) or a number in [{MIN_TEMPERATURE}, 2]")
         if not isinstance(self.top_p, (int, float)) or not 0.0 < self.top_p <= 1.0:
             bad("top_p", self.top_p, "must be in (0, 1]")
         if not isinstance(self.top_k, int) or isinstance(self.top_k, bool) or self.top_k < -1:
@@ -76,8 +78,9 @@ class SamplingParams:
             bad("stop_token_ids", self.stop_token_ids, "must be a tuple of token ids >= 0")
         if not isinstance(self.stop, tuple) or not all(isinstance(s, str) and s for s in self.stop):
             bad("stop", self.stop, "must be a tuple of non-empty strings")
-        if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool)):
-            bad("seed", self.seed, "must be an integer or None")
+        if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool)
+                                      or not SEED_RANGE[0] <= self.seed <= SEED_RANGE[1]):
+            bad("seed", self.seed, f"must be an integer in [{SEED_RANGE[0]}, {SEED_RANGE[1]}] or null")
 
     @property
     def greedy(self) -> bool:
@@ -102,11 +105,14 @@ class Request:
         block_table: KV block ids, in order; owned by the BlockManager.
         block_hashes: prefix-cache hashes of the full blocks registered so far.
         adapter_uid: the registry's id for this load of the adapter (0 for the base); salts the prefix cache.
+        tenant: who sent it (None = no authentication); salts the prefix cache too, so one tenant's requests
+            never reuse (and so can never time or count hits on) another tenant's cached prompt blocks.
         adapter_slot: resident slot index while running (-1 for the base or when not resident).
     """
 
     def __init__(self, prompt_token_ids, sampling: SamplingParams | None = None, adapter: str | None = None,
-                 request_id: str | None = None, arrival_time: float | None = None, eos_token_id: int | None = None):
+                 request_id: str | None = None, arrival_time: float | None = None, eos_token_id: int | None = None,
+                 tenant: str | None = None):
         prompt = list(prompt_token_ids)
         if not prompt:
             raise InvalidRequest("prompt: is empty; send at least one token")
@@ -128,6 +134,7 @@ class Request:
         self.block_table: list[int] = []
         self.block_hashes: list[int] = []
         self.adapter_uid = 0
+        self.tenant = tenant
         self.adapter_slot = -1
         self.cancelled = False
         self._stop_ids = frozenset(self.sampling.stop_token_ids) | (
@@ -136,6 +143,11 @@ class Request:
     def __repr__(self):
         return (f"Request({self.request_id!r}, adapter={self.adapter!r}, status={self.status.name}, "
                 f"prompt={self.num_prompt_tokens}, out={self.num_output_tokens}, computed={self.num_computed_tokens})")
+
+    @property
+    def prefix_salt(self) -> tuple:
+        """What a prefix-cache block is keyed by besides its tokens: (adapter load uid, tenant)."""
+        return (self.adapter_uid, self.tenant)
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -18,6 +18,7 @@ import torch
 from qlora_kit.models import AttentionMeta, Batch, KVCache, sample
 from qlora_kit.models import SamplingParams as ModelSampling
 
+from ..errors import SamplingFailed
 from .scheduler import ScheduledBatch
 
 
@@ -115,8 +116,9 @@ class ModelRunner:
         return (ids.to(d), pos.to(d), valid.to(d), torch.cat(writes).to(d), read.to(d), ctx_lens.to(d))
 
     @torch.inference_mode()
-    def run(self, batch: ScheduledBatch) -> dict[str, int]:
-        """One forward over `batch`; returns request_id -> sampled token for the items with `samples`."""
+    def run(self, batch: ScheduledBatch) -> dict[str, int | SamplingFailed]:
+        """One forward over `batch`; returns request_id -> sampled token for the items with `samples`, or the
+        SamplingFailed of a row whose own sampling failed (the other rows are unaffected)."""
         if not batch.items:
             return {}
         ids, pos, valid, writes, read, ctx_lens = self._layout(batch)
@@ -131,7 +133,7 @@ class ModelRunner:
         logits = self.model.logits(h[torch.tensor(rows, device=self.device), last]).float()
         return self._sample(batch, rows, logits)
 
-    def _sample(self, batch: ScheduledBatch, rows: list[int], logits: torch.Tensor) -> dict[str, int]:
+    def _sample(self, batch: ScheduledBatch, rows: list[int], logits: torch.Tensor) -> dict[str, int | SamplingFailed]:
         out, greedy = {}, logits.argmax(dim=-1).tolist()
         for j, i in enumerate(rows):
             req = batch.items[i].request
@@ -139,13 +141,16 @@ class ModelRunner:
             if sp.greedy:
                 out[req.request_id] = greedy[j]
                 continue
-            gen = self._generators.get(req.request_id)
-            if gen is None:
-                gen = torch.Generator(device=self.device)
-                gen.manual_seed(sp.seed if sp.seed is not None else int(torch.randint(0, 2**62, ()).item()))
-                self._generators[req.request_id] = gen
-            params = ModelSampling(temperature=sp.temperature, top_k=max(sp.top_k, 0), top_p=sp.top_p)
-            out[req.request_id] = int(sample(logits[j:j + 1], params, gen)[0])
+            try:
+                gen = self._generators.get(req.request_id)
+                if gen is None:
+                    gen = torch.Generator(device=self.device)
+                    gen.manual_seed(sp.seed if sp.seed is not None else int(torch.randint(0, 2**62, ()).item()))
+                    self._generators[req.request_id] = gen
+                params = ModelSampling(temperature=sp.temperature, top_k=max(sp.top_k, 0), top_p=sp.top_p)
+                out[req.request_id] = int(sample(logits[j:j + 1], params, gen)[0])
+            except (RuntimeError, ValueError, OverflowError) as err:  # this row's parameters: fail it alone
+                out[req.request_id] = SamplingFailed(f"sampling failed for this request: {err}")
         return out
 
     def release(self, request_id: str) -> None:

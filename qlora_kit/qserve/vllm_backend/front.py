@@ -197,7 +197,8 @@ def create_front(upstream: str, upstream_key: str, keys: KeyStore, served_name: 
         return JSONResponse({"status": "ok" if ok else "vLLM not answering"}, status_code=200 if ok else 503)
 
     @app.get("/metrics")
-    async def metrics_text():
+    async def metrics_text(principal: Principal = Depends(who)):
+        KeyStore.check_metrics(principal)
         gauges = {"adapters_registered": ("Adapters registered with the vLLM backend", len(registry.list()))}
         ours = metrics.render(gauges)
         try:

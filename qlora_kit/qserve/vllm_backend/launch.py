@@ -23,6 +23,7 @@ from pathlib import Path
 import click
 
 from ..config import ServeConfig
+from ..errors import AdapterRefused
 from ..vllm_plugin import NAME
 from ..vllm_plugin.errors import BackendStartError
 
@@ -92,9 +93,17 @@ def pop_vllm_options(flags: dict) -> VllmOptions:
 
 def adapter_rank(folder: str | os.PathLike) -> int:
     """Largest LoRA rank in a PEFT adapter folder (r and rank_pattern of adapter_config.json)."""
-    cfg = json.loads((Path(folder) / "adapter_config.json").read_text())
-    ranks = [cfg.get("r", 0), *(cfg.get("rank_pattern") or {}).values()]
-    return max(int(r) for r in ranks)
+    path = Path(folder) / "adapter_config.json"
+    try:
+        cfg = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, RecursionError, ValueError) as e:
+        raise AdapterRefused(f"{path}: cannot be read ({e})") from None
+    pattern = cfg.get("rank_pattern") if isinstance(cfg, dict) else None
+    ranks = [cfg.get("r") if isinstance(cfg, dict) else None,
+             *(pattern.values() if isinstance(pattern, dict) else [] if pattern is None else [pattern])]
+    if not all(isinstance(r, int) and not isinstance(r, bool) and r >= 1 for r in ranks):
+        raise AdapterRefused(f"{path}: r and rank_pattern values must be integers >= 1, got {ranks!r:.100}")
+    return max(ranks)
 
 
 def _adapter_folders(root: str, depth: int = 3) -> list[str]:

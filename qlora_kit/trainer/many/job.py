@@ -18,7 +18,7 @@ from qlora_kit.models import adapter_params, adapter_state, add_adapter, remove_
 
 from .. import setup
 from ..batching import collate, plan_epoch
-from ..checkpoint import Position, find_checkpoint, load_checkpoint, save_checkpoint
+from ..checkpoint import Position, find_checkpoint, load_checkpoint, non_finite, save_checkpoint
 from ..errors import ConfigError, ResumeError
 from ..forward import summed_loss
 from ..loop import CONFIG_USED, LOSS_CURVE, micro_batches
@@ -135,12 +135,14 @@ class JobRun:
         `seconds` is the round's wall time (shared by every job in it), so tokens_per_s is this job's share.
         """
         n = self.pos.step + 1
-        if not math.isfinite(loss):
-            return self.fail(f"loss is {loss} at step {n}")
         max_norm = self.cfg.max_grad_norm if self.cfg.max_grad_norm > 0 else float("inf")
-        norm = float(torch.nn.utils.clip_grad_norm_(self.params, max_norm))
-        if not math.isfinite(norm):
-            return self.fail(f"gradient norm is {norm} at step {n}")
+        norm = float(torch.nn.utils.clip_grad_norm_(self.params, max_norm)) if math.isfinite(loss) else math.nan
+        bad = non_finite(loss, norm)
+        if bad is not None:  # loop.train's policy: not applied, the last good state kept, this job stops
+            self.optimizer.zero_grad(set_to_none=True)
+            self.save()
+            kept = f"; the last good state (step {self.pos.step}) is kept at {self.checkpoint}" if self.checkpoint else ""
+            return self.fail(f"step {n}: {bad}{kept}")
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.pos = Position(n, self._next.epoch, self._next.micro)

@@ -12,6 +12,7 @@ from qlora_kit.models import Tokenizer, load_model
 
 from .. import distributed as D
 from .. import setup
+from ..checkpoint import aborted
 from ..config import TrainConfig
 from ..errors import OutputExists, ResumeError
 from ..loop import TrainResult
@@ -75,9 +76,12 @@ def train_many(run: ManyConfig, on_step: Callable[[int, dict], None] | None = No
         jobs = [JobRun(s, slot) for slot, s in D.shard(list(enumerate(specs)), env)]
         _start(jobs, model, tok, run.resume, specs[0].cfg.seed)
         pad = next((j.data.pad_id for j in jobs if j.status == RUNNING), tok.pad_token_id)
-        stats = run_jobs(model, jobs, device, pad_id=pad, checkpointing=run.gradient_checkpointing,
-                         chunk_size=run.loss_chunk_size, rows_per_pass=run.rows_per_pass,
-                         progress=run.progress and env.is_main, console=console, on_step=on_step)
+        try:
+            stats = run_jobs(model, jobs, device, pad_id=pad, checkpointing=run.gradient_checkpointing,
+                             chunk_size=run.loss_chunk_size, rows_per_pass=run.rows_per_pass,
+                             progress=run.progress and env.is_main, console=console, on_step=on_step)
+        except KeyboardInterrupt:  # second Ctrl-C: as loop.train, OUT left rerunnable or resumable
+            raise aborted(out, fresh=not run.resume) from None
         order = {s.name: i for i, s in enumerate(specs)}
         rows = sorted(D.gather_rows([j.summary() for j in jobs], env), key=lambda r: order[r["job"]])
         stopped = D.gather_rows([stats["interrupted"]], env)
@@ -109,9 +113,12 @@ def train_data_parallel(cfg: TrainConfig, on_step=None, console=None) -> TrainRe
         torch.manual_seed(cfg.seed + env.rank)  # ranks draw different dropout masks
         job.restore()
         hook = None if on_step is None else lambda r, losses: on_step(job.pos.step, losses["adapter"])
-        stats = run_jobs(model, [job], device, pad_id=job.data.pad_id, checkpointing=cfg.gradient_checkpointing,
-                         chunk_size=cfg.loss_chunk_size, dp=D.DataParallel(env, device),
-                         progress=cfg.progress and env.is_main, console=console, on_step=hook)
+        try:
+            stats = run_jobs(model, [job], device, pad_id=job.data.pad_id, checkpointing=cfg.gradient_checkpointing,
+                             chunk_size=cfg.loss_chunk_size, dp=D.DataParallel(env, device),
+                             progress=cfg.progress and env.is_main, console=console, on_step=hook)
+        except KeyboardInterrupt:
+            raise aborted(Path(cfg.out), fresh=resume_from is None) from None
         D.barrier(env)
     return TrainResult(Path(cfg.out), job.pos.step, job.losses, job.eval_loss, stats["interrupted"], job.checkpoint,
                        stats["tokens_per_s"], stats["peak_memory_mb"])

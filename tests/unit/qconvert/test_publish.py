@@ -92,7 +92,8 @@ def test_broken_checkpoint_is_not_uploaded(tiny_out, monkeypatch):
         monkeypatch.setenv("HF_ENDPOINT", hub.url)
         result = _run("publish", tiny_out, "me/tiny-nf4")
     assert result.exit_code == 2
-    assert "nothing uploaded; first: model.layers.1.mlp.up_proj.weight.absmax: required" in result.stderr
+    assert "nothing uploaded; first: " in result.stderr
+    assert "model.safetensors: model.layers.1.mlp.up_proj.weight.absmax: required" in result.stderr
     assert [p for _, p, _ in hub.requests if p != "/api/agent-harnesses"] == []
 
 

@@ -17,6 +17,13 @@ def _rewrite(folder, edit):
     save_file(tensors, str(path))
 
 
+def _state_blob(tensors, **changes):
+    """The quant_state JSON blob of Q with some fields replaced."""
+    key = f"{Q}.quant_state.bitsandbytes__nf4"
+    fields = {**json.loads(bytes(tensors[key].tolist())), **changes}
+    return torch.tensor(list(json.dumps(fields).encode()), dtype=torch.uint8)
+
+
 def test_clean_checkpoint_passes_and_measures_error(tiny_src, tiny_out):
     result = check_integrity(tiny_out)
     assert result.ok, result.problems
@@ -42,14 +49,21 @@ def test_threshold_and_missing_tensors_are_problems(tiny_src, tiny_out):
     (lambda t: t.__setitem__(f"{Q}.quant_state.bitsandbytes__nf4", torch.tensor(list(b'{"quant'), dtype=torch.uint8)),
      f"{Q}.quant_state.bitsandbytes__nf4: not valid UTF-8 JSON"),
     (lambda t: t.__setitem__(f"{Q}.nested_absmax", t[f"{Q}.nested_absmax"] * float("nan")),
-     f"{Q}.absmax: decoded absmax has NaN/Inf"),
+     f"{Q}.nested_absmax: holds NaN/Inf (corrupt)"),
+    (lambda t: t.__setitem__(f"{Q}.quant_map", torch.zeros(16)), f"{Q}.quant_map: is not the nf4 codebook"),
+    (lambda t: t.__setitem__(f"{Q}.quant_state.bitsandbytes__nf4", _state_blob(t, shape=[True, 64])),  # issue 13 #11
+     f"{Q}.quant_state.bitsandbytes__nf4: shape [True, 64] must be a non-empty list of positive integers"),
+    (lambda t: t.__setitem__(f"{Q}.quant_state.bitsandbytes__nf4", _state_blob(t, dtype=["bfloat16"])),
+     f"{Q}.quant_state.bitsandbytes__nf4: dtype ['bfloat16'] is not one of"),
+    (lambda t: t.__setitem__(f"{Q}.quant_state.bitsandbytes__nf4", _state_blob(t, nested_blocksize=2**70)),
+     f"{Q}.quant_state.bitsandbytes__nf4: nested_blocksize 1180591620717411303424 is invalid"),
     (lambda t: t["model.norm.weight"].__setitem__(3, float("inf")), "model.norm.weight: 1 NaN/Inf"),
     (lambda t: t.pop(f"{Q}.quant_state.bitsandbytes__nf4"), f"{Q}.absmax: state entry without a quant_state"),
 ])
 def test_each_integrity_problem_is_named(tiny_out, edit, message):
     _rewrite(tiny_out, edit)
     problems = check_integrity(tiny_out).problems
-    assert any(p.startswith(message) for p in problems), problems
+    assert any(message in p for p in problems), problems
 
 
 def test_config_and_index_consistency(tiny_out):

@@ -75,7 +75,11 @@ def test_errors(server, body, status, needle):
 
 def test_health_and_metrics(server):
     assert httpx.get(server.url + "/health").json() == {"status": "ok"}
-    assert "qserve_engine_steps_total" in httpx.get(server.url + "/metrics").text
+    assert httpx.get(server.url + "/metrics").status_code == 401  # keys on: /metrics is for the admin key
+    r = httpx.get(server.url + "/metrics", headers={"Authorization": f"Bearer {USER}"})
+    assert r.status_code == 403 and "reading /metrics needs an admin key" in r.json()["error"]["message"]
+    r = httpx.get(server.url + "/metrics", headers={"Authorization": f"Bearer {ADMIN}"})
+    assert "qserve_engine_steps_total" in r.text
 
 
 def test_cli_adapters_commands(server):

@@ -5,7 +5,15 @@ import pytest
 
 from qlora_kit.qserve.api.auth import KeyStore
 from qlora_kit.qserve.api.errors import status_of
-from qlora_kit.qserve.errors import AdapterNotFound, BodyTooLarge, Forbidden, PromptTooLong, QueueFull, Unauthorized
+from qlora_kit.qserve.errors import (
+    AdapterNotFound,
+    BodyTooLarge,
+    Forbidden,
+    KeyFileError,
+    PromptTooLong,
+    QueueFull,
+    Unauthorized,
+)
 
 pytestmark = pytest.mark.unit
 
@@ -34,7 +42,7 @@ def test_tenants_and_admin(tmp_path):
 
 
 @pytest.mark.parametrize("keys,msg", [([], "non-empty"), ([{"key": "short"}], "at least 8"),
-                                      ([{"key": "sk-123456", "adapters": "x"}], "list of names"),
+                                      ([{"key": "sk-123456", "adapters": "x"}], "adapters='x': must be a list of strings"),
                                       ([{"key": "sk-123456"}, {"key": "sk-123456"}], "repeats")])
 def test_bad_key_files(tmp_path, keys, msg):
     with pytest.raises(ValueError, match=msg):
@@ -48,3 +56,29 @@ def test_no_file_means_open():
 def test_status_map():
     assert [status_of(e("x"))[0] for e in (Unauthorized, Forbidden, AdapterNotFound, PromptTooLong, BodyTooLarge,
                                            QueueFull)] == [401, 403, 404, 413, 413, 429]
+
+
+@pytest.mark.parametrize("keys,msg", [  # issue 13 item 2: the key file is read strictly
+    ([{"key": "sk-123456", "admin": "false"}], "keys[0].admin='false': must be true or false (a JSON boolean)"),
+    ([{"key": "sk-123456", "base": "false"}], "keys[0].base='false': must be true or false (a JSON boolean)"),
+    ([{"key": "sk-123456", "admin": 1}], "keys[0].admin=1: must be true or false"),
+    ([{"key": "sk-123456", "tenant": 5}], "keys[0].tenant=5: must be a string"),
+    ([{"key": "sk-123456", "is_admin": True}], "keys[0]: unknown field(s) ['is_admin']"),
+    (["sk-123456"], "keys[0]: must be an object"),
+    ([{"key": 12345678901}], "keys[0].key=12345678901: must be a string"),
+])
+def test_key_file_is_strict(tmp_path, keys, msg):
+    with pytest.raises(KeyFileError) as e:
+        _store(tmp_path, keys)
+    assert str(e.value).startswith(str(tmp_path / "keys.json"))
+    assert msg in str(e.value), str(e.value)
+
+
+@pytest.mark.parametrize("text,msg", [('{"keys": [], "admin": true}', "exactly one field, 'keys'"),
+                                      ("[1]", "exactly one field"), ("\xff", "cannot read"),
+                                      ("[" * 100000, "cannot read")])
+def test_key_file_not_an_object(tmp_path, text, msg):
+    p = tmp_path / "keys.json"
+    p.write_bytes(text.encode("latin-1"))
+    with pytest.raises(KeyFileError, match=msg):
+        KeyStore.from_file(p)

@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from qlora_kit.models import Batch, NF4Linear
+from tests.tolerances import tol
 
 from ._tiny_serve import tiny_model
 
@@ -24,4 +25,5 @@ def test_dequantize_bases_reports_the_extra_bytes_and_keeps_the_logits(tmp_path)
         after = model(Batch(ids))
     assert n == len(layers) and extra == dense - four_bit > 0
     assert not any(isinstance(m.base, NF4Linear) for m in layers.values())
-    assert torch.equal(before, after)
+    # the same weights; the 4-bit base multiplies in kernels.nf4_matmul's order, the dense copy in F.linear's
+    torch.testing.assert_close(before, after, **tol("nf4_matmul", torch.float32))

@@ -151,7 +151,9 @@ def test_failing_jobs_are_skipped_and_early_stop_ends_a_job(world, tiny_chat):
     rows = {r["job"]: r for r in res.jobs}
     assert rows["a"]["status"] == "done"
     assert rows["bad_data"]["status"] == "failed" and "bad.jsonl:1: not valid JSON" in rows["bad_data"]["error"]
-    assert rows["diverges"]["status"] == "failed" and rows["diverges"]["error"].startswith("loss is ")
+    assert rows["diverges"]["status"] == "failed" and ": loss is " in rows["diverges"]["error"]
+    # issue 13 item 16: the last good state is kept, as loop.train does
+    assert f"is kept at {root / 'failing' / 'diverges' / 'checkpoints'}" in rows["diverges"]["error"]
     assert rows["diverges"]["steps"] >= 1 and not (root / "failing" / "diverges" / "adapter_model.safetensors").exists()
     assert rows["stops_early"]["status"] == "early_stopped" and rows["stops_early"]["steps"] == 2
     assert (root / "failing" / "stops_early" / "adapter_model.safetensors").is_file()
