@@ -18,9 +18,10 @@ pytestmark = [pytest.mark.slow, pytest.mark.integration]
 PROMPTS = ["The capital of France is", "def fibonacci(n):", "Water boils at a temperature of"]
 # Our checkpoint and bitsandbytes' differ only where bitsandbytes' CPU double quant picks a neighbouring
 # 8-bit absmax code (~0.1% of blocks). With their absmax codes swapped in, logits are bit-identical
-# (asserted below); as is, that perturbation moves bf16 logits of magnitude ~30 by at most 0.91
-# (mean 0.10-0.20) on PROMPTS, measured with this test's models, and never changes an argmax.
-LOGIT_TOL = {"rtol": 0.0, "atol": 1.0}
+# (asserted below); as is, that perturbation moves bf16 logits of magnitude ~30 by at most 0.91 on a CPU with
+# AVX-512 BF16 and 1.125 on an AVX2-only CPU, whose bitsandbytes kernels round differently (mean 0.10-0.20) on
+# PROMPTS, measured with this test's models, and never changes an argmax.
+LOGIT_TOL = {"rtol": 0.0, "atol": 1.25}
 LOGIT_MEAN_TOL = 0.25
 
 
