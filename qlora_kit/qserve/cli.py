@@ -29,11 +29,11 @@ def _config_options(fn):
         kind = typing.get_args(f.type) or (f.type,)
         py = next((t for t in kind if t in (int, str, bool)), str) if not isinstance(f.type, type) else f.type
         flag = "--" + f.name.replace("_", "-")
+        help_ = " ".join(filter(None, (f.metadata.get("help"), f"[default: {f.default}]")))
         if py is bool:
-            opt = click.option(f"{flag}/--no-{f.name.replace('_', '-')}", f.name, default=None,
-                               help=f"[default: {f.default}]")
+            opt = click.option(f"{flag}/--no-{f.name.replace('_', '-')}", f.name, default=None, help=help_)
         else:
-            opt = click.option(flag, f.name, type=py, default=None, help=f"[default: {f.default}]")
+            opt = click.option(flag, f.name, type=py, default=None, help=help_)
         fn = opt(fn)
     return fn
 
