@@ -167,3 +167,19 @@ def measure(fn, warmup: int = 3, reps: int = 20) -> tuple[float, float, float]:
         times.append(time.perf_counter() - t)
     q = statistics.quantiles(times, n=10)
     return statistics.median(times), q[1], q[7]
+
+
+def begin(threads: int | None, reps: int, shortcuts: list[str] = ()) -> int:
+    """Pin threads and print the standard header: threads, reps and order, outlier rule, shortcuts, load before."""
+    n = pin_threads(threads)
+    print(threads_line(n, threads is not None))
+    print(f"runs: ours and the peer interleaved (A B A B ...), {reps} timed rep(s) each after warm-up; "
+          "figures are median [min-max]")
+    print(OUTLIER_RULE)
+    print("shortcuts: " + (", ".join(shortcuts) if shortcuts else "none (the configuration users get by default)"))
+    print(load_line("before"), flush=True)
+    return n
+
+
+def end() -> None:
+    print(load_line("after"), flush=True)
