@@ -94,7 +94,8 @@ def main(device, reps, threads, as_json):
         return
     for r in rows:
         o, b = r["ours"], r["bitsandbytes"]
-        fmt = lambda d: (f"{d['median_s'] * 1e6:9.1f} us [{d['lo_s'] * 1e6:.1f}-{d['hi_s'] * 1e6:.1f}] "  # noqa: E731
+        fmt = lambda d: (f"{d['median_s'] * 1e6:9.1f} us [{d['lo_s'] * 1e6:.1f}-{d['hi_s'] * 1e6:.1f}]"  # noqa: E731
+                         f"{' (%d outliers)' % d['outliers'] if d.get('outliers') else ''} "
                          f"{r['bytes'] / d['median_s'] / 1e9:6.1f} GB/s")
         click.echo(f"{'x'.join(map(str, r['shape'])):>11s}  bnb {fmt(b)} | ours {fmt(o)}  x{r['ours_vs_bnb']:.2f} vs bnb"
                    f"  bit-exact {'yes' if r['bit_exact'] else 'NO'}")
