@@ -21,6 +21,7 @@ run() {
 { uname -srm; lscpu | grep -E 'Model name|^CPU\(s\)'; "$PY" -c 'import torch, transformers, bitsandbytes, peft
 print("torch", torch.__version__, "transformers", transformers.__version__, "bitsandbytes", bitsandbytes.__version__,
       "peft", peft.__version__)'; git rev-parse --short HEAD; } | tee "$LOG/machine.txt"
+run threads     -m bench.threads
 run dequant     -m bench.dequant
 run convert     -m bench.convert
 run forward     -m bench.forward

@@ -6,7 +6,8 @@ from dataclasses import dataclass, field
 
 # The engine's step loop runs in its own thread. With torch's OpenMP pool, a non-main thread using 2 intra-op
 # threads runs small ops ~30x slower than with 1 (index_add 128x576: ~900 us vs ~27 us on a 2-core CPU, and a
-# 128x576 @ 576x576 matmul no faster), so 1 is the measured default on CPU: bench/results/serve.md.
+# 128x576 @ 576x576 matmul no faster), so 1 is the measured default on CPU: `python -m bench.threads`,
+# bench/results/serve.md.
 ENGINE_THREADS = 1
 
 
