@@ -28,5 +28,6 @@ run forward     -m bench.forward
 run train       -m bench.train
 run serve       -m bench.serve
 run serve_1thr  -m bench.serve --threads 1
+run serve_eng2  -m bench.serve --engine-threads 2 --no-peer   # the measurement behind ServeConfig.threads = 1
 run train_many  -m bench.train_many
 echo "logs in $LOG"
