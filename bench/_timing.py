@@ -44,8 +44,8 @@ def pin_threads(n: int | None) -> int:
     return n
 
 
-def threads_line(n: int, explicit: bool) -> str:
-    how = "--threads (explicit)" if explicit else "default: this machine's cores"
+def threads_line(n: int, explicit: bool, why: str = "") -> str:
+    how = "--threads (explicit)" if explicit else (why or "default: this machine's cores")
     return (f"threads: {n} intra-op for ours and the peer alike ({how}; torch.set_num_threads + "
             f"{'/'.join(THREAD_ENV)} for child processes)")
 
@@ -169,10 +169,12 @@ def measure(fn, warmup: int = 3, reps: int = 20) -> tuple[float, float, float]:
     return statistics.median(times), q[1], q[7]
 
 
-def begin(threads: int | None, reps: int, shortcuts: list[str] = ()) -> int:
-    """Pin threads and print the standard header: threads, reps and order, outlier rule, shortcuts, load before."""
-    n = pin_threads(threads)
-    print(threads_line(n, threads is not None))
+def begin(threads: int | None, reps: int, shortcuts: list[str] = (), default: int | None = None,
+          why: str = "") -> int:
+    """Pin threads (--threads, else `default` for the reason `why`, else the machine's cores) and print the
+    standard header: threads, reps and order, outlier rule, shortcuts, load average before."""
+    n = pin_threads(threads if threads is not None else default)
+    print(threads_line(n, threads is not None, why if default is not None else ""))
     print(f"runs: ours and the peer interleaved (A B A B ...), {reps} timed rep(s) each after warm-up; "
           "figures are median [min-max]")
     print(OUTLIER_RULE)

@@ -1,7 +1,7 @@
 """Conversion cost: `qconvert convert` vs transformers + bitsandbytes (from_pretrained with
 BitsAndBytesConfig, then save_pretrained) on the same checkpoint; each run in a fresh subprocess.
 
-    python -m bench.convert [--model DIR] [--reps 3] [--threads N]   # SmolLM2 by default, ratios peer / ours
+    python -m bench.convert [--model DIR] [--reps 3] [--threads N]   # SmolLM2 by default, ratios ours vs peer
     python -m bench.convert --synthetic [--params 1.5e9]               # peak RSS of ours on a large random checkpoint
 
 Wall time is the subprocess's whole life (interpreter start and imports included, as a user sees it);
@@ -10,7 +10,8 @@ same run. Ours and the peer alternate run by run (A B A B, bench._timing.interle
 printed; the summary is the median [min-max] of each figure, and the ratios are medians of per-pair ratios'
 spread (never one metric's best run against another's).
 Threads are pinned alike: both children get OMP_NUM_THREADS/MKL_NUM_THREADS = N and qconvert gets
-`--threads N` (N = --threads, default this machine's cores). --each-default is an explicit shortcut that
+`--threads N` (N = --threads, default qconvert's own default, 1: what a qconvert user gets, and the peer
+is given the same). --each-default is an explicit shortcut that
 leaves each tool at its own default (qconvert 1 thread, the peer torch's default) and says so.
 --synthetic writes a Llama-shaped bf16 checkpoint of random weights to a temporary folder (streamed, never
 held in memory) and converts it, to show that peak memory follows the largest tensor rather than the model size.
@@ -62,6 +63,13 @@ def run(argv: list[str]) -> dict:
     return {"wall": wall, "cpu": usage.ru_utime + usage.ru_stime, "rss": usage.ru_maxrss * 1024}
 
 
+def _qconvert_default_threads() -> int:
+    """ConvertConfig.threads' default, read in a child (importing qlora_kit here would load torch, see above)."""
+    code = ("from qlora_kit.qconvert.options import ConvertConfig; "
+            "print(ConvertConfig.__dataclass_fields__['threads'].default)")
+    return int(subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout)
+
+
 def counter():
     """0, 1, 2, ... on successive calls (a fresh output folder per run)."""
     n = [-1]
@@ -109,7 +117,7 @@ def synthetic(folder: Path, params: float) -> tuple[int, int]:
 @click.option("--reps", "--repeat", "reps", default=3, show_default=True, help="runs per tool, interleaved")
 @click.option("--synthetic", "synth", is_flag=True, help="Convert a large random Llama-shaped checkpoint instead.")
 @click.option("--params", default=1.5e9, show_default=True, help="Parameters of the --synthetic checkpoint.")
-@click.option("--threads", type=int, default=None, help="threads for both tools (default: this machine's cores)")
+@click.option("--threads", type=int, default=None, help="threads for both tools (default: qconvert's default, 1)")
 @click.option("--each-default", is_flag=True, help="shortcut: each tool at its own default thread count")
 @click.option("--write-synthetic", type=click.Path(), default=None, hidden=True)
 def main(model, reps, synth, params, threads, each_default, write_synthetic):
@@ -118,7 +126,8 @@ def main(model, reps, synth, params, threads, each_default, write_synthetic):
         print(json.dumps(synthetic(Path(write_synthetic), params)))
         return
     shortcuts = ["--each-default: qconvert at its default 1 thread, the peer at torch's default"] * each_default
-    n = begin(threads, reps, shortcuts)
+    n = begin(threads, reps, shortcuts, default=_qconvert_default_threads(),
+              why="default: qconvert's own default thread count, given to both tools")
     qthreads = [] if each_default else ["--threads", str(n)]
     if each_default:
         THREADS.update(OMP_NUM_THREADS="", MKL_NUM_THREADS="")

@@ -24,6 +24,7 @@ print("torch", torch.__version__, "transformers", transformers.__version__, "bit
 run threads     -m bench.threads
 run dequant     -m bench.dequant
 run convert     -m bench.convert
+run convert_2thr -m bench.convert --threads 2
 run forward     -m bench.forward
 run train       -m bench.train
 run serve       -m bench.serve
