@@ -61,6 +61,9 @@ def serve(checkpoint, adapters, base_names, backend, **flags):
         if not sep or not name or not path:
             raise click.BadParameter(f"{item!r}: expected NAME=PATH", param_hint="--adapter")
         pairs.append((name, path))
+    if backend == "vllm" and flags.get("threads") is not None:
+        raise click.UsageError("--threads sets the native engine's step thread; with --backend vllm use vLLM's own "
+                               "CPU thread settings")
     try:
         vllm_opts = pop_vllm_options(flags)
         config = ServeConfig(checkpoint, tuple(pairs), base_names=tuple(base_names),

@@ -115,3 +115,12 @@ def test_step_thread_runs_with_its_own_intra_op_thread_count(tmp_path):
     assert torch.get_num_threads() == before
     with pytest.raises(ValueError, match="threads=0"):
         ServeConfig(str(folder), threads=0)
+
+
+def test_threads_flag_is_refused_with_the_vllm_backend(tmp_path):
+    from click.testing import CliRunner
+
+    from qlora_kit.qserve.cli import main
+
+    out = CliRunner().invoke(main, ["serve", str(tmp_path), "--backend", "vllm", "--threads", "2"])
+    assert out.exit_code == 2 and "--threads sets the native engine's step thread" in out.output
