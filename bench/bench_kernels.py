@@ -3,16 +3,15 @@
     python -m bench.bench_kernels            # CUDA if present, else CPU with small shapes
     python -m bench.bench_kernels --small    # small shapes on any device
 
-Reports the median time and its 20/80 quantiles, converted to GB/s or TFLOP/s with the formula in each
+Reports (bench._timing.measure) the median time and its 20/80 quantiles, converted to GB/s or TFLOP/s with the formula in each
 twin's leading comment (kernels/ref/<op>.py). Asserts nothing: correctness lives in tests/.
 """
 import argparse
-import statistics
-import time
 
 import torch
 import torch.nn.functional as F
 
+from bench._timing import load_line, measure, pin_threads, threads_line
 from qlora_kit.formats import quantize_4bit
 from qlora_kit.kernels import adamw8bit, chunked_cross_entropy, lora, lora_multi, nf4_matmul, rmsnorm, rope, swiglu
 from qlora_kit.trainer.optim import signed_dynamic_map, unsigned_dynamic_map
@@ -23,23 +22,6 @@ try:
     HAS_BNB = True
 except ImportError:
     HAS_BNB = False
-
-
-def _time(fn, device: torch.device, reps: int) -> tuple[float, float, float]:
-    """(median, q20, q80) seconds."""
-    if device.type == "cuda":
-        import triton.testing
-
-        ms = triton.testing.do_bench(fn, quantiles=[0.5, 0.2, 0.8], rep=200)
-        return tuple(m / 1e3 for m in ms)
-    fn()
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    q = statistics.quantiles(times, n=10)
-    return statistics.median(times), q[1], q[7]
 
 
 def _cases(device: torch.device, small: bool):
@@ -111,7 +93,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--small", action="store_true", help="small shapes (default on CPU)")
     ap.add_argument("--reps", type=int, default=10, help="timed calls per provider on CPU")
+    ap.add_argument("--threads", type=int, default=None, help="intra-op threads (default: this machine's cores)")
     args = ap.parse_args()
+    print(threads_line(pin_threads(args.threads), args.threads is not None))
+    print("providers run one after another (a kernel microbenchmark, not a headline); " + load_line("before"))
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     small = args.small or device.type == "cpu"
     torch.manual_seed(0)
@@ -124,7 +109,7 @@ def main() -> None:
                 print(f"  {name:38s} needs a GPU (on CPU it runs only under TRITON_INTERPRET=1, for tests)")
                 continue
             try:
-                med, lo, hi = _time(fn, device, args.reps)
+                med, lo, hi = measure(fn, warmup=1, reps=args.reps)
             except (RuntimeError, NotImplementedError, ValueError) as e:
                 print(f"  {name:38s} failed: {str(e).splitlines()[0][:80]}")
                 continue
@@ -132,6 +117,7 @@ def main() -> None:
             rate = work / med / (1e12 if unit == "TFLOP/s" else 1e9)
             ratio = f"  x{twin / med:5.2f} vs twin" if twin and name != "torch" else ""
             print(f"  {name:38s} {med * 1e3:9.3f} ms  [{lo * 1e3:.3f}, {hi * 1e3:.3f}]  {rate:8.3f} {unit}{ratio}")
+    print(load_line("after"))
 
 
 if __name__ == "__main__":

@@ -1,20 +1,27 @@
 """Multi-adapter serving throughput: generated tokens/s with 1, 8, 32 and 128 distinct adapters in one batch,
 as a ratio to the base-only batch, through the qserve engine; and the same workload through PEFT's
-mixed-adapter generate (`adapter_names`) as the peer, in the same run.
+mixed-adapter generate (`adapter_names`) as the peer, in the same process, interleaved with ours.
 
-    python -m bench.serve [--batch 128] [--new-tokens 8] [--prompt-tokens 8] [--device cpu] [--dtype float32]
-                          [--adapters 1,8,32,128] [--rank 16] [--json]
+    python -m bench.serve [--batch 128] [--new-tokens 8] [--prompt-tokens 8] [--adapters 1,8,32,128]
+                          [--reps 3] [--threads N] [--engine-threads N] [--dense-base] [--dtype bfloat16] [--json]
     python -m bench.serve --load-test 500,64 [--adapters 32] [--new-tokens 4]
+
+Default configuration = what `qserve serve` users get: the 4-bit NF4 base written by qconvert (no dense copy),
+ServeConfig's dtype (bfloat16) and engine step-thread count (ServeConfig.threads). Shortcuts are flags and
+are printed: --dense-base (ServeConfig.dequantize_base: a dense copy, 4x the weight memory), --engine-threads.
+--threads pins this process's intra-op threads (the peer runs in this process; the engine's step thread sets
+its own count from ServeConfig.threads, as in `qserve serve`).
+
+Workload: `batch` requests submitted at once, row i uses adapter i % n (r16, all linear projections, random
+non-zero B), seeded random prompts of `prompt-tokens` tokens, greedy, exactly `new-tokens` new tokens each
+(ignore_eos). Tokens/s = batch * new_tokens / wall time of the whole batch (prefill included). At every
+adapter count both sides first run one untimed warm-up batch (which also makes the adapters resident), then
+--reps timed batches, ours and the peer alternating (bench._timing.interleave). The peer runs transformers +
+PEFT on the same bf16 source in the same dtype. Figures are median [min-max] of the reps.
 
 The second form is issue 9's bounded load test over HTTP (the suite runs a smaller one): the openai client on
 loopback sends N requests over `adapters` adapters at concurrency C, two rounds, and prints failures, p50/p99
 latency, generated tok/s and the process RSS after each round.
-
-Workload: `batch` requests submitted at once, row i uses adapter i % n (r16, all linear projections, random
-non-zero B), seeded random prompts of `prompt-tokens` tokens, greedy, exactly `new-tokens` new tokens each
-(ignore_eos). Tokens/s = batch * new_tokens / wall time of the whole batch (prefill included), after one
-warm-up batch. Ours serves the NF4 checkpoint written by qconvert (with --dequantize-base on CPU, see
-ServeConfig.dequantize_base); the peer runs transformers + PEFT on the same bf16 source in the same dtype.
 """
 import asyncio
 import json
@@ -29,7 +36,8 @@ import torch
 from qlora_kit.formats import LoraConfig
 from qlora_kit.models import add_adapter, adapter_params, remove_adapter, save_peft_adapter
 from qlora_kit.qconvert.convert import convert
-from qlora_kit.qserve.config import ServeConfig
+from bench._timing import Stats, begin, compare, end, interleave
+from qlora_kit.qserve.config import ENGINE_THREADS, ServeConfig
 from qlora_kit.qserve.engine import SamplingParams
 from qlora_kit.qserve.server import build_engine
 
@@ -75,27 +83,23 @@ async def _run_ours(engine, prompts, names, new_tokens) -> float:
     return sum(got) / wall
 
 
-def _peer(folders, prompts, counts, new_tokens, dtype, device):
+def _peer_model(folders, n_max, dtype, device):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(SRC, dtype=dtype).to(device).eval()
-    n_max = max(counts)
     peft = PeftModel.from_pretrained(model, str(folders[0]), adapter_name="a000")
     for i in range(1, n_max):
         peft.load_adapter(str(folders[i]), adapter_name=f"a{i:03d}")
-    ids = torch.tensor(prompts, device=device)
-    out = {}
-    for n in (0,) + tuple(counts):
-        names = ["__base__"] * len(prompts) if n == 0 else [f"a{i % n:03d}" for i in range(len(prompts))]
-        kw = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
-        with torch.inference_mode():
-            peft.generate(input_ids=ids[:2], adapter_names=names[:2], **kw)  # warm-up
-            t0 = time.perf_counter()
-            peft.generate(input_ids=ids, attention_mask=torch.ones_like(ids), adapter_names=names, **kw)
-            out[n] = len(prompts) * new_tokens / (time.perf_counter() - t0)
-            print(f"peft, {n or 'base'} adapters: {out[n]:.1f} tok/s", flush=True)
-    return out
+    return peft
+
+
+def _run_peer(peft, ids, names, new_tokens) -> float:
+    kw = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+    with torch.inference_mode():
+        t0 = time.perf_counter()
+        peft.generate(input_ids=ids, attention_mask=torch.ones_like(ids), adapter_names=names, **kw)
+        return ids.shape[0] * new_tokens / (time.perf_counter() - t0)
 
 
 @click.command()
@@ -105,19 +109,33 @@ def _peer(folders, prompts, counts, new_tokens, dtype, device):
 @click.option("--adapters", "counts", default="1,8,32,128", show_default=True)
 @click.option("--rank", default=16, show_default=True)
 @click.option("--device", default="cpu", show_default=True)
-@click.option("--dtype", default="float32", show_default=True)
+@click.option("--dtype", default=ServeConfig.__dataclass_fields__["dtype"].default, show_default=True)
+@click.option("--reps", default=3, show_default=True, help="timed batches per side and adapter count")
+@click.option("--threads", type=int, default=None, help="intra-op threads of this process (the peer); default: cores")
+@click.option("--engine-threads", type=int, default=None,
+              help=f"override ServeConfig.threads of the engine's step thread (default {ENGINE_THREADS})")
+@click.option("--dense-base", is_flag=True, help="shortcut: serve a dense copy of the base (ServeConfig.dequantize_base)")
 @click.option("--peer/--no-peer", default=True, show_default=True)
-@click.option("--as-json", "as_json", is_flag=True)
+@click.option("--as-json", "--json", "as_json", is_flag=True)
 @click.option("--load-test", default=None, metavar="N,C", help="HTTP load test: N requests at concurrency C.")
-def main(batch, new_tokens, prompt_tokens, counts, rank, device, dtype, peer, as_json, load_test):
+def main(batch, new_tokens, prompt_tokens, counts, rank, device, dtype, reps, threads, engine_threads, dense_base,
+         peer, as_json, load_test):
     counts = tuple(int(c) for c in counts.split(","))
     if load_test:
         n, c = (int(x) for x in load_test.split(","))
-        return _load_test(n, c, counts[0], new_tokens, rank, device, dtype)
+        return _load_test(n, c, counts[0], new_tokens, rank, device, dtype, dense_base)
+    shortcuts = (["--dense-base: ours serves a dense copy of the base (4x weight memory), not the 4-bit base"]
+                 * dense_base + [f"--engine-threads {engine_threads}"] * (engine_threads is not None))
+    if not peer:
+        shortcuts.append("--no-peer")
+    n_threads = begin(threads, reps, shortcuts)
+    eng_threads = engine_threads or ENGINE_THREADS
+    print(f"engine step thread: {eng_threads} intra-op thread(s) (ServeConfig.threads"
+          f"{'' if engine_threads else ', the default'})", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = Path(tmp) / "smollm2-135m-instruct"
         convert(str(SRC), ckpt, progress=False)
-        config = ServeConfig(str(ckpt), device=device, dtype=dtype, dequantize_base=device == "cpu",
+        config = ServeConfig(str(ckpt), device=device, dtype=dtype, dequantize_base=dense_base, threads=eng_threads,
                              max_loras=max(counts), max_num_seqs=batch,
                              max_num_batched_tokens=max(batch * (prompt_tokens + 1), 2048), max_model_len=256,
                              kv_cache_tokens=max(batch * (prompt_tokens + new_tokens + 16), 256), allowed_root=tmp)
@@ -126,27 +144,40 @@ def main(batch, new_tokens, prompt_tokens, counts, rank, device, dtype, peer, as
         for i, f in enumerate(folders):
             engine.registry.add(f"a{i:03d}", f, trusted=True)
         prompts = _prompts(batch, prompt_tokens, engine.model.cfg.vocab_size)
-        ours = {}
+        peft = _peer_model(folders, max(counts), getattr(torch, dtype), device) if peer else None
+        ids = torch.tensor(prompts, device=device)
+        runs = {}
         for n in (0,) + counts:
             names = [None] * batch if n == 0 else [f"a{i % n:03d}" for i in range(batch)]
-            if n == 0:
-                asyncio.run(_run_ours(engine, prompts[:4], names[:4], 2))  # warm-up
-            ours[n] = asyncio.run(_run_ours(engine, prompts, names, new_tokens))
+            sides = {"ours": lambda: asyncio.run(_run_ours(engine, prompts, names, new_tokens))}
+            if peer:
+                pnames = ["__base__" if a is None else a for a in names]
+                sides["peft"] = lambda: _run_peer(peft, ids, pnames, new_tokens)
+            runs[n] = interleave(sides, reps, warmup=1).samples
             if not as_json:
-                print(f"ours, {n or 'base'} adapters: {ours[n]:.1f} tok/s", flush=True)
+                print(f"{n or 'base'} adapters: " + ", ".join(
+                    f"{k} {Stats.of(v).fmt(digits=1)} tok/s" for k, v in runs[n].items()), flush=True)
         engine.stop()
-        theirs = _peer(folders, prompts, counts, new_tokens, getattr(torch, dtype), device) if peer else {}
-    head = f"batch {batch}, prompt {prompt_tokens}, {new_tokens} new tokens, r{rank} all-linear, {device} {dtype}"
-    rows = [(n, ours[n], theirs.get(n)) for n in (0,) + counts]
+    head = (f"batch {batch}, prompt {prompt_tokens}, {new_tokens} new tokens, r{rank} all-linear, {device} {dtype}, "
+            f"{'dense base (--dense-base)' if dense_base else '4-bit base'}, threads {n_threads} "
+            f"(engine step thread {eng_threads})")
     if as_json:
-        print(json.dumps({"config": head, "rows": rows}))
+        print(json.dumps({"config": head, "runs": {str(k): v for k, v in runs.items()}}))
+        end()
         return
+    med = {n: {k: Stats.of(v).median for k, v in r.items()} for n, r in runs.items()}
     print(head)
-    print(f"{'adapters':>8} {'ours tok/s':>11} {'vs base':>8} {'peft tok/s':>11} {'vs base':>8} {'ours/peft':>9}")
-    for n, o, p in rows:
-        pb = f"{p / theirs[0]:8.2f}" if p else f"{'-':>8}"
-        print(f"{n if n else 'base':>8} {o:11.1f} {o / ours[0]:8.2f} {p or 0:11.1f} {pb} "
-              f"{(o / p if p else float('nan')):9.2f}")
+    print(f"{'adapters':>8} {'ours tok/s [min-max]':>24} {'vs base':>8} {'peft tok/s [min-max]':>24} {'vs base':>8}")
+    for n in (0,) + counts:
+        o = Stats.of(runs[n]["ours"])
+        p = Stats.of(runs[n]["peft"]) if peer else None
+        print(f"{n if n else 'base':>8} {o.fmt(digits=1):>24} {o.median / med[0]['ours']:8.2f} "
+              f"{p.fmt(digits=1) if p else '-':>24} {p.median / med[0]['peft'] if p else float('nan'):8.2f}")
+    if peer:
+        for n in (0,) + counts:
+            print(compare(runs[n]["ours"], runs[n]["peft"], higher_is_better=True).line(
+                f"{n or 'base'} adapters tok/s", "ours", "peft"))
+    end()
 
 
 def _rss_mb() -> float:
@@ -178,7 +209,7 @@ async def _http_round(url, names, n, concurrency, new_tokens):
     return lat, toks, fails, wall
 
 
-def _load_test(n, concurrency, n_adapters, new_tokens, rank, device, dtype):
+def _load_test(n, concurrency, n_adapters, new_tokens, rank, device, dtype, dense_base):
     import statistics
 
     from qlora_kit.qserve.server import start
@@ -186,7 +217,7 @@ def _load_test(n, concurrency, n_adapters, new_tokens, rank, device, dtype):
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = Path(tmp) / "smollm2-135m-instruct"
         convert(str(SRC), ckpt, progress=False)
-        config = ServeConfig(str(ckpt), device=device, dtype=dtype, dequantize_base=device == "cpu",
+        config = ServeConfig(str(ckpt), device=device, dtype=dtype, dequantize_base=dense_base,
                              max_loras=min(n_adapters, 32), max_num_seqs=concurrency, max_waiting=max(n, 256),
                              max_model_len=256, kv_cache_tokens=concurrency * 64, allowed_root=tmp)
         handle = start(config)

@@ -29,11 +29,11 @@ def _config_options(fn):
         kind = typing.get_args(f.type) or (f.type,)
         py = next((t for t in kind if t in (int, str, bool)), str) if not isinstance(f.type, type) else f.type
         flag = "--" + f.name.replace("_", "-")
+        help_ = " ".join(filter(None, (f.metadata.get("help"), f"[default: {f.default}]")))
         if py is bool:
-            opt = click.option(f"{flag}/--no-{f.name.replace('_', '-')}", f.name, default=None,
-                               help=f"[default: {f.default}]")
+            opt = click.option(f"{flag}/--no-{f.name.replace('_', '-')}", f.name, default=None, help=help_)
         else:
-            opt = click.option(flag, f.name, type=py, default=None, help=f"[default: {f.default}]")
+            opt = click.option(flag, f.name, type=py, default=None, help=help_)
         fn = opt(fn)
     return fn
 
@@ -61,6 +61,9 @@ def serve(checkpoint, adapters, base_names, backend, **flags):
         if not sep or not name or not path:
             raise click.BadParameter(f"{item!r}: expected NAME=PATH", param_hint="--adapter")
         pairs.append((name, path))
+    if backend == "vllm" and flags.get("threads") is not None:
+        raise click.UsageError("--threads sets the native engine's step thread; with --backend vllm use vLLM's own "
+                               "CPU thread settings")
     try:
         vllm_opts = pop_vllm_options(flags)
         config = ServeConfig(checkpoint, tuple(pairs), base_names=tuple(base_names),

@@ -2,7 +2,13 @@
 
 Defaults live here only; `qserve serve` generates its flags from these fields.
 """
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+# The engine's step loop runs in its own thread. With torch's OpenMP pool, a non-main thread using 2 intra-op
+# threads runs small ops ~30x slower than with 1 (index_add 128x576: ~900 us vs ~27 us on a 2-core CPU, and a
+# 128x576 @ 576x576 matmul no faster), so 1 is the measured default on CPU: `python -m bench.threads`,
+# bench/results/serve.md.
+ENGINE_THREADS = 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -26,6 +32,8 @@ class ServeConfig:
             bytes in bf16 (2 bytes a weight vs ~0.52 with double-quantized absmax; the extra MiB are printed at start-up).
         max_tokens_limit: largest max_tokens a request may ask for.
         max_body_bytes: largest request body (413 beyond).
+        threads: intra-op CPU threads of the engine's step thread (torch.set_num_threads inside that thread;
+            the HTTP thread is unaffected). Default ENGINE_THREADS, chosen by bench.serve at 1 and 2 threads.
     """
 
     checkpoint: str
@@ -49,12 +57,15 @@ class ServeConfig:
     dequantize_base: bool = False
     max_tokens_limit: int = 1024
     max_body_bytes: int = 1 << 20
+    threads: int = field(default=ENGINE_THREADS, metadata={
+        "help": "intra-op CPU threads of the engine's step thread (1 measured fastest on a 2-core CPU: "
+                "with 2, small ops in that thread run ~30x slower)"})
 
     def __post_init__(self):
         if not self.checkpoint:
             raise ValueError("checkpoint: a model folder is required")
         for key in ("max_loras", "max_num_seqs", "max_num_batched_tokens", "max_model_len", "max_waiting",
-                    "block_size", "kv_cache_tokens", "max_tokens_limit", "max_body_bytes"):
+                    "block_size", "kv_cache_tokens", "max_tokens_limit", "max_body_bytes", "threads"):
             v = getattr(self, key)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ValueError(f"{key}={v!r}: must be an integer >= 1 (flag --{key.replace('_', '-')})")

@@ -74,6 +74,8 @@ class TrainConfig:
     compute_dtype: str = _f("bfloat16", "activation dtype", choices=DTYPES)
     device: str = _f("auto", "cuda if available, else cpu", choices=DEVICES)
     loss_chunk_size: int = _f(1024, "tokens per chunk of the LM-head cross-entropy (never the full logits)")
+    threads: int = _f(0, "CPU intra-op threads (torch.set_num_threads; 0 = torch's default, one per core); "
+                      "use 1 when training beside a server on a small CPU so the two do not oversubscribe cores")
     # bookkeeping
     log_every: int = _f(1, "steps between metrics.jsonl lines")
     eval_every: int = _f(0, "steps between eval losses (0 = only at the end)")
@@ -90,7 +92,7 @@ class TrainConfig:
         for name in positive:
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}={getattr(self, name)}: must be >= 1 (--{_flag(name)})")
-        nonneg = ("warmup_steps", "max_steps", "eval_every", "save_every", "stop_after", "max_grad_norm",
+        nonneg = ("threads", "warmup_steps", "max_steps", "eval_every", "save_every", "stop_after", "max_grad_norm",
                   "weight_decay", "learning_rate", "adam_eps")
         for name in nonneg:
             if getattr(self, name) < 0:

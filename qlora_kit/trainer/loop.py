@@ -103,6 +103,7 @@ def train(cfg: TrainConfig, on_step: Callable[[int, float], None] | None = None,
         ConfigError, DataError, OutputExists, ResumeError, and models/formats errors, all before step 1.
     """
     resume_from = setup.check_output(cfg)
+    setup.pin_threads(cfg.threads)
     device = setup.resolve_device(cfg)
     data = setup.load_data(cfg, Tokenizer(cfg.base))
     model = setup.load_base(cfg, device)

@@ -31,6 +31,12 @@ class Data:
     pad_id: int
 
 
+def pin_threads(n: int) -> None:
+    """TrainConfig.threads: intra-op CPU threads of this process (0 keeps torch's default)."""
+    if n:
+        torch.set_num_threads(n)
+
+
 def resolve_device(cfg: TrainConfig) -> torch.device:
     if cfg.device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -192,6 +192,7 @@ class Engine:
 
     # -- the loop -------------------------------------------------------------------------------------------
     def _run_loop(self) -> None:
+        self.runner.pin_threads(self.config.threads)  # this thread's own intra-op count (ServeConfig.threads)
         while not self._stopping:
             self._start_loads()
             with self._lock:

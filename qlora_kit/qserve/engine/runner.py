@@ -92,6 +92,11 @@ class ModelRunner:
         self.lock = threading.RLock()
         self._generators: dict[str, torch.Generator] = {}
 
+    @staticmethod
+    def pin_threads(n: int) -> None:
+        """Intra-op threads of the calling thread's torch ops (the engine calls this first in its step thread)."""
+        torch.set_num_threads(n)
+
     def _layout(self, batch: ScheduledBatch):
         bs, items = self.block_size, batch.items
         B, T = len(items), max(it.num_tokens for it in items)

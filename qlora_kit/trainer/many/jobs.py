@@ -26,7 +26,7 @@ from ..config import TrainConfig, _normalise, defaults
 from ..errors import ConfigError
 
 RUN_KEYS = ("base", "out", "resume", "compute_dtype", "device", "gradient_checkpointing", "loss_chunk_size",
-            "progress")
+            "progress", "threads")
 JOB_ONLY = ("name", "early_stop_patience", "early_stop_min_delta")
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 _TD = defaults()
@@ -51,14 +51,16 @@ class ManyConfig:
     gradient_checkpointing: bool = _f(_TD["gradient_checkpointing"], "recompute each decoder layer in backward")
     loss_chunk_size: int = _f(_TD["loss_chunk_size"], "tokens per chunk of the LM-head cross-entropy")
     progress: bool = _f(True, "live progress display")
+    threads: int = _f(_TD["threads"], "CPU intra-op threads (0 = torch's default); 1 beside a server on a small CPU")
 
     def __post_init__(self):
         for name in ("base", "jobs", "out"):
             if not getattr(self, name):
                 raise ConfigError(f"{name} is required (--{name})")
-        if self.rows_per_pass < 0 or self.loss_chunk_size < 1:
-            raise ConfigError(f"rows_per_pass={self.rows_per_pass} must be >= 0 and loss_chunk_size="
-                              f"{self.loss_chunk_size} >= 1 (--rows-per-pass, --loss-chunk-size)")
+        if self.rows_per_pass < 0 or self.loss_chunk_size < 1 or self.threads < 0:
+            raise ConfigError(f"rows_per_pass={self.rows_per_pass} and threads={self.threads} must be >= 0 and "
+                              f"loss_chunk_size={self.loss_chunk_size} >= 1 (--rows-per-pass, --threads, "
+                              "--loss-chunk-size)")
         for f in fields(self):
             choices = f.metadata.get("choices")
             if choices and getattr(self, f.name) not in choices:
@@ -67,7 +69,7 @@ class ManyConfig:
     def run_values(self) -> dict:
         """The TrainConfig fields every job inherits from the run."""
         return {k: getattr(self, k) for k in ("base", "compute_dtype", "device", "gradient_checkpointing",
-                                              "loss_chunk_size")}
+                                              "loss_chunk_size", "threads")}
 
 
 @dataclass(frozen=True, slots=True)

@@ -65,6 +65,7 @@ def train_many(run: ManyConfig, on_step: Callable[[int, dict], None] | None = No
     if run.resume and not out.is_dir():
         raise ResumeError(f"{out}: nothing to resume (folder not found)")
     env = D.from_env()
+    setup.pin_threads(run.threads)
     device = D.device_for(env, run.device)
     with D.process_group(env, device):
         D.barrier(env)  # every rank has checked OUT before rank 0 creates it

@@ -91,3 +91,36 @@ def test_limits(engine):
     asyncio.run(go())
     text = engine.metrics.render(engine.gauges())
     assert 'qserve_requests_total{finish_reason="length"}' in text and "qserve_requests_waiting 0" in text
+
+
+def test_step_thread_runs_with_its_own_intra_op_thread_count(tmp_path):
+    """ServeConfig.threads is set inside the engine's step thread (torch's count is per thread); the caller's
+    own count is left alone."""
+    import torch
+
+    folder, model = tiny_model(tmp_path)
+    seen = []
+    hook = model.model.embed_tokens.register_forward_pre_hook(lambda mod, args: seen.append(torch.get_num_threads()))
+    before = torch.get_num_threads()
+    cfg = ServeConfig(str(folder), max_model_len=64, kv_cache_tokens=256, block_size=4, threads=3)
+    eng = Engine(model, CharTokenizer(), cfg).start()
+    try:
+        async def go():
+            return await _collect(eng.add([1, 2, 3], SamplingParams(temperature=0, max_tokens=2)))
+        asyncio.run(go())
+    finally:
+        eng.stop()
+        hook.remove()
+    assert seen and set(seen) == {3}
+    assert torch.get_num_threads() == before
+    with pytest.raises(ValueError, match="threads=0"):
+        ServeConfig(str(folder), threads=0)
+
+
+def test_threads_flag_is_refused_with_the_vllm_backend(tmp_path):
+    from click.testing import CliRunner
+
+    from qlora_kit.qserve.cli import main
+
+    out = CliRunner().invoke(main, ["serve", str(tmp_path), "--backend", "vllm", "--threads", "2"])
+    assert out.exit_code == 2 and "--threads sets the native engine's step thread" in out.output

@@ -55,6 +55,7 @@ def test_bad_file_names_the_file_and_key(tmp_path, text, suffix, message):
     (dict(lora_dropout=1.5), "lora_dropout=1.5: must be in [0, 1)"),
     (dict(optimizer="sgd"), "optimizer='sgd': choose one of adamw, adamw8bit, paged_adamw, paged_adamw8bit"),
     (dict(base=""), "base is required (--base or config key base)"),
+    (dict(threads=-1), "threads=-1: must be >= 0 (--threads)"),
 ])
 def test_out_of_range_values_name_the_field(kw, message):
     with pytest.raises(ConfigError) as e:
@@ -69,3 +70,18 @@ def test_every_shipped_config_loads():
     for path in files:
         assert path.read_text().startswith("# qtrain train --config"), f"{path}: first line must be its launch command"
         read_config_file(path)
+
+
+def test_threads_pins_intra_op_threads_and_zero_keeps_the_default():
+    import torch
+
+    from qlora_kit.trainer import setup
+
+    before = torch.get_num_threads()
+    try:
+        setup.pin_threads(0)
+        assert torch.get_num_threads() == before
+        setup.pin_threads(before + 1)
+        assert torch.get_num_threads() == before + 1
+    finally:
+        torch.set_num_threads(before)
