@@ -133,6 +133,10 @@ class LoraLinear(nn.Module):
                 out[f"lora_b.{i}"] = self.lora_b[str(i)]
         return out
 
+    def _apply(self, fn, recurse=True):
+        self._packing = None  # .to(device) / .half(): the packing is rebuilt where the adapters now live
+        return super()._apply(fn, recurse)
+
     def _packed(self) -> _Packing:
         if self._packing is None:
             ids = tuple(sorted(self.scales, key=lambda i: (self.lora_a[str(i)].shape[0], i)))

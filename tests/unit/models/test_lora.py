@@ -148,3 +148,20 @@ def test_rows_of_an_adapter_this_layer_lacks_get_the_base_only():
     y = layer(x, ids)
     for row in (1, 3, 4):
         assert torch.equal(y[row], layer(x, None)[row])
+
+
+def test_packing_follows_a_dtype_change_of_the_module():
+    from qlora_kit.models.nf4_linear import dense_linear
+
+    layer = LoraLinear(dense_linear(64, 32), 64, 32)
+    for i in (1, 4, 7):
+        layer.add_adapter(i, rank=4, scale=0.5)
+        with torch.no_grad():
+            layer.lora_b[str(i)].normal_()
+    ids, x = torch.tensor([1, 4, 7]), torch.randn(3, 2, 64)
+    with torch.no_grad():
+        want = layer(x, ids)
+        layer.to(torch.bfloat16)
+        got = layer(x.bfloat16(), ids)
+    assert layer._packing.cache[1].dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), want, **tol("lora", torch.bfloat16))
