@@ -14,8 +14,8 @@ if [ ! -f "$nf4/config.json" ]; then
     qconvert convert "$model" "$nf4" --quiet
 fi
 out=.cache/demo/quillfeather-$(date +%Y%m%d-%H%M%S)
-echo "== qtrain train: LoRA r8 on trainer/datasets/quillfeather.jsonl -> $out =="
-qtrain train --config trainer/configs/quillfeather.toml --base "$nf4" --out "$out"
+echo "== qtrain train: LoRA r8 on qlora_kit/trainer/datasets/quillfeather.jsonl -> $out =="
+qtrain train --config qlora_kit/trainer/configs/quillfeather.toml --base "$nf4" --out "$out"
 echo "== the same questions (not in the training data) to the base model and to the adapter =="
 qtrain ask --base "$nf4" --adapter "$out" \
     "How long do I have to return a tin I bought?" \
