@@ -54,7 +54,8 @@ class ServeConfig:
     block_size: int = 16
     kv_cache_tokens: int = 65536
     enable_prefix_caching: bool = True
-    dequantize_base: bool = False
+    dequantize_base: bool = field(default=False, metadata={
+        "help": "serve a dense copy of the base instead of the 4-bit weights (prints the extra memory it costs)"})
     max_tokens_limit: int = 1024
     max_body_bytes: int = 1 << 20
     threads: int = field(default=ENGINE_THREADS, metadata={
