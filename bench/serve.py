@@ -45,12 +45,13 @@ SRC = Path(".cache/smollm2-135m-instruct")
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
-def make_random_adapters(model, root: Path, n: int, rank: int) -> list[Path]:
-    """n PEFT adapters of rank `rank` on TARGETS with seeded random non-zero B (seed i for adapter i)."""
+def make_random_adapters(model, root: Path, n: int, rank: int, base_model: str) -> list[Path]:
+    """n PEFT adapters of rank `rank` on TARGETS with seeded random non-zero B (seed i for adapter i), each naming
+    `base_model` as its base (the server refuses an adapter that names none)."""
     out = []
     for i in range(n):
         torch.manual_seed(i)
-        cfg = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=TARGETS)
+        cfg = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=TARGETS, base_model_name_or_path=base_model)
         add_adapter(model, 999, cfg)
         with torch.no_grad():
             for name, p in adapter_params(model, 999).items():
@@ -140,7 +141,7 @@ def main(batch, new_tokens, prompt_tokens, counts, rank, device, dtype, reps, th
                              max_num_batched_tokens=max(batch * (prompt_tokens + 1), 2048), max_model_len=256,
                              kv_cache_tokens=max(batch * (prompt_tokens + new_tokens + 16), 256), allowed_root=tmp)
         engine = build_engine(config)
-        folders = make_random_adapters(engine.model, Path(tmp) / "adapters", max(counts), rank)
+        folders = make_random_adapters(engine.model, Path(tmp) / "adapters", max(counts), rank, str(ckpt))
         for i, f in enumerate(folders):
             engine.registry.add(f"a{i:03d}", f, trusted=True)
         prompts = _prompts(batch, prompt_tokens, engine.model.cfg.vocab_size)
@@ -221,7 +222,7 @@ def _load_test(n, concurrency, n_adapters, new_tokens, rank, device, dtype, dens
                              max_loras=min(n_adapters, 32), max_num_seqs=concurrency, max_waiting=max(n, 256),
                              max_model_len=256, kv_cache_tokens=concurrency * 64, allowed_root=tmp)
         handle = start(config)
-        folders = make_random_adapters(handle.engine.model, Path(tmp) / "adapters", n_adapters, rank)
+        folders = make_random_adapters(handle.engine.model, Path(tmp) / "adapters", n_adapters, rank, str(ckpt))
         names = [f"a{i:03d}" for i in range(n_adapters)]
         for name, f in zip(names, folders):
             handle.engine.registry.add(name, f, trusted=True)

@@ -38,7 +38,7 @@ NAME = "smollm2"
 
 
 def _adapters(ckpt: Path, root: Path, n: int, rank: int) -> list[Path]:
-    return make_random_adapters(load_model(ckpt, compute_dtype=torch.float32), root, n, rank)
+    return make_random_adapters(load_model(ckpt, compute_dtype=torch.float32), root, n, rank, str(ckpt))
 
 
 def _argv(python: str, method: str, ckpt: Path, port: int, key: str, batch: int, dtype: str, rank: int,
