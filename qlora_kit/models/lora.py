@@ -45,6 +45,7 @@ class _Packing:
     scales: torch.Tensor
     dropouts: torch.Tensor
     table: torch.Tensor
+    params: tuple[list[nn.Parameter], list[nn.Parameter]]  # the A_i and the B_i in packed order
     cache: tuple | None = None  # (key, A, B) packed, reused without grad while key holds
 
 
@@ -146,13 +147,13 @@ class LoraLinear(nn.Module):
             table[torch.tensor(ids) + 1] = torch.arange(len(ids))
             self._packing = _Packing(ids, torch.tensor([0] + ranks, device=dev).cumsum(0),
                                      torch.tensor([self.scales[i] for i in ids], device=dev),
-                                     torch.tensor([self.dropouts[i] for i in ids], device=dev), table.to(dev))
+                                     torch.tensor([self.dropouts[i] for i in ids], device=dev), table.to(dev),
+                                     ([self.lora_a[str(i)] for i in ids], [self.lora_b[str(i)] for i in ids]))
         return self._packing
 
     def _packed_weights(self, packing: _Packing) -> tuple[torch.Tensor, torch.Tensor]:
         """A (sum r_i, in) and B (out, sum r_i) in packed order."""
-        a = [self.lora_a[str(i)] for i in packing.ids]
-        b = [self.lora_b[str(i)] for i in packing.ids]
+        a, b = packing.params
         if torch.is_grad_enabled() and any(p.requires_grad for p in a + b):
             return torch.cat(a), _cat_columns(b)
         key = (a[0].device, sum(p._version for p in a + b))

@@ -34,6 +34,9 @@ class ServeConfig:
         max_body_bytes: largest request body (413 beyond).
         threads: intra-op CPU threads of the engine's step thread (torch.set_num_threads inside that thread;
             the HTTP thread is unaffected). Default ENGINE_THREADS, chosen by bench.serve at 1 and 2 threads.
+        lora_dtype: dtype resident adapter weights are kept in; "auto" = the compute dtype (vLLM's default), which
+            halves the bytes each decode step reads per distinct adapter in a batch; "float32" keeps the trained
+            fp32 masters.
     """
 
     checkpoint: str
@@ -61,6 +64,8 @@ class ServeConfig:
     threads: int = field(default=ENGINE_THREADS, metadata={
         "help": "intra-op CPU threads of the engine's step thread (1 measured fastest on a 2-core CPU: "
                 "with 2, small ops in that thread run ~30x slower)"})
+    lora_dtype: str = field(default="auto", metadata={
+        "help": "dtype of resident adapter weights: auto (= --dtype, as vLLM), bfloat16, float16 or float32"})
 
     def __post_init__(self):
         if not self.checkpoint:
@@ -74,6 +79,8 @@ class ServeConfig:
             raise ValueError(f"port={self.port!r}: must be in [0, 65535] (0 = any free port)")
         if self.dtype not in ("bfloat16", "float16", "float32"):
             raise ValueError(f"dtype={self.dtype!r}: must be bfloat16, float16 or float32")
+        if self.lora_dtype not in ("auto", "bfloat16", "float16", "float32"):
+            raise ValueError(f"lora_dtype={self.lora_dtype!r}: must be auto, bfloat16, float16 or float32")
         if self.kv_cache_tokens < self.max_model_len:
             raise ValueError(f"kv_cache_tokens={self.kv_cache_tokens} < max_model_len={self.max_model_len}: "
                              "one full-length request must fit the KV cache")

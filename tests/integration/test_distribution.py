@@ -66,7 +66,10 @@ def test_wheel_installs_only_the_qlora_kit_namespace(wheel):
     files = zipfile.ZipFile(wheel).namelist()
     assert "qlora_kit/trainer/datasets/quillfeather.jsonl" in files
     assert "qlora_kit/trainer/configs/quillfeather.toml" in files
-    assert "qlora_kit/kernels/cpu/nf4.c" in files
+    from qlora_kit.kernels.cpu._build import HEADERS, SOURCES
+
+    for src in SOURCES + HEADERS:  # every file the CPU kernels are compiled from
+        assert f"qlora_kit/kernels/cpu/{src.name}" in files
     (ep,) = [n for n in files if n.endswith("entry_points.txt")]
     entry_points = zipfile.ZipFile(wheel).read(ep).decode()
     assert "qlora_kit = qlora_kit.qserve.vllm_plugin:register" in entry_points

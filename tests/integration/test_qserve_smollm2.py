@@ -79,7 +79,7 @@ def _offline(handle, folder, prompt_ids, max_tokens):
     with handle.engine.runner.lock:
         ids = None
         if folder is not None:
-            load_peft_adapter(model, folder, 500)
+            load_peft_adapter(model, folder, 500, dtype=handle.engine.lora_dtype)  # kept as the server keeps it
             ids = [500]
         try:
             out = generate(model, [prompt_ids], ModelSampling(max_tokens=max_tokens), adapter_ids=ids,

@@ -1,4 +1,4 @@
-"""Compile kernels/cpu/nf4.c once per machine and load it with ctypes.
+"""Compile the CPU kernels (kernels/cpu/nf4.c, lora.c) once per machine into one library and load it with ctypes.
 
 The shared library is built with the system C compiler (`$CC`, else cc or gcc) at first use, for this CPU
 (-march=native), with -ffp-contract=off so every product and sum is a separately rounded IEEE fp32 operation
@@ -18,13 +18,17 @@ import tempfile
 from functools import cache
 from pathlib import Path
 
-SOURCE = Path(__file__).with_name("nf4.c")
+HERE = Path(__file__).parent
+SOURCES = [HERE / "nf4.c", HERE / "lora.c"]
+HEADERS = [HERE / "qk_common.h"]
 FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-shared", "-fPIC", "-std=c11"]
 
 _P, _I, _C = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
 SIGNATURES = {
     "qk_dequant": [_P, _P, _P, _P, _P, _P, _I, _I, _I, _P, _C, _I, _I],
     "qk_gemm": [_P, _I, _P, _P, _P, _P, _P, _P, _I, _I, _I, _P, _I, _C, _I, _I, _P],
+    "qk_lora_rows": [_P, _I, _P, _P, _P, _C, _P, _P, _P, _P, _I, _C, _I, _I],
+    "qk_gemm16": [_P, _I, _P, _I, _P, _I, _C, _I, _I, _P],
     "qk_simd": [],
 }
 
@@ -53,16 +57,16 @@ def cache_dir() -> Path:
 
 
 def _build(cc: str) -> Path:
-    key = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode() + _cpu_features().encode()
+    key = hashlib.sha256(b"".join(f.read_bytes() for f in SOURCES + HEADERS) + " ".join(FLAGS).encode() + _cpu_features().encode()
                          + platform.machine().encode()).hexdigest()[:16]
-    out = cache_dir() / f"nf4-{key}.so"
+    out = cache_dir() / f"qk-{key}.so"
     if out.is_file():
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
     os.close(fd)
     try:
-        subprocess.run([cc, *FLAGS, "-o", tmp, str(SOURCE)], check=True, capture_output=True, text=True, timeout=120)
+        subprocess.run([cc, *FLAGS, "-o", tmp, *map(str, SOURCES)], check=True, capture_output=True, text=True, timeout=120)
         os.replace(tmp, out)
     finally:
         if os.path.exists(tmp):

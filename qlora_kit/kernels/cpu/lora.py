@@ -19,17 +19,31 @@ lora_multi:  y_m = base_m + s_i (x_m A_i^T) B_i^T,  i = ids[m]  (Hu et al. 2021,
     FLOPs: 2 P c r (K + N) per group; weight traffic: each adapter of the block read once.
     The grouping depends only on the ids and offsets, so it is made once per forward and reused by every layer
     (they receive views of one ids tensor).
+
+    Without autograd (serving) lora_multi runs kernels/cpu/lora.c instead: per row, the shrink and expand GEMVs of
+    its own adapter (Punica's BGMV) with the same roundings in w's dtype and fp32 sums, in one call per layer; no
+    grouping, padding, gather or scatter. Rows are split over torch's intra-op threads when the work is large.
 """
 from dataclasses import dataclass
 
 import torch
 
+from ._build import library
+from .nf4 import _KIND, _p, _run, _split
+
 
 def lora_cpu(base_out: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
              scale: float) -> torch.Tensor:
-    """base_out + scale (x A^T) B^T in A's dtype, the scale applied to the (M, r) intermediate."""
-    x2 = x.reshape(-1, x.shape[-1]).to(lora_a.dtype)
+    """base_out + scale (x A^T) B^T in A's dtype, the scale applied to the (M, r) intermediate. Without autograd,
+    the rows kernel with every row on this one adapter (the same arithmetic as a mixed batch's rows)."""
+    recorded = torch.is_grad_enabled() and any(t.requires_grad for t in (base_out, x, lora_a, lora_b))
     base2 = base_out.reshape(-1, base_out.shape[-1])
+    if not recorded and library() is not None and lora_a.shape[0] <= ROWS_MAX_RANK:
+        x2 = x.reshape(-1, x.shape[-1])
+        ids = torch.zeros(x2.shape[0], dtype=torch.int64)
+        one = (torch.tensor([0, lora_a.shape[0]]), torch.tensor([scale], dtype=torch.float32))
+        return _lora_rows(base2, x2, ids, lora_a, lora_b, *one).view(base_out.shape)
+    x2 = x.reshape(-1, x.shape[-1]).to(lora_a.dtype)
     u = (x2 @ lora_a.t()) * scale
     if base2.dtype == u.dtype:
         y = torch.addmm(base2, u, lora_b.t())
@@ -108,10 +122,14 @@ def _group_weights(lora_a: torch.Tensor, lora_b: torch.Tensor, g: _Group) -> tup
 
 def lora_multi_cpu(base_out: torch.Tensor, x: torch.Tensor, adapter_ids: torch.Tensor, lora_a: torch.Tensor,
                    lora_b: torch.Tensor, offsets: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    """Per-row multi-adapter LoRA as grouped bmm (module docstring); arguments as kernels.lora_multi."""
+    """Per-row multi-adapter LoRA (module docstring): the C rows kernel without autograd, else grouped bmm;
+    arguments as kernels.lora_multi."""
     k, n = x.shape[-1], base_out.shape[-1]
     x2 = x.reshape(-1, k)
     base2 = base_out.reshape(-1, n)
+    recorded = torch.is_grad_enabled() and any(t.requires_grad for t in (base_out, x, lora_a, lora_b))
+    if not recorded and library() is not None and _max_rank(offsets) <= ROWS_MAX_RANK:
+        return _lora_rows(base2, x2, adapter_ids, lora_a, lora_b, offsets, scales).view(base_out.shape)
     y = base2
     for g in _plan(adapter_ids, offsets.tolist()):
         a_g, bt_g = _group_weights(lora_a, lora_b, g)
@@ -127,3 +145,33 @@ def lora_multi_cpu(base_out: torch.Tensor, x: torch.Tensor, adapter_ids: torch.T
             d = d.index_select(0, g.slot)
         y = y.index_add(0, g.rows, d.to(y.dtype))
     return y.view(base_out.shape) if y is not base2 else base_out.clone()
+
+
+ROWS_MAX_RANK = 1024  # lora.c QK_LORA_MAX_RANK: the rows kernel's scratch; larger ranks run the grouped bmm
+
+
+def _max_rank(offsets: torch.Tensor) -> int:
+    bounds = offsets.tolist()
+    return max((hi - lo for lo, hi in zip(bounds, bounds[1:])), default=0)
+
+
+def _lora_rows(base2, x2, adapter_ids, lora_a, lora_b, offsets, scales) -> torch.Tensor:
+    """kernels/cpu/lora.c qk_lora_rows over all rows: y = base + the row's adapter's LoRA term (no autograd)."""
+    m, k = x2.shape
+    n = base2.shape[1]
+    a = lora_a.contiguous()
+    bt = lora_b.t().contiguous()  # (sum r_i, N): a view, no copy, for the packing LoraLinear makes on CPU
+    xw = x2.to(a.dtype).to(torch.float32).contiguous()  # x in w's dtype, as the bmm path casts it
+    ids = adapter_ids.reshape(-1).to(torch.int64).contiguous()
+    off = offsets.to(torch.int64).contiguous()
+    sc = scales.to(torch.float32).contiguous()
+    base_c = base2.contiguous()
+    y = torch.empty_like(base_c)
+    lib = library()
+
+    def call(begin: int, end: int) -> None:
+        lib.qk_lora_rows(_p(xw), k, _p(ids), _p(a), _p(bt), _KIND[a.dtype], _p(off), _p(sc), _p(base_c), _p(y), n,
+                         _KIND[y.dtype], begin, end)
+
+    _run(_split(m, 1, m * 16 * (k + n)), call)
+    return y

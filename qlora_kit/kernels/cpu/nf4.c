@@ -12,51 +12,7 @@
  * round_w rounds W' to the activation dtype as dequant-then-matmul does. W' is decoded a few rows at a time
  * into a small scratch tile and never stored whole.
  */
-#include <stdint.h>
-#include <string.h>
-#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
-#include <immintrin.h>
-#define QK_AVX2 1
-#endif
-
-/* Output kinds: fp32, bf16, fp16, or fp32 holding values rounded to bf16 / fp16 (the weight a 16-bit matmul
-   sees, kept in fp32 for a CPU whose fp32 GEMM is faster than its 16-bit one). */
-enum { OUT_F32 = 0, OUT_BF16 = 1, OUT_F16 = 2, OUT_F32_VIA_BF16 = 3, OUT_F32_VIA_F16 = 4 };
-
-static inline uint16_t f32_to_bf16(float v) {
-    uint32_t u;
-    memcpy(&u, &v, 4);
-    if ((u & 0x7FFFFFFFu) > 0x7F800000u) return 0x7FC0; /* NaN, as torch */
-    return (uint16_t)((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
-}
-
-static inline float bf16_to_f32(uint16_t h) {
-    uint32_t u = (uint32_t)h << 16;
-    float v;
-    memcpy(&v, &u, 4);
-    return v;
-}
-
-static inline uint16_t f32_to_f16(float v) {
-#ifdef QK_AVX2
-    return (uint16_t)_cvtss_sh(v, _MM_FROUND_TO_NEAREST_INT);
-#else
-    _Float16 h = (_Float16)v;
-    uint16_t r;
-    memcpy(&r, &h, 2);
-    return r;
-#endif
-}
-
-static inline float f16_to_f32(uint16_t h) {
-#ifdef QK_AVX2
-    return _cvtsh_ss(h);
-#else
-    _Float16 v;
-    memcpy(&v, &h, 2);
-    return (float)v;
-#endif
-}
+#include "qk_common.h"
 
 /* absmax of block k, fp32, decoded as the codec does */
 static inline float block_absmax(const void *absmax, const float *nested_absmax, const float *nested_code,
@@ -65,8 +21,6 @@ static inline float block_absmax(const void *absmax, const float *nested_absmax,
     float prod = nested_code[((const uint8_t *)absmax)[k]] * nested_absmax[k / nested_bs];
     return prod + *offset;
 }
-
-static inline float round_w_scalar(float v, int w_kind);
 
 static inline void store_scalar(void *out, int out_kind, int64_t i, float v) {
     if (out_kind >= OUT_F32_VIA_BF16) ((float *)out)[i] = round_w_scalar(v, out_kind - 2);
@@ -94,17 +48,6 @@ static inline void decode16(const uint8_t *p, __m256 q_lo, __m256 q_hi, __m256 a
     *v1 = _mm256_permute2f128_ps(u0, u1, 0x31);
 }
 
-/* fp32 -> bf16 bits (round to nearest even, NaN -> 0x7FC0) in the low 16 bits of each int32 lane */
-static inline __m256i bf16_bits(__m256 v) {
-    __m256i u = _mm256_castps_si256(v);
-    __m256i bias = _mm256_add_epi32(_mm256_set1_epi32(0x7FFF), _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1)));
-    __m256i r = _mm256_srli_epi32(_mm256_add_epi32(u, bias), 16);
-    __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
-    return _mm256_blendv_epi8(r, _mm256_set1_epi32(0x7FC0), nan);
-}
-
-static inline __m256 round_w(__m256 v, int w_kind);
-
 static inline void store16(void *out, int out_kind, int64_t i, __m256 v0, __m256 v1) {
     if (out_kind >= OUT_F32_VIA_BF16) {
         _mm256_storeu_ps((float *)out + i, round_w(v0, out_kind - 2));
@@ -121,26 +64,8 @@ static inline void store16(void *out, int out_kind, int64_t i, __m256 v0, __m256
     }
 }
 
-/* round to the activation dtype and back, as a W' stored in that dtype would be read */
-static inline __m256 round_w(__m256 v, int w_kind) {
-    if (w_kind == OUT_BF16) return _mm256_castsi256_ps(_mm256_slli_epi32(bf16_bits(v), 16));
-    if (w_kind == OUT_F16) return _mm256_cvtph_ps(_mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT));
-    return v;
-}
-
-static inline float hsum(__m256 s) {
-    __m128 h = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
-    h = _mm_add_ps(h, _mm_movehl_ps(h, h));
-    h = _mm_add_ss(h, _mm_shuffle_ps(h, h, 1));
-    return _mm_cvtss_f32(h);
-}
 #endif
 
-static inline float round_w_scalar(float v, int w_kind) {
-    if (w_kind == OUT_BF16) return bf16_to_f32(f32_to_bf16(v));
-    if (w_kind == OUT_F16) return f16_to_f32(f32_to_f16(v));
-    return v;
-}
 
 /* Decode elements [begin, end) of the n-element tensor; begin is even. */
 void qk_dequant(const uint8_t *data, const void *absmax, const float *code, const float *nested_absmax,
@@ -217,6 +142,74 @@ static inline void decode_row(const uint8_t *data, const void *absmax, const flo
    Batch invariance: every y[m, n] is one chain of fused multiply-adds over k in steps of 8 lanes, from zero,
    then the same horizontal sum, whatever M, the tiling or the thread split: a row's result does not depend
    on which other rows share the batch. */
+/* y[m, n0 + j] = x_m . w_j for m in [mb, me), j < nt: the register-blocked product of one decoded tile */
+static void tile_gemm(const float *x, int64_t mb, int64_t me, const float *w, int64_t nt, int64_t n0, int64_t K,
+                      float *y, int64_t N) {
+#ifdef QK_AVX2
+    int64_t m = mb;
+    for (; m + 4 <= me; m += 4) {
+        const float *x0 = x + m * K, *x1 = x0 + K, *x2 = x1 + K, *x3 = x2 + K;
+        int64_t j = 0;
+        for (; j + 2 <= nt; j += 2) {
+            const float *w0 = w + j * K, *w1 = w0 + K;
+            __m256 c00 = _mm256_setzero_ps(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00,
+                   c30 = c00, c31 = c00;
+            for (int64_t k = 0; k < K; k += 8) {
+                __m256 b0 = _mm256_loadu_ps(w0 + k), b1 = _mm256_loadu_ps(w1 + k), a;
+                a = _mm256_loadu_ps(x0 + k);
+                c00 = _mm256_fmadd_ps(a, b0, c00);
+                c01 = _mm256_fmadd_ps(a, b1, c01);
+                a = _mm256_loadu_ps(x1 + k);
+                c10 = _mm256_fmadd_ps(a, b0, c10);
+                c11 = _mm256_fmadd_ps(a, b1, c11);
+                a = _mm256_loadu_ps(x2 + k);
+                c20 = _mm256_fmadd_ps(a, b0, c20);
+                c21 = _mm256_fmadd_ps(a, b1, c21);
+                a = _mm256_loadu_ps(x3 + k);
+                c30 = _mm256_fmadd_ps(a, b0, c30);
+                c31 = _mm256_fmadd_ps(a, b1, c31);
+            }
+            int64_t n = n0 + j;
+            y[m * N + n] = hsum(c00), y[m * N + n + 1] = hsum(c01);
+            y[(m + 1) * N + n] = hsum(c10), y[(m + 1) * N + n + 1] = hsum(c11);
+            y[(m + 2) * N + n] = hsum(c20), y[(m + 2) * N + n + 1] = hsum(c21);
+            y[(m + 3) * N + n] = hsum(c30), y[(m + 3) * N + n + 1] = hsum(c31);
+        }
+        for (; j < nt; j++) {
+            const float *w0 = w + j * K;
+            __m256 c0 = _mm256_setzero_ps(), c1 = c0, c2 = c0, c3 = c0;
+            for (int64_t k = 0; k < K; k += 8) {
+                __m256 b0 = _mm256_loadu_ps(w0 + k);
+                c0 = _mm256_fmadd_ps(_mm256_loadu_ps(x0 + k), b0, c0);
+                c1 = _mm256_fmadd_ps(_mm256_loadu_ps(x1 + k), b0, c1);
+                c2 = _mm256_fmadd_ps(_mm256_loadu_ps(x2 + k), b0, c2);
+                c3 = _mm256_fmadd_ps(_mm256_loadu_ps(x3 + k), b0, c3);
+            }
+            int64_t n = n0 + j;
+            y[m * N + n] = hsum(c0), y[(m + 1) * N + n] = hsum(c1);
+            y[(m + 2) * N + n] = hsum(c2), y[(m + 3) * N + n] = hsum(c3);
+        }
+    }
+    for (; m < me; m++) {
+        const float *x0 = x + m * K;
+        for (int64_t j = 0; j < nt; j++) {
+            const float *w0 = w + j * K;
+            __m256 c0 = _mm256_setzero_ps();
+            for (int64_t k = 0; k < K; k += 8)
+                c0 = _mm256_fmadd_ps(_mm256_loadu_ps(x0 + k), _mm256_loadu_ps(w0 + k), c0);
+            y[m * N + n0 + j] = hsum(c0);
+        }
+    }
+#else
+    for (int64_t m = mb; m < me; m++)
+        for (int64_t j = 0; j < nt; j++) {
+            float acc = 0.0f;
+            for (int64_t k = 0; k < K; k++) acc += x[m * K + k] * w[j * K + k];
+            y[m * N + n0 + j] = acc;
+        }
+#endif
+}
+
 void qk_gemm(const float *x, int64_t M, const uint8_t *data, const void *absmax, const float *code,
              const float *nested_absmax, const float *nested_code, const float *offset, int64_t nested_bs,
              int64_t blocksize, int64_t K, float *y, int64_t N, int w_kind, int64_t n_begin, int64_t n_end,
@@ -228,69 +221,23 @@ void qk_gemm(const float *x, int64_t M, const uint8_t *data, const void *absmax,
             for (int64_t j = 0; j < nt; j++)
                 decode_row(data, absmax, code, nested_absmax, nested_code, offset, nested_bs, blocksize, K, w_kind,
                            n0 + j, w + j * K);
-#ifdef QK_AVX2
-            int64_t m = mb;
-            for (; m + 4 <= me; m += 4) {
-                const float *x0 = x + m * K, *x1 = x0 + K, *x2 = x1 + K, *x3 = x2 + K;
-                int64_t j = 0;
-                for (; j + 2 <= nt; j += 2) {
-                    const float *w0 = w + j * K, *w1 = w0 + K;
-                    __m256 c00 = _mm256_setzero_ps(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00,
-                           c30 = c00, c31 = c00;
-                    for (int64_t k = 0; k < K; k += 8) {
-                        __m256 b0 = _mm256_loadu_ps(w0 + k), b1 = _mm256_loadu_ps(w1 + k), a;
-                        a = _mm256_loadu_ps(x0 + k);
-                        c00 = _mm256_fmadd_ps(a, b0, c00);
-                        c01 = _mm256_fmadd_ps(a, b1, c01);
-                        a = _mm256_loadu_ps(x1 + k);
-                        c10 = _mm256_fmadd_ps(a, b0, c10);
-                        c11 = _mm256_fmadd_ps(a, b1, c11);
-                        a = _mm256_loadu_ps(x2 + k);
-                        c20 = _mm256_fmadd_ps(a, b0, c20);
-                        c21 = _mm256_fmadd_ps(a, b1, c21);
-                        a = _mm256_loadu_ps(x3 + k);
-                        c30 = _mm256_fmadd_ps(a, b0, c30);
-                        c31 = _mm256_fmadd_ps(a, b1, c31);
-                    }
-                    int64_t n = n0 + j;
-                    y[m * N + n] = hsum(c00), y[m * N + n + 1] = hsum(c01);
-                    y[(m + 1) * N + n] = hsum(c10), y[(m + 1) * N + n + 1] = hsum(c11);
-                    y[(m + 2) * N + n] = hsum(c20), y[(m + 2) * N + n + 1] = hsum(c21);
-                    y[(m + 3) * N + n] = hsum(c30), y[(m + 3) * N + n + 1] = hsum(c31);
-                }
-                for (; j < nt; j++) {
-                    const float *w0 = w + j * K;
-                    __m256 c0 = _mm256_setzero_ps(), c1 = c0, c2 = c0, c3 = c0;
-                    for (int64_t k = 0; k < K; k += 8) {
-                        __m256 b0 = _mm256_loadu_ps(w0 + k);
-                        c0 = _mm256_fmadd_ps(_mm256_loadu_ps(x0 + k), b0, c0);
-                        c1 = _mm256_fmadd_ps(_mm256_loadu_ps(x1 + k), b0, c1);
-                        c2 = _mm256_fmadd_ps(_mm256_loadu_ps(x2 + k), b0, c2);
-                        c3 = _mm256_fmadd_ps(_mm256_loadu_ps(x3 + k), b0, c3);
-                    }
-                    int64_t n = n0 + j;
-                    y[m * N + n] = hsum(c0), y[(m + 1) * N + n] = hsum(c1);
-                    y[(m + 2) * N + n] = hsum(c2), y[(m + 3) * N + n] = hsum(c3);
-                }
-            }
-            for (; m < me; m++) {
-                const float *x0 = x + m * K;
-                for (int64_t j = 0; j < nt; j++) {
-                    const float *w0 = w + j * K;
-                    __m256 c0 = _mm256_setzero_ps();
-                    for (int64_t k = 0; k < K; k += 8)
-                        c0 = _mm256_fmadd_ps(_mm256_loadu_ps(x0 + k), _mm256_loadu_ps(w0 + k), c0);
-                    y[m * N + n0 + j] = hsum(c0);
-                }
-            }
-#else
-            for (int64_t m = mb; m < me; m++)
-                for (int64_t j = 0; j < nt; j++) {
-                    float acc = 0.0f;
-                    for (int64_t k = 0; k < K; k++) acc += x[m * K + k] * w[j * K + k];
-                    y[m * N + n0 + j] = acc;
-                }
-#endif
+            tile_gemm(x, mb, me, w, nt, n0, K, y, N);
+        }
+    }
+}
+
+/* qk_gemm16: y = x W^T (fp32, M x N) for a row-major 16-bit W (N x K, w_kind OUT_BF16 or OUT_F16), its rows
+   widened to fp32 (exact) a tile at a time: the product of a 16-bit GEMM with fp32 accumulation, on a CPU
+   without 16-bit matrix instructions. Same tiling, sums and batch invariance as qk_gemm; K % 8 == 0. */
+void qk_gemm16(const float *x, int64_t M, const uint16_t *W, int64_t K, float *y, int64_t N, int w_kind,
+               int64_t n_begin, int64_t n_end, float *w) {
+    for (int64_t mb = 0; mb < M; mb += QK_MB) {
+        int64_t me = mb + QK_MB < M ? mb + QK_MB : M;
+        for (int64_t n0 = n_begin; n0 < n_end; n0 += QK_NB) {
+            int64_t nt = n_end - n0 < QK_NB ? n_end - n0 : QK_NB;
+            for (int64_t j = 0; j < nt * K; j++)
+                w[j] = w_kind == OUT_BF16 ? bf16_to_f32(W[n0 * K + j]) : f16_to_f32(W[n0 * K + j]);
+            tile_gemm(x, mb, me, w, nt, n0, K, y, N);
         }
     }
 }

@@ -13,6 +13,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
+import torch
+
 from ..adapters import AdapterRegistry, RegistryConfig
 from ..errors import InvalidRequest, SamplingFailed, ServeError
 from ..metrics import Metrics
@@ -115,6 +117,7 @@ class Engine:
                            max_cpu_loras=config.max_cpu_loras),
             loader=self._load, on_resident=self._install, on_evict=self._evict)
         self.base_names = tuple(base_names) + tuple(config.base_names)
+        self.lora_dtype = model.dtype if config.lora_dtype == "auto" else getattr(torch, config.lora_dtype)
         self.blocks = BlockManager(config.num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(SchedulerConfig(
             max_num_seqs=config.max_num_seqs, max_num_batched_tokens=config.max_num_batched_tokens,
@@ -135,7 +138,7 @@ class Engine:
     def _load(self, name: str, path: str):
         t0 = time.perf_counter()
         try:
-            out = read_adapter(self.model, name, path, self.base_names)
+            out = read_adapter(self.model, name, path, self.base_names, dtype=self.lora_dtype)
         except ServeError:
             self.metrics.inc("adapter_load_failures_total")
             raise

@@ -130,3 +130,37 @@ def test_subsets_of_one_rank_follow_the_twin(used):
     base, x = torch.randn(8, 37), torch.randn(8, 45)
     got = lora_multi(base, x, ids, a, b, offsets, scales, backend="torch")
     torch.testing.assert_close(got, lora_multi_ref(base, x, ids, a, b, offsets, scales), **tol("lora"))
+
+
+@pytest.mark.parametrize("w_dtype", DTYPES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("ranks", RANKS.values(), ids=RANKS.keys())
+def test_inference_rows_kernel_matches_twin_and_grouped_bmm(ranks, dtype, w_dtype):
+    # without autograd lora_multi runs kernels/cpu/lora.c (a GEMV pair per row); with it, the grouped bmm. Both
+    # round in w's dtype and follow the twin; K = 45 and N = 37 exercise the kernel's 16-lane tails
+    from qlora_kit.kernels.cpu import available
+
+    if not available():
+        pytest.skip("no C compiler: the CPU kernels run their torch twins")
+    a, b, offsets, scales = _adapters(45, 37, ranks, w_dtype)
+    ids = torch.randint(-1, len(ranks), (3, 5), generator=torch.Generator().manual_seed(3))
+    base, x = torch.randn(3, 5, 37).to(dtype), torch.randn(3, 5, 45).to(dtype)
+    with torch.no_grad():
+        rows = lora_multi(base, x, ids, a, b, offsets, scales, backend="torch")
+    with torch.enable_grad():
+        grouped = lora_multi(base, x.requires_grad_(), ids, a, b, offsets, scales, backend="torch").detach()
+    assert rows.dtype == dtype
+    assert torch.equal(rows[ids == -1], base[ids == -1])
+    _close("rows vs twin", rows, lora_multi_ref(base, x.detach(), ids, a, b, offsets, scales), min(dtype, w_dtype, key=_eps))
+    _close("rows vs grouped bmm", rows, grouped, min(dtype, w_dtype, key=_eps))
+    r0 = int(offsets[1])
+    if r0:  # one adapter for every row (kernels.lora): the same rows kernel, the same result as in a mixed batch
+        with torch.no_grad():
+            single = lora(base, x.detach(), a[:r0], b[:, :r0], float(scales[0]), backend="torch")
+        _close("single vs twin", single, lora_ref(base, x.detach(), a[:r0], b[:, :r0], float(scales[0])),
+               min(dtype, w_dtype, key=_eps))
+        assert torch.equal(single[ids == 0], rows[ids == 0])
+
+
+def _eps(dtype):
+    return -torch.finfo(dtype).eps
