@@ -10,6 +10,7 @@ import torch
 
 from ._dispatch import use_triton
 from ._triton import tl, triton
+from .cpu.cross_entropy import ChunkedCrossEntropyCPU
 from .ref.cross_entropy import _check_labels, _needs_grad, chunked_cross_entropy_ref
 
 _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -118,8 +119,6 @@ def chunked_cross_entropy(
     Raises:
         ValueError on mismatched shapes, dtypes or devices, labels out of range, a bad chunk_size or reduction.
     """
-    if not use_triton(hidden, backend):
-        return chunked_cross_entropy_ref(hidden, lm_head_weight, labels, ignore_index, chunk_size, reduction)
     if reduction not in ("mean", "sum"):
         raise ValueError(f"chunked_cross_entropy: reduction={reduction!r}; use 'mean' or 'sum'")
     if chunk_size < 1:
@@ -131,5 +130,11 @@ def chunked_cross_entropy(
     if lm_head_weight.device != hidden.device or labels.device != hidden.device:
         raise ValueError("chunked_cross_entropy: hidden, head and labels must be on one device")
     _check_labels(labels, lm_head_weight.shape[0], ignore_index)
+    if not use_triton(hidden, backend):
+        if hidden.device.type != "cpu":  # the torch path on an accelerator: the twin
+            return chunked_cross_entropy_ref(hidden, lm_head_weight, labels, ignore_index, chunk_size, reduction)
+        # the CPU path: the twin's math, lean in memory (kernels/cpu/cross_entropy.py)
+        return ChunkedCrossEntropyCPU.apply(hidden, lm_head_weight, labels.long(), ignore_index, chunk_size, reduction,
+                                            *_needs_grad(hidden, lm_head_weight))
     return _ChunkedCrossEntropy.apply(hidden, lm_head_weight, labels.long(), ignore_index, chunk_size, reduction,
                                       *_needs_grad(hidden, lm_head_weight))

@@ -7,9 +7,10 @@ import torch
 import torch.nn.functional as F
 
 from ._build import library
-from .nf4 import _KIND, _p, _run, _split
+from .nf4 import _KIND, FUSED_MAX_ROWS, _p, _run, _split
 
 _TILE_ROWS = 8  # nf4.c QK_NB
+SLICE = 8192  # rows of W widened to fp32 at a time for the BLAS path
 
 
 def linear16_ref(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -18,8 +19,10 @@ def linear16_ref(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 
 
 def linear16(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """(..., K) x (N, K) bf16/fp16 W -> (..., N) fp32, without autograd. Runs the twin where the compiled kernels
-    are unavailable, W is not a contiguous 16-bit CPU matrix, or K % 8 != 0."""
+    """(..., K) x (N, K) bf16/fp16 W -> (..., N) fp32, without autograd. Up to FUSED_MAX_ROWS rows the fused kernel
+    (batch invariant, as nf4.c qk_gemm); above, slices of W widened to fp32 and the BLAS GEMM (faster for the
+    training loss's 1000-row chunks). Runs the twin where the compiled kernels are unavailable, W is not a
+    contiguous 16-bit CPU matrix, or K % 8 != 0."""
     if x.shape[-1] != w.shape[1] or w.dim() != 2:
         raise ValueError(f"linear16: x {tuple(x.shape)} and W {tuple(w.shape)} do not fit")
     lib = library()
@@ -30,6 +33,10 @@ def linear16(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     x2 = x.reshape(-1, k).float().contiguous()
     m = x2.shape[0]
     y = torch.empty(m, n, dtype=torch.float32)
+    if m > FUSED_MAX_ROWS:
+        for v0 in range(0, n, SLICE):
+            torch.mm(x2, w[v0:v0 + SLICE].float().t(), out=y[:, v0:v0 + SLICE])
+        return y.view(*x.shape[:-1], n)
 
     def call(b, e):
         scratch = torch.empty(_TILE_ROWS * k, dtype=torch.float32)

@@ -70,3 +70,21 @@ def test_rejects_out_of_range_label():
     labels[0] = 16
     with pytest.raises(ValueError, match=r"outside \[0, 16\)"):
         chunked_cross_entropy(hidden, weight, labels, backend="triton")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", list(SHAPES.values()) + [(9, 32, 20000, 4)], ids=list(SHAPES) + ["vocab_slices"])
+def test_cpu_path_matches_twin(shape, dtype):
+    # backend="torch" on CPU runs kernels/cpu/cross_entropy.py (in-place softmax, 16-bit head read by linear16,
+    # grad_h over vocab slices); the twin is kernels/ref/cross_entropy.py
+    from qlora_kit.kernels.ref import chunked_cross_entropy_ref
+
+    t, h, v, chunk = shape
+    hidden, weight, labels = _inputs(t, h, v, dtype)
+    got = _fwd_bwd(hidden, weight, labels, chunk, "torch", reduction="sum")
+    hr, wr = hidden.detach().requires_grad_(), weight.detach().requires_grad_()
+    loss = chunked_cross_entropy_ref(hr, wr, labels, chunk_size=chunk, reduction="sum")
+    (loss * 2.0).backward()
+    for name, a, r in zip(("loss", "dh", "dw"), got, (loss, hr.grad, wr.grad)):
+        assert a.dtype == r.dtype, name
+        torch.testing.assert_close(a.float(), r.float(), **tol("cross_entropy", dtype), msg=name)

@@ -8,7 +8,7 @@ pytestmark = pytest.mark.unit
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("shape", [(1, 64, 40), (7, 96, 33), (70, 576, 1000)], ids=["decode", "odd", "tiles"])
+@pytest.mark.parametrize("shape", [(1, 64, 40), (7, 96, 33), (30, 576, 1000)], ids=["decode", "odd", "tiles"])
 def test_linear16_matches_twin(shape, dtype):
     if not available():
         pytest.skip("no C compiler: linear16 runs its twin")
@@ -25,3 +25,12 @@ def test_linear16_matches_twin(shape, dtype):
 def test_linear16_refuses_mismatched_shapes():
     with pytest.raises(ValueError, match="do not fit"):
         linear16(torch.randn(3, 16), torch.randn(8, 24).bfloat16())
+
+
+def test_linear16_large_batches_take_blas_over_slices_and_match_twin():
+    from qlora_kit.kernels.cpu.dense import SLICE
+    from qlora_kit.kernels.cpu.nf4 import FUSED_MAX_ROWS
+
+    x = torch.randn(FUSED_MAX_ROWS + 3, 32).bfloat16()
+    w = (torch.randn(SLICE + 100, 32) / 32**0.5).bfloat16()
+    torch.testing.assert_close(linear16(x, w), linear16_ref(x, w), rtol=1e-5, atol=1e-5)
