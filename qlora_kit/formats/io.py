@@ -22,8 +22,6 @@ from . import spec
 from .errors import FormatError
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # safetensors' own cap
-_DTYPE_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16": 2, "U16": 2, "F16": 2,
-                "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}
 
 
 def _fsync_dir(path: Path) -> None:
@@ -204,17 +202,14 @@ def read_header(path: str | os.PathLike) -> dict:
         if not isinstance(info, dict) or set(info) != {"dtype", "shape", "data_offsets"}:
             raise FormatError(f"{where}: entry must be exactly {{dtype, shape, data_offsets}}, got {info!r:.200}")
         dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
-        if not isinstance(dtype, str) or dtype not in _DTYPE_BYTES:
+        if not isinstance(dtype, str) or dtype not in spec.ST_DTYPES:
             raise FormatError(f"{where}: unknown dtype {dtype!r:.100}")
         if not isinstance(shape, list) or not all(_is_uint(d) for d in shape):
             raise FormatError(f"{where}: shape {shape!r:.100} must be a list of non-negative integers")
         if not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_uint(o) for o in offsets):
             raise FormatError(f"{where}: data_offsets {offsets!r:.100} must be two non-negative integers")
         start, end = offsets
-        numel = 1
-        for d in shape:
-            numel *= d
-        if not start <= end <= body or end - start != numel * _DTYPE_BYTES[dtype]:
+        if not start <= end <= body or end - start != spec.st_nbytes(dtype, shape):
             raise FormatError(f"{where}: offsets [{start}, {end}) do not fit {dtype} {shape} "
                               f"in a body of {body} bytes (truncated or corrupt)")
         spans.append((start, end, name))

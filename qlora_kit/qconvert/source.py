@@ -17,16 +17,14 @@ from pathlib import Path
 
 import torch
 
-from qlora_kit.formats import FormatError, index_shards, read_header
+from qlora_kit.formats import FormatError, index_shards, read_header, spec
 
 from .errors import SourceNotFound, UnsupportedArchitecture, UnsupportedSourceDtype
 from .shapes import check_shapes_config
 
 LLAMA_FAMILY = ("llama", "mistral", "qwen2", "qwen3")
 ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
-FLOAT_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
-TORCH_TO_ST = {v: k for k, v in FLOAT_DTYPES.items()} | {torch.uint8: "U8", torch.int8: "I8", torch.int32: "I32",
-                                                          torch.int64: "I64", torch.float64: "F64", torch.bool: "BOOL"}
+FLOAT_DTYPES = {name: spec.ST_DTYPES[name] for name in ("F32", "F16", "BF16")}  # the dtypes qconvert converts
 REPO_ID_PATTERN = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
 # Files fetched from the Hub: weights, configs, tokenizer and chat template; never other formats.
 HUB_PATTERNS = ["*.json", "*.safetensors", "*.bin", "*.jinja", "*.model", "*.txt", "*.tiktoken"]
@@ -42,10 +40,7 @@ class TensorInfo:
 
     @property
     def nbytes(self) -> int:
-        n = 1
-        for d in self.shape:
-            n *= d
-        return n * {"F32": 4, "F16": 2, "BF16": 2, "F64": 8, "I64": 8, "I32": 4}.get(self.dtype, 1)
+        return spec.st_nbytes(self.dtype, self.shape)
 
 
 def resolve(src: str, revision: str | None = None, token: str | None = None) -> Path:
@@ -158,7 +153,7 @@ class SourceWeights:
                 items = [(k, v["dtype"], tuple(v["shape"]), start + v["data_offsets"][0])
                          for k, v in header.items() if k != "__metadata__"]
             else:
-                items = [(k, TORCH_TO_ST.get(t.dtype, str(t.dtype)), tuple(t.shape), 0)
+                items = [(k, spec.ST_NAMES.get(t.dtype, str(t.dtype)), tuple(t.shape), 0)
                          for k, t in _load_bin(file).items()]
             for name, dtype, shape, offset in sorted(items):
                 if name in seen:
