@@ -133,6 +133,18 @@ def write_json(path: str | os.PathLike, obj) -> None:
         tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
 
+def read_json_object(path: str | os.PathLike, error: type[Exception] = FormatError) -> dict:
+    """A UTF-8 JSON file holding an object. Raises `error` naming the file when it is not valid JSON (or nests too
+    deeply to parse) or holds anything but an object; OSError when it cannot be read."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, RecursionError, ValueError) as e:
+        raise error(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise error(f"{path}: must be a JSON object, not {type(data).__name__}")
+    return data
+
+
 def save_safetensors(tensors: Mapping[str, torch.Tensor], path: str | os.PathLike, metadata: dict | None = None) -> None:
     """Atomically write a safetensors file with our header metadata (FORMAT.md §1)."""
     meta = dict(spec.METADATA_FORMAT)
@@ -240,11 +252,7 @@ def index_shards(index: str | os.PathLike) -> dict[str, Path]:
     a {"weight_map": {name: file}} object or a shard name is absolute, has a folder part or `..`.
     """
     index = Path(index)
-    try:
-        data = json.loads(index.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, RecursionError, ValueError) as e:
-        raise FormatError(f"{index}: not valid JSON ({e})") from None
-    weight_map = data.get("weight_map") if isinstance(data, dict) else None
+    weight_map = read_json_object(index).get("weight_map")
     if not isinstance(weight_map, dict) or not weight_map:
         raise FormatError(f"{index}: weight_map must be a non-empty object of tensor name -> shard file")
     out = {}

@@ -8,7 +8,6 @@ on disk until read. Safetensors tensors are read with plain reads into a fresh b
 through a memory map: mapped pages would stay resident (and counted in RSS) for as long as the file is
 open, so memory would grow with the file instead of with the largest tensor.
 """
-import json
 import os
 import re
 from collections.abc import Iterator
@@ -17,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from qlora_kit.formats import FormatError, index_shards, read_header, spec
+from qlora_kit.formats import FormatError, index_shards, read_header, read_json_object, spec
 
 from .errors import SourceNotFound, UnsupportedArchitecture, UnsupportedSourceDtype
 from .shapes import check_shapes_config
@@ -71,12 +70,7 @@ def read_config(folder: Path) -> dict:
     path = folder / "config.json"
     if not path.is_file():
         raise SourceNotFound(f"{folder}: no config.json (not a Hugging Face checkpoint folder)")
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, RecursionError, ValueError) as e:
-        raise FormatError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(config, dict):
-        raise FormatError(f"{path}: must be a JSON object, not {type(config).__name__}")
+    config = read_json_object(path)
     model_type = config.get("model_type")
     archs = config.get("architectures") or []
     if not isinstance(archs, list) or not all(isinstance(a, str) for a in archs):
