@@ -86,15 +86,9 @@ class _ChunkedCrossEntropy(_ChunkedCrossEntropyRef):
         return losses.sum() * inv_denom
 
 
-def chunked_cross_entropy(
-    hidden: torch.Tensor,
-    lm_head_weight: torch.Tensor,
-    labels: torch.Tensor,
-    ignore_index: int = -100,
-    chunk_size: int = 1024,
-    reduction: str = "mean",
-    backend: str | None = None,
-) -> torch.Tensor:
+def chunked_cross_entropy(hidden: torch.Tensor, lm_head_weight: torch.Tensor, labels: torch.Tensor,
+                          ignore_index: int = -100, chunk_size: int = 1024, reduction: str = "mean",
+                          backend: str | None = None) -> torch.Tensor:
     """Cross-entropy of the LM head's logits, `chunk_size` tokens at a time; differentiable in hidden and weight.
 
     Args:

@@ -54,14 +54,9 @@ class _ChunkedCrossEntropyRef(torch.autograd.Function):
         return dh, dw, None, None, None, None, None, None
 
 
-def chunked_cross_entropy_ref(
-    hidden: torch.Tensor,
-    lm_head_weight: torch.Tensor,
-    labels: torch.Tensor,
-    ignore_index: int = -100,
-    chunk_size: int = 1024,
-    reduction: str = "mean",
-) -> torch.Tensor:
+def chunked_cross_entropy_ref(hidden: torch.Tensor, lm_head_weight: torch.Tensor, labels: torch.Tensor,
+                              ignore_index: int = -100, chunk_size: int = 1024,
+                              reduction: str = "mean") -> torch.Tensor:
     """loss = reduce_t [logsumexp_v(h_t . W_v) - h_t . W_{y_t}] over tokens with y_t != ignore_index.
 
     Logits are made chunk_size tokens at a time in fp32; gradients for hidden and the head weight
