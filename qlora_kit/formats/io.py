@@ -22,8 +22,6 @@ from . import spec
 from .errors import FormatError
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # safetensors' own cap
-_DTYPE_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16": 2, "U16": 2, "F16": 2,
-                "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}
 
 
 def _fsync_dir(path: Path) -> None:
@@ -135,6 +133,18 @@ def write_json(path: str | os.PathLike, obj) -> None:
         tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
 
+def read_json_object(path: str | os.PathLike, error: type[Exception] = FormatError) -> dict:
+    """A UTF-8 JSON file holding an object. Raises `error` naming the file when it is not valid JSON (or nests too
+    deeply to parse) or holds anything but an object; OSError when it cannot be read."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, RecursionError, ValueError) as e:
+        raise error(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise error(f"{path}: must be a JSON object, not {type(data).__name__}")
+    return data
+
+
 def save_safetensors(tensors: Mapping[str, torch.Tensor], path: str | os.PathLike, metadata: dict | None = None) -> None:
     """Atomically write a safetensors file with our header metadata (FORMAT.md §1)."""
     meta = dict(spec.METADATA_FORMAT)
@@ -204,17 +214,14 @@ def read_header(path: str | os.PathLike) -> dict:
         if not isinstance(info, dict) or set(info) != {"dtype", "shape", "data_offsets"}:
             raise FormatError(f"{where}: entry must be exactly {{dtype, shape, data_offsets}}, got {info!r:.200}")
         dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
-        if not isinstance(dtype, str) or dtype not in _DTYPE_BYTES:
+        if not isinstance(dtype, str) or dtype not in spec.ST_DTYPES:
             raise FormatError(f"{where}: unknown dtype {dtype!r:.100}")
         if not isinstance(shape, list) or not all(_is_uint(d) for d in shape):
             raise FormatError(f"{where}: shape {shape!r:.100} must be a list of non-negative integers")
         if not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_uint(o) for o in offsets):
             raise FormatError(f"{where}: data_offsets {offsets!r:.100} must be two non-negative integers")
         start, end = offsets
-        numel = 1
-        for d in shape:
-            numel *= d
-        if not start <= end <= body or end - start != numel * _DTYPE_BYTES[dtype]:
+        if not start <= end <= body or end - start != spec.st_nbytes(dtype, shape):
             raise FormatError(f"{where}: offsets [{start}, {end}) do not fit {dtype} {shape} "
                               f"in a body of {body} bytes (truncated or corrupt)")
         spans.append((start, end, name))
@@ -245,11 +252,7 @@ def index_shards(index: str | os.PathLike) -> dict[str, Path]:
     a {"weight_map": {name: file}} object or a shard name is absolute, has a folder part or `..`.
     """
     index = Path(index)
-    try:
-        data = json.loads(index.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, RecursionError, ValueError) as e:
-        raise FormatError(f"{index}: not valid JSON ({e})") from None
-    weight_map = data.get("weight_map") if isinstance(data, dict) else None
+    weight_map = read_json_object(index).get("weight_map")
     if not isinstance(weight_map, dict) or not weight_map:
         raise FormatError(f"{index}: weight_map must be a non-empty object of tensor name -> shard file")
     out = {}

@@ -210,10 +210,11 @@ def load_adapter(path: str | os.PathLike) -> tuple[LoraConfig, dict[str, torch.T
         pickled = path / "adapter_model.bin"
         hint = " (adapter_model.bin is pickle and is refused: convert it to safetensors)" if pickled.exists() else ""
         raise AdapterFormatError(f"{weights}: missing{hint}")
-    try:
-        config = LoraConfig.from_json(json.loads(cfg_path.read_text()), str(cfg_path))
-    except json.JSONDecodeError as e:
+    try:  # not UTF-8 and nesting too deep to parse are bad JSON too, not a traceback
+        obj = json.loads(cfg_path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, RecursionError, ValueError) as e:
         raise AdapterFormatError(f"{cfg_path}: not valid JSON ({e})") from None
+    config = LoraConfig.from_json(obj, str(cfg_path))
     tensors = load_safetensors(weights)
     lora_pairs(tensors, str(weights))
     return config, tensors

@@ -8,6 +8,8 @@ Codebooks:
   DYNAMIC_8BIT (Dettmers 2015, "8-bit approximations for parallelism"): the signed 8-bit dynamic
       map used to double-quantize absmax; built by `dynamic_map()`.
 """
+import math
+
 import torch
 
 QUANT_TYPES = ("nf4", "fp4")
@@ -17,6 +19,13 @@ NESTED_BLOCKSIZE = 256
 WEIGHT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 NAME_DTYPES = {v: k for k, v in DTYPE_NAMES.items()}
+# Every dtype name a safetensors header may carry (FORMAT.md §1) and its torch dtype; the element size is the torch
+# dtype's itemsize, so a tensor's data_offsets span st_nbytes(dtype, shape) bytes.
+ST_DTYPES = {"BOOL": torch.bool, "U8": torch.uint8, "I8": torch.int8, "F8_E4M3": torch.float8_e4m3fn,
+             "F8_E5M2": torch.float8_e5m2, "I16": torch.int16, "U16": torch.uint16, "F16": torch.float16,
+             "BF16": torch.bfloat16, "I32": torch.int32, "U32": torch.uint32, "F32": torch.float32, "I64": torch.int64,
+             "U64": torch.uint64, "F64": torch.float64}
+ST_NAMES = {v: k for k, v in ST_DTYPES.items()}
 
 # Regenerate: python -c "from formats.spec import derive_nf4; print(derive_nf4().tolist())"
 # (tests/unit/formats/test_spec.py checks this table against derive_nf4() and bitsandbytes).
@@ -53,6 +62,11 @@ FORMAT_VERSION = "1"
 
 # Modules never quantized (FORMAT.md §3): embeddings, the LM head and every norm stay in the compute dtype.
 NEVER_QUANTIZED = ("embed_tokens", "lm_head", "norm")
+
+
+def st_nbytes(dtype: str, shape) -> int:
+    """Bytes of a safetensors tensor: prod(shape) * the element size of `dtype` (a key of ST_DTYPES)."""
+    return math.prod(shape) * ST_DTYPES[dtype].itemsize
 
 
 def code_table(quant_type: str, device=None) -> torch.Tensor:

@@ -131,24 +131,10 @@ def _config(blocksize: int) -> dict:
     return {"num_warps": 4 if blocksize <= 512 else 8}
 
 
-def adamw8bit(
-    param: torch.Tensor,
-    grad: torch.Tensor,
-    state1: torch.Tensor,
-    state2: torch.Tensor,
-    absmax1: torch.Tensor,
-    absmax2: torch.Tensor,
-    qmap1: torch.Tensor,
-    qmap2: torch.Tensor,
-    step: int,
-    lr: float,
-    beta1: float,
-    beta2: float,
-    eps: float,
-    weight_decay: float,
-    blocksize: int = 256,
-    backend: str | None = None,
-) -> None:
+def adamw8bit(param: torch.Tensor, grad: torch.Tensor, state1: torch.Tensor, state2: torch.Tensor,
+              absmax1: torch.Tensor, absmax2: torch.Tensor, qmap1: torch.Tensor, qmap2: torch.Tensor, step: int,
+              lr: float, beta1: float, beta2: float, eps: float, weight_decay: float, blocksize: int = 256,
+              backend: str | None = None) -> None:
     """One in-place AdamW step of `param` with blockwise 8-bit first/second moments.
 
     Args:
@@ -177,24 +163,10 @@ def adamw8bit(
     )
 
 
-def adamw8bit_multi(
-    params: list[torch.Tensor],
-    grads: list[torch.Tensor],
-    states1: list[torch.Tensor],
-    states2: list[torch.Tensor],
-    absmax1: list[torch.Tensor],
-    absmax2: list[torch.Tensor],
-    qmap1: torch.Tensor,
-    qmap2: torch.Tensor,
-    step: int,
-    lr: float,
-    beta1: float,
-    beta2: float,
-    eps: float,
-    weight_decay: float,
-    blocksize: int = 256,
-    backend: str | None = None,
-) -> None:
+def adamw8bit_multi(params: list[torch.Tensor], grads: list[torch.Tensor], states1: list[torch.Tensor],
+                    states2: list[torch.Tensor], absmax1: list[torch.Tensor], absmax2: list[torch.Tensor],
+                    qmap1: torch.Tensor, qmap2: torch.Tensor, step: int, lr: float, beta1: float, beta2: float,
+                    eps: float, weight_decay: float, blocksize: int = 256, backend: str | None = None) -> None:
     """`adamw8bit` over many tensors sharing one step count and hyperparameters: one launch per (param dtype,
     grad dtype) group instead of one per tensor (a QLoRA model has hundreds of small LoRA matrices).
 

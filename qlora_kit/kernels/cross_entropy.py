@@ -8,12 +8,11 @@ gradients dh_c = dz W and dW += dz^T h_c are taken in the same pass, so backward
 """
 import torch
 
+from ._checks import check_cross_entropy
 from ._dispatch import use_triton
 from ._triton import tl, triton
 from .cpu.cross_entropy import ChunkedCrossEntropyCPU
-from .ref.cross_entropy import _check_labels, _needs_grad, chunked_cross_entropy_ref
-
-_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+from .ref.cross_entropy import _ChunkedCrossEntropyRef, _needs_grad, chunked_cross_entropy_ref
 
 
 @triton.jit
@@ -58,7 +57,9 @@ def _config(vocab: int) -> dict:
     return {"BLOCK_V": min(triton.next_power_of_2(vocab), 4096), "num_warps": 8}
 
 
-class _ChunkedCrossEntropy(torch.autograd.Function):
+class _ChunkedCrossEntropy(_ChunkedCrossEntropyRef):
+    """The twin's Function with the Triton forward; backward (scaling the gradients taken in forward) is the twin's."""
+
     @staticmethod
     def forward(ctx, hidden, weight, labels, ignore_index, chunk_size, reduction, need_h, need_w):
         h = hidden.reshape(-1, hidden.shape[-1])
@@ -85,23 +86,10 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
         ctx.hidden_shape, ctx.weight_dtype = hidden.shape, weight.dtype
         return losses.sum() * inv_denom
 
-    @staticmethod
-    def backward(ctx, grad_out):
-        grad_h, grad_w = ctx.saved_tensors
-        dh = (grad_h * grad_out).reshape(ctx.hidden_shape) if grad_h is not None else None
-        dw = (grad_w * grad_out).to(ctx.weight_dtype) if grad_w is not None else None
-        return dh, dw, None, None, None, None, None, None
 
-
-def chunked_cross_entropy(
-    hidden: torch.Tensor,
-    lm_head_weight: torch.Tensor,
-    labels: torch.Tensor,
-    ignore_index: int = -100,
-    chunk_size: int = 1024,
-    reduction: str = "mean",
-    backend: str | None = None,
-) -> torch.Tensor:
+def chunked_cross_entropy(hidden: torch.Tensor, lm_head_weight: torch.Tensor, labels: torch.Tensor,
+                          ignore_index: int = -100, chunk_size: int = 1024, reduction: str = "mean",
+                          backend: str | None = None) -> torch.Tensor:
     """Cross-entropy of the LM head's logits, `chunk_size` tokens at a time; differentiable in hidden and weight.
 
     Args:
@@ -119,17 +107,7 @@ def chunked_cross_entropy(
     Raises:
         ValueError on mismatched shapes, dtypes or devices, labels out of range, a bad chunk_size or reduction.
     """
-    if reduction not in ("mean", "sum"):
-        raise ValueError(f"chunked_cross_entropy: reduction={reduction!r}; use 'mean' or 'sum'")
-    if chunk_size < 1:
-        raise ValueError(f"chunked_cross_entropy: chunk_size={chunk_size} must be >= 1")
-    if hidden.dtype not in _DTYPES or lm_head_weight.dtype != hidden.dtype:
-        raise ValueError(f"chunked_cross_entropy: hidden {hidden.dtype} and head {lm_head_weight.dtype} must be one of bf16, fp16, fp32")
-    if lm_head_weight.dim() != 2 or lm_head_weight.shape[1] != hidden.shape[-1] or labels.shape != hidden.shape[:-1]:
-        raise ValueError(f"chunked_cross_entropy: hidden {tuple(hidden.shape)}, head {tuple(lm_head_weight.shape)} and labels {tuple(labels.shape)} do not fit")
-    if lm_head_weight.device != hidden.device or labels.device != hidden.device:
-        raise ValueError("chunked_cross_entropy: hidden, head and labels must be on one device")
-    _check_labels(labels, lm_head_weight.shape[0], ignore_index)
+    check_cross_entropy(hidden, lm_head_weight, labels, ignore_index, chunk_size, reduction)
     if not use_triton(hidden, backend):
         if hidden.device.type != "cpu":  # the torch path on an accelerator: the twin
             return chunked_cross_entropy_ref(hidden, lm_head_weight, labels, ignore_index, chunk_size, reduction)

@@ -18,6 +18,28 @@ _OUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
 @triton.jit
+def _load_absmax(
+    absmax_ptr,  # fp32 [blocks], or uint8 [blocks] codes into nested_code when NESTED
+    nested_absmax_ptr,  # fp32 [ceil(blocks / NESTED_BLOCKSIZE)]: s_m (read only when NESTED)
+    nested_code_ptr,  # fp32 [256]: the dynamic map D (read only when NESTED)
+    offset_ptr,  # fp32 0-d: c (read only when NESTED)
+    block,  # block ids k, any shape
+    mask,  # same shape as block: False where k is past the last block (absmax 0 there)
+    NESTED_BLOCKSIZE: tl.constexpr,
+    NESTED: tl.constexpr,
+):
+    """absmax_k in fp32: stored as is, or under double quant D[q_k] * s_{k // NESTED_BLOCKSIZE} + c (FORMAT.md §2.3).
+    Shared by the dequant and fused-matmul kernels, so both decode a block's scale with the same fp32 ops."""
+    if NESTED:
+        q = tl.load(absmax_ptr + block, mask=mask, other=0).to(tl.int32)
+        scale = tl.load(nested_absmax_ptr + block // NESTED_BLOCKSIZE, mask=mask, other=0.0)
+        absmax = tl.load(nested_code_ptr + q) * scale + tl.load(offset_ptr)
+    else:
+        absmax = tl.load(absmax_ptr + block, mask=mask, other=0.0)
+    return absmax
+
+
+@triton.jit
 def _dequant_kernel(
     data_ptr,  # uint8 [(n + 1) // 2]: byte j holds element 2j (high nibble) and 2j + 1 (low nibble)
     absmax_ptr,  # fp32 [blocks], or uint8 [blocks] codes into nested_code when NESTED
@@ -43,12 +65,8 @@ def _dequant_kernel(
     G: tl.constexpr = 2 * BLOCK_BYTES // BLOCKSIZE
     block = pid * G + tl.arange(0, G)
     bmask = block < (n + BLOCKSIZE - 1) // BLOCKSIZE
-    if NESTED:
-        q = tl.load(absmax_ptr + block, mask=bmask, other=0).to(tl.int32)
-        scale = tl.load(nested_absmax_ptr + block // NESTED_BLOCKSIZE, mask=bmask, other=0.0)
-        absmax = tl.load(nested_code_ptr + q) * scale + tl.load(offset_ptr)
-    else:
-        absmax = tl.load(absmax_ptr + block, mask=bmask, other=0.0)
+    absmax = _load_absmax(absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, block, bmask,
+                          NESTED_BLOCKSIZE, NESTED)
     absmax = tl.reshape(tl.broadcast_to(absmax[:, None], (G, BLOCKSIZE // 2)), (BLOCK_BYTES,))
     high = tl.load(code_ptr + (packed >> 4)) * absmax
     low = tl.load(code_ptr + (packed & 0xF)) * absmax

@@ -19,7 +19,7 @@ from ._device import Target, device_target
 from ._dispatch import use_cpu_kernels, use_triton
 from ._triton import tl, triton
 from .cpu import nf4_matmul_cpu, supports
-from .dequant import dequant
+from .dequant import _load_absmax, dequant
 from .ref.nf4_matmul import nf4_matmul_ref
 
 _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -55,12 +55,7 @@ def _decode_tile(
     kb = k0 // BLOCKSIZE + tl.arange(0, G)
     blk = rows[:, None] * (K // BLOCKSIZE) + kb[None, :]  # (BN, G) block ids
     bmask = nmask[:, None] & (kb < K // BLOCKSIZE)[None, :]
-    if NESTED:
-        q = tl.load(absmax_ptr + blk, mask=bmask, other=0).to(tl.int32)
-        s = tl.load(nested_absmax_ptr + blk // NESTED_BLOCKSIZE, mask=bmask, other=0.0)
-        am = tl.load(nested_code_ptr + q) * s + tl.load(offset_ptr)
-    else:
-        am = tl.load(absmax_ptr + blk, mask=bmask, other=0.0)
+    am = _load_absmax(absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, blk, bmask, NESTED_BLOCKSIZE, NESTED)
     if BK >= BLOCKSIZE:
         am = tl.reshape(tl.broadcast_to(am[:, :, None], (BN, G, BLOCKSIZE // 2)), (BN, BK // 2))
     hi = tl.load(code_ptr + (byte >> 4)) * am

@@ -10,10 +10,11 @@ One `ModelConfig` describes every supported variant of the Llama-family decoder:
 RoPE settings are read from the newer `rope_parameters` dict or the older top-level `rope_theta`
 plus `rope_scaling` dict; both spell the same thing.
 """
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
+
+from qlora_kit.formats.io import read_json_object
 
 from .errors import ConfigError, UnsupportedArchitecture
 
@@ -182,10 +183,7 @@ def load_config(folder: str | os.PathLike) -> ModelConfig:
     path = Path(folder) / "config.json"
     if not path.is_file():
         raise UnsupportedArchitecture(f"{path}: missing; not a Hugging Face model folder")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, RecursionError, ValueError) as e:
-        raise ConfigError(f"{path}: not valid JSON ({e})") from None
+    data = read_json_object(path, ConfigError)
     try:
         return config_from_hf(data)
     except (ConfigError, UnsupportedArchitecture) as e:

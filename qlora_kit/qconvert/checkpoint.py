@@ -1,7 +1,6 @@
 """Read a 4-bit checkpoint folder (ours or transformers + bitsandbytes'): shards, headers, and each
 quantized weight rebuilt lazily from its entries (FORMAT.md §2) with formats.layout.from_entries.
 """
-import json
 import math
 from contextlib import ExitStack
 from pathlib import Path
@@ -10,7 +9,7 @@ import torch
 from safetensors import safe_open
 
 from qlora_kit.formats import (FormatError, Packed4bit, from_entries, index_shards, is_state_key,
-                               quantized_weight_names, read_header)
+                               quantized_weight_names, read_header, read_json_object)
 
 from .errors import SourceNotFound
 from .shards import INDEX, SINGLE
@@ -110,12 +109,7 @@ def _read_config(path: Path) -> dict:
     """config.json as a dict ({} when absent); FormatError naming the file when it is not a JSON object."""
     if not path.is_file():
         return {}
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, RecursionError, ValueError) as e:
-        raise FormatError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(config, dict):
-        raise FormatError(f"{path}: must be a JSON object, not {type(config).__name__}")
+    config = read_json_object(path)
     qc = config.get("quantization_config")
     if qc is not None and not isinstance(qc, dict):
         raise FormatError(f"{path}: quantization_config={qc!r:.100} must be an object")

@@ -1,14 +1,14 @@
 """qconvert: turn Hugging Face checkpoints into NF4 double-quantized checkpoints (FORMAT.md).
 
 Each command parses its options, calls one library function and prints; errors go through
-formats._cli.cli_errors (one red line; exit 2 bad input, 1 failure, 130 Ctrl-C). Command modules are
+qlora_kit._cli.cli_errors (one red line; exit 2 bad input, 1 failure, 130 Ctrl-C). Command modules are
 imported inside the commands, so `convert` never pays for Triton (kernels/) or the Hub client.
 """
 import click
 from rich.console import Console
 
 from qlora_kit.formats import spec
-from qlora_kit.formats._cli import cli_errors
+from qlora_kit._cli import cli_errors
 
 from .errors import VerifyFailed
 from .options import DEFAULT_MIN_SQNR_DB, ConvertConfig, parse_size

@@ -21,7 +21,6 @@ import torch
 from qlora_kit.formats import spec
 from qlora_kit.formats.io import write_json
 
-from .source import TORCH_TO_ST
 
 _ALIGNS = (8, 4, 2, 1)
 SINGLE = "model.safetensors"
@@ -53,7 +52,7 @@ class _Shard:
         align = t.element_size()
         raw = t.reshape(-1).view(torch.uint8).numpy()
         _write(self.files[align], memoryview(raw), self.paths[align])
-        self.entries[name] = (TORCH_TO_ST[t.dtype], list(t.shape), align, self.sizes[align])
+        self.entries[name] = (spec.ST_NAMES[t.dtype], list(t.shape), align, self.sizes[align])
         self.sizes[align] += raw.nbytes
 
     def seal(self) -> None:
@@ -73,7 +72,7 @@ class _Shard:
         header: dict = {"__metadata__": metadata}
         for name, (dtype, shape, align, start) in sorted(self.entries.items(), key=lambda kv: (-kv[1][2], kv[1][3])):
             header[name] = {"dtype": dtype, "shape": shape,
-                            "data_offsets": [base[align] + start, base[align] + start + len_of(dtype, shape)]}
+                            "data_offsets": [base[align] + start, base[align] + start + spec.st_nbytes(dtype, shape)]}
         blob = json.dumps(header, separators=(",", ":")).encode()
         blob += b" " * (-len(blob) % 8)
         with open(path, "wb") as out:
@@ -86,13 +85,6 @@ class _Shard:
             os.fsync(out.fileno())
         for p in self.paths.values():
             p.unlink()
-
-
-def len_of(dtype: str, shape: list[int]) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n * {"F64": 8, "I64": 8, "F32": 4, "I32": 4, "F16": 2, "BF16": 2}.get(dtype, 1)
 
 
 class ShardWriter:

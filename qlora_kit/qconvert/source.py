@@ -8,7 +8,6 @@ on disk until read. Safetensors tensors are read with plain reads into a fresh b
 through a memory map: mapped pages would stay resident (and counted in RSS) for as long as the file is
 open, so memory would grow with the file instead of with the largest tensor.
 """
-import json
 import os
 import re
 from collections.abc import Iterator
@@ -17,16 +16,14 @@ from pathlib import Path
 
 import torch
 
-from qlora_kit.formats import FormatError, index_shards, read_header
+from qlora_kit.formats import FormatError, index_shards, read_header, read_json_object, spec
 
 from .errors import SourceNotFound, UnsupportedArchitecture, UnsupportedSourceDtype
 from .shapes import check_shapes_config
 
 LLAMA_FAMILY = ("llama", "mistral", "qwen2", "qwen3")
 ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
-FLOAT_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
-TORCH_TO_ST = {v: k for k, v in FLOAT_DTYPES.items()} | {torch.uint8: "U8", torch.int8: "I8", torch.int32: "I32",
-                                                          torch.int64: "I64", torch.float64: "F64", torch.bool: "BOOL"}
+FLOAT_DTYPES = {name: spec.ST_DTYPES[name] for name in ("F32", "F16", "BF16")}  # the dtypes qconvert converts
 REPO_ID_PATTERN = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
 # Files fetched from the Hub: weights, configs, tokenizer and chat template; never other formats.
 HUB_PATTERNS = ["*.json", "*.safetensors", "*.bin", "*.jinja", "*.model", "*.txt", "*.tiktoken"]
@@ -42,10 +39,7 @@ class TensorInfo:
 
     @property
     def nbytes(self) -> int:
-        n = 1
-        for d in self.shape:
-            n *= d
-        return n * {"F32": 4, "F16": 2, "BF16": 2, "F64": 8, "I64": 8, "I32": 4}.get(self.dtype, 1)
+        return spec.st_nbytes(self.dtype, self.shape)
 
 
 def resolve(src: str, revision: str | None = None, token: str | None = None) -> Path:
@@ -76,12 +70,7 @@ def read_config(folder: Path) -> dict:
     path = folder / "config.json"
     if not path.is_file():
         raise SourceNotFound(f"{folder}: no config.json (not a Hugging Face checkpoint folder)")
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, RecursionError, ValueError) as e:
-        raise FormatError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(config, dict):
-        raise FormatError(f"{path}: must be a JSON object, not {type(config).__name__}")
+    config = read_json_object(path)
     model_type = config.get("model_type")
     archs = config.get("architectures") or []
     if not isinstance(archs, list) or not all(isinstance(a, str) for a in archs):
@@ -158,7 +147,7 @@ class SourceWeights:
                 items = [(k, v["dtype"], tuple(v["shape"]), start + v["data_offsets"][0])
                          for k, v in header.items() if k != "__metadata__"]
             else:
-                items = [(k, TORCH_TO_ST.get(t.dtype, str(t.dtype)), tuple(t.shape), 0)
+                items = [(k, spec.ST_NAMES.get(t.dtype, str(t.dtype)), tuple(t.shape), 0)
                          for k, t in _load_bin(file).items()]
             for name, dtype, shape, offset in sorted(items):
                 if name in seen:

@@ -2,40 +2,21 @@
 
 `qserve serve CKPT` runs the server; `qserve adapters list|load|unload` talk to a running one. Flags of
 `serve` are generated from ServeConfig's fields, so defaults live only there. Errors go through
-formats._cli.cli_errors (one red line; exit 2 bad input, 1 failure).
+qlora_kit._cli.cli_errors (one red line; exit 2 bad input, 1 failure).
 """
-import dataclasses
 import json
 import os
-import typing
 import urllib.error
 import urllib.request
 
 import click
 
-from qlora_kit.formats._cli import cli_errors
+from qlora_kit._cli import cli_errors, dataclass_options
 
 from .config import ServeConfig
 from .vllm_backend.launch import pop_vllm_options, vllm_cli_options
 
 _SPECIAL = {"checkpoint", "adapters", "base_names"}
-
-
-def _config_options(fn):
-    """One --flag per scalar ServeConfig field, default None (= the dataclass default)."""
-    for f in reversed(dataclasses.fields(ServeConfig)):
-        if f.name in _SPECIAL:
-            continue
-        kind = typing.get_args(f.type) or (f.type,)
-        py = next((t for t in kind if t in (int, str, bool)), str) if not isinstance(f.type, type) else f.type
-        flag = "--" + f.name.replace("_", "-")
-        help_ = " ".join(filter(None, (f.metadata.get("help"), f"[default: {f.default}]")))
-        if py is bool:
-            opt = click.option(f"{flag}/--no-{f.name.replace('_', '-')}", f.name, default=None, help=help_)
-        else:
-            opt = click.option(flag, f.name, type=py, default=None, help=help_)
-        fn = opt(fn)
-    return fn
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -51,7 +32,6 @@ def main():
 @click.option("--backend", type=click.Choice(["native", "vllm"]), default="native", show_default=True,
               help="vllm: vLLM with the qlora_nf4 plugin (TP/PP/DP) behind this server's keys, tenants and metrics.")
 @vllm_cli_options
-@_config_options
 @cli_errors
 def serve(checkpoint, adapters, base_names, backend, **flags):
     """Start the HTTP server for CHECKPOINT (a qconvert output folder)."""
@@ -77,6 +57,10 @@ def serve(checkpoint, adapters, base_names, backend, **flags):
     from .server import serve as run_server  # torch and the model load only for this command
 
     run_server(config, announce=lambda msg: click.echo(msg, err=True))
+
+
+# one --flag per scalar ServeConfig field, after the options above (default None = the dataclass default)
+serve.params.extend(dataclass_options(ServeConfig, skip=_SPECIAL, default_text=" [default: {}]"))
 
 
 def _call(url: str, path: str, key: str | None, body: dict | None = None) -> dict:

@@ -1,18 +1,17 @@
 """qtrain: fine-tune LoRA adapters against a frozen 4-bit checkpoint.
 
 `train`'s options are generated from TrainConfig's fields (trainer/config.py), so defaults and help
-live in one place; a flag only overrides when given. Errors go through formats._cli.cli_errors.
+live in one place; a flag only overrides when given. Errors go through qlora_kit._cli.cli_errors.
 """
 import sys
-from dataclasses import fields
 
 import click
 from rich.console import Console
 
-from qlora_kit.formats._cli import cli_errors
+from qlora_kit._cli import cli_errors, dataclass_options
 
 from .ask import ask as run_ask
-from .config import TrainConfig, build_config, defaults
+from .config import TrainConfig, build_config
 from .distributed import from_env, under_torchrun
 from .loop import train as run_train
 from .many import train_data_parallel
@@ -30,22 +29,6 @@ metrics.jsonl, loss_curve.png, checkpoints/step-N/ (--save-every). Ctrl-C saves 
 continue with --resume OUT."""
 
 
-def _option(f) -> click.Option:
-    name, default, help_ = "--" + f.name.replace("_", "-"), defaults().get(f.name), f.metadata["help"]
-    shown = ",".join(default) if isinstance(default, tuple) else default
-    help_ = f"{help_}  [default: {shown!r}]" if shown != "" else help_
-    if isinstance(default, bool):
-        return click.Option([f"{name}/--no-{name[2:]}"], default=None, help=help_)
-    if f.metadata.get("choices"):
-        return click.Option([name], type=click.Choice(f.metadata["choices"]), default=None, help=help_)
-    kind = {int: int, float: float, str: str, tuple: str}[type(default)]
-    return click.Option([name], type=kind, default=None, help=help_)
-
-
-def _tuple_fields() -> set[str]:
-    return {f.name for f in fields(TrainConfig) if isinstance(defaults().get(f.name), tuple)}
-
-
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="qlora-kit")
 def main():
@@ -54,9 +37,6 @@ def main():
 
 @cli_errors
 def _train(config, **flags):
-    for name in _tuple_fields():
-        if flags.get(name) is not None:
-            flags[name] = tuple(s.strip() for s in flags[name].split(",") if s.strip())
     cfg = build_config(config, **flags)
     console = Console(stderr=True)
     result = (train_data_parallel if under_torchrun() else run_train)(cfg, console=console)  # torchrun: DDP
@@ -75,7 +55,7 @@ train = click.Command(
     "train", callback=_train, help="Train one LoRA adapter on --data against --base, writing --out.\n\n" + PRESET,
     params=[click.Option(["--config"], type=click.Path(dir_okay=False), default=None,
                          help="TOML/YAML/JSON file of settings (keys are the option names)")]
-    + [_option(f) for f in fields(TrainConfig)],
+    + dataclass_options(TrainConfig),
     context_settings={"max_content_width": 110})
 main.add_command(train)
 

@@ -1,5 +1,7 @@
-"""DESIGN.md's import rules, checked on the source: oracles stay in tests/ and bench/, arrows point down."""
+"""DESIGN.md's import rules, checked on the source: oracles stay in tests/ and bench/, arrows point down,
+and formats/ (the bottom layer) imports only torch, safetensors and the standard library."""
 import ast
+import sys
 
 import pytest
 
@@ -13,10 +15,13 @@ ALLOWED = {
     "formats": {"formats"},
     "kernels": {"formats", "kernels"},
     "models": {"formats", "kernels", "models"},
-    "qconvert": {"formats", "kernels", "qconvert"},
-    "trainer": {"formats", "kernels", "models", "trainer"},
-    "qserve": {"formats", "kernels", "models", "qserve"},
+    "qconvert": {"formats", "kernels", "qconvert", "_cli"},
+    "trainer": {"formats", "kernels", "models", "trainer", "_cli"},
+    "qserve": {"formats", "kernels", "models", "qserve", "_cli"},
+    "_cli": {"formats", "_cli"},  # the CLIs' shared error boundary and dataclass options (click, rich)
 }
+# the only third-party packages formats/ may import (DESIGN.md: "formats/ ... imports torch, safetensors")
+FORMATS_THIRD_PARTY = {"torch", "safetensors"}
 FIRST_PARTY = set(ALLOWED) | {"tests", "bench"}
 # the old top-level names, now subpackages of qlora_kit: a bare `import kernels` would find Hugging Face's package
 BARE = set(ALLOWED)
@@ -66,6 +71,14 @@ def test_runtime_packages_import_no_oracle_and_only_lower_packages(package):
                 bad.append(f"{path.relative_to(REPO)}:{line} imports the test oracle {top}")
             elif top in FIRST_PARTY and top not in ALLOWED[package]:
                 bad.append(f"{path.relative_to(REPO)}:{line} imports {top}, which {package}/ may not")
+    assert not bad, "\n".join(bad)
+
+
+def test_formats_imports_only_torch_safetensors_and_the_standard_library():
+    bad = [f"{path.relative_to(REPO)}:{line} imports {top}: formats/ may import only torch, safetensors and the "
+           "standard library"
+           for path in sorted((REPO / "qlora_kit" / "formats").rglob("*.py")) for line, top in _imports(path)
+           if top not in FORMATS_THIRD_PARTY | set(sys.stdlib_module_names) | {"formats"}]
     assert not bad, "\n".join(bad)
 
 

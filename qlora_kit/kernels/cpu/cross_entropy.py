@@ -12,6 +12,7 @@ in order (the vocab-sliced grad_h, the kernel's dot products).
 """
 import torch
 
+from ..ref.cross_entropy import _ChunkedCrossEntropyRef
 from .dense import linear16
 
 SLICE = 8192  # vocab rows of a 16-bit head widened to fp32 at a time for grad_h
@@ -30,8 +31,9 @@ def _d_times_w(d: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return out
 
 
-class ChunkedCrossEntropyCPU(torch.autograd.Function):
-    """Loss in forward, both gradients made in the same pass and scaled by the incoming gradient in backward."""
+class ChunkedCrossEntropyCPU(_ChunkedCrossEntropyRef):
+    """Loss in forward, both gradients made in the same pass; backward (the twin's) scales them by the incoming
+    gradient."""
 
     @staticmethod
     def forward(ctx, hidden, weight, labels, ignore_index, chunk_size, reduction, need_h, need_w):
@@ -63,10 +65,3 @@ class ChunkedCrossEntropyCPU(torch.autograd.Function):
         ctx.save_for_backward(grad_h, grad_w)
         ctx.hidden_shape, ctx.weight_dtype = hidden.shape, weight.dtype
         return total / denom
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        grad_h, grad_w = ctx.saved_tensors
-        dh = (grad_h * grad_out).reshape(ctx.hidden_shape) if grad_h is not None else None
-        dw = (grad_w * grad_out).to(ctx.weight_dtype) if grad_w is not None else None
-        return dh, dw, None, None, None, None, None, None

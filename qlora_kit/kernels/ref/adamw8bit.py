@@ -23,23 +23,9 @@ def _requant_states(x: torch.Tensor, qmap: torch.Tensor, blocksize: int) -> tupl
     return torch.bucketize(scaled, bounds).to(torch.uint8), absmax
 
 
-def adamw8bit_ref(
-    param: torch.Tensor,
-    grad: torch.Tensor,
-    state1: torch.Tensor,
-    state2: torch.Tensor,
-    absmax1: torch.Tensor,
-    absmax2: torch.Tensor,
-    qmap1: torch.Tensor,
-    qmap2: torch.Tensor,
-    step: int,
-    lr: float,
-    beta1: float,
-    beta2: float,
-    eps: float,
-    weight_decay: float,
-    blocksize: int = 256,
-) -> None:
+def adamw8bit_ref(param: torch.Tensor, grad: torch.Tensor, state1: torch.Tensor, state2: torch.Tensor,
+                  absmax1: torch.Tensor, absmax2: torch.Tensor, qmap1: torch.Tensor, qmap2: torch.Tensor, step: int,
+                  lr: float, beta1: float, beta2: float, eps: float, weight_decay: float, blocksize: int = 256) -> None:
     """One AdamW step (Loshchilov & Hutter 2019) on blockwise 8-bit states (Dettmers et al. 2022), in place.
 
         m = D1[q1] * a1;  v = D2[q2] * a2                   (dequantize, blocks of `blocksize`)

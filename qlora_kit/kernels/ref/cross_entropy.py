@@ -6,11 +6,7 @@ FLOPs for T tokens, hidden H, vocab V: 2*T*V*H for the logits, 2*T*V*H for grad_
 """
 import torch
 
-
-def _check_labels(labels: torch.Tensor, vocab: int, ignore_index: int) -> None:
-    bad = ((labels < 0) & (labels != ignore_index)) | (labels >= vocab)
-    if bool(bad.any()):
-        raise ValueError(f"chunked_cross_entropy: labels outside [0, {vocab}) that are not ignore_index={ignore_index}")
+from .._checks import check_cross_entropy
 
 
 def _needs_grad(hidden: torch.Tensor, weight: torch.Tensor) -> tuple[bool, bool]:
@@ -58,25 +54,16 @@ class _ChunkedCrossEntropyRef(torch.autograd.Function):
         return dh, dw, None, None, None, None, None, None
 
 
-def chunked_cross_entropy_ref(
-    hidden: torch.Tensor,
-    lm_head_weight: torch.Tensor,
-    labels: torch.Tensor,
-    ignore_index: int = -100,
-    chunk_size: int = 1024,
-    reduction: str = "mean",
-) -> torch.Tensor:
+def chunked_cross_entropy_ref(hidden: torch.Tensor, lm_head_weight: torch.Tensor, labels: torch.Tensor,
+                              ignore_index: int = -100, chunk_size: int = 1024,
+                              reduction: str = "mean") -> torch.Tensor:
     """loss = reduce_t [logsumexp_v(h_t . W_v) - h_t . W_{y_t}] over tokens with y_t != ignore_index.
 
     Logits are made chunk_size tokens at a time in fp32; gradients for hidden and the head weight
     are computed in the same pass and scaled by the incoming gradient in backward. "mean" divides
     by the number of non-ignored tokens (0 tokens -> loss 0); "sum" does not divide.
     """
-    if reduction not in ("mean", "sum"):
-        raise ValueError(f"chunked_cross_entropy: reduction={reduction!r}; use 'mean' or 'sum'")
-    if chunk_size < 1:
-        raise ValueError(f"chunked_cross_entropy: chunk_size={chunk_size} must be >= 1")
-    _check_labels(labels, lm_head_weight.shape[0], ignore_index)
+    check_cross_entropy(hidden, lm_head_weight, labels, ignore_index, chunk_size, reduction)
     return _ChunkedCrossEntropyRef.apply(
         hidden, lm_head_weight, labels, ignore_index, chunk_size, reduction, *_needs_grad(hidden, lm_head_weight)
     )

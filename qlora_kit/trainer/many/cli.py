@@ -1,11 +1,10 @@
 """`qtrain train-many`: options generated from ManyConfig's fields; the body parses, runs, and reports."""
 import sys
-from dataclasses import MISSING, fields
 
 import click
 from rich.console import Console
 
-from qlora_kit.formats._cli import cli_errors
+from qlora_kit._cli import cli_errors, dataclass_options
 
 from ..distributed import from_env
 from .jobs import ManyConfig
@@ -27,19 +26,6 @@ with --resume: finished jobs are kept, the others continue from their latest che
 Under torchrun (torchrun --nproc-per-node N -m qlora_kit.trainer train-many ...) jobs are spread over the ranks."""
 
 
-def _option(f) -> click.Option:
-    name, default, help_ = "--" + f.name.replace("_", "-"), f.default, f.metadata["help"]
-    if default not in ("", MISSING):
-        help_ = f"{help_}  [default: {default!r}]"
-    if isinstance(default, bool):
-        if f.name == "resume":
-            return click.Option([name], is_flag=True, default=None, help=help_)
-        return click.Option([f"{name}/--no-{name[2:]}"], default=None, help=help_)
-    if f.metadata.get("choices"):
-        return click.Option([name], type=click.Choice(f.metadata["choices"]), default=None, help=help_)
-    return click.Option([name], type=type(default), default=None, help=help_)
-
-
 @cli_errors
 def _train_many(**flags):
     run = ManyConfig(**{k: v for k, v in flags.items() if v is not None})
@@ -58,5 +44,5 @@ def _train_many(**flags):
 
 
 train_many = click.Command("train-many", callback=_train_many, help=HELP,
-                           params=[_option(f) for f in fields(ManyConfig)],
+                           params=dataclass_options(ManyConfig, plain_flags=("resume",)),
                            context_settings={"max_content_width": 110})

@@ -17,12 +17,12 @@ loss_chunk_size, progress) are run-wide: flags of train-many, never job keys.
 """
 import os
 import re
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import tomllib
 
-from ..config import TrainConfig, _normalise, defaults
+from ..config import TrainConfig, _f, _normalise, defaults
 from ..errors import ConfigError
 
 RUN_KEYS = ("base", "out", "resume", "compute_dtype", "device", "gradient_checkpointing", "loss_chunk_size",
@@ -30,10 +30,6 @@ RUN_KEYS = ("base", "out", "resume", "compute_dtype", "device", "gradient_checkp
 JOB_ONLY = ("name", "early_stop_patience", "early_stop_min_delta")
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 _TD = defaults()
-
-
-def _f(default, help: str, **extra):
-    return field(default=default, metadata={"help": help, **extra})
 
 
 @dataclass(frozen=True, slots=True)

@@ -95,6 +95,10 @@ def test_bad_adapters_are_refused_with_the_file_named(tmp_path):
     weights.write_bytes(weights.read_bytes()[:-100])
     with pytest.raises(FormatError, match="adapter_model.safetensors: tensor .* do not fit"):
         load_adapter(tmp_path / "b")
+    for bad in (b'\xff\xfe{"r": 4}', b"[" * 100_000 + b"]" * 100_000, b'{"r": '):  # not UTF-8, too deep, cut
+        (tmp_path / "b" / "adapter_config.json").write_bytes(bad)
+        with pytest.raises(AdapterFormatError, match="adapter_config.json: not valid JSON"):
+            load_adapter(tmp_path / "b")
 
 
 def test_rank_and_alpha_patterns_follow_peft():

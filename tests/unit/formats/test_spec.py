@@ -1,6 +1,10 @@
+import json
+import struct
+
 import bitsandbytes.functional as bnbf
 import pytest
 import torch
+from safetensors.torch import save
 
 from qlora_kit.formats import spec
 
@@ -28,3 +32,14 @@ def test_dynamic_map_equals_bitsandbytes():
 
 def test_blocksizes_are_powers_of_two_64_to_4096():
     assert spec.BLOCKSIZES == (64, 128, 256, 512, 1024, 2048, 4096)
+
+
+@pytest.mark.parametrize("name", sorted(spec.ST_DTYPES))
+def test_safetensors_dtype_table_matches_what_safetensors_writes(name):
+    """safetensors itself is the oracle: the name it writes for each torch dtype, and the bytes it spans."""
+    blob = save({"t": torch.zeros(3, 5, dtype=spec.ST_DTYPES[name])})
+    (hlen,) = struct.unpack("<Q", blob[:8])
+    entry = json.loads(blob[8:8 + hlen])["t"]
+    start, end = entry["data_offsets"]
+    assert entry["dtype"] == name == spec.ST_NAMES[spec.ST_DTYPES[name]]
+    assert end - start == spec.st_nbytes(name, [3, 5]) == len(blob) - 8 - hlen

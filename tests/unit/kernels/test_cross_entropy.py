@@ -65,11 +65,23 @@ def test_all_ignored_gives_zero_loss():
         assert loss.item() == 0.0 and dh.abs().max().item() == 0.0 and dw.abs().max().item() == 0.0
 
 
-def test_rejects_out_of_range_label():
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("bad, message", [
+    (dict(label=16), r"labels outside \[0, 16\) that are not ignore_index=-100"),
+    (dict(weight_dtype=torch.bfloat16), "hidden torch.float32 and head torch.bfloat16 must be one of"),
+    (dict(labels_shape=(4,)), r"hidden \(5, 8\), head \(16, 8\) and labels \(4,\) do not fit"),
+    (dict(reduction="none"), "reduction='none'; use 'mean' or 'sum'"),
+    (dict(chunk_size=0), "chunk_size=0 must be >= 1"),
+])
+def test_bad_input_gives_the_same_error_on_every_backend(backend, bad, message):
     hidden, weight, labels = _inputs(5, 8, 16, torch.float32)
-    labels[0] = 16
-    with pytest.raises(ValueError, match=r"outside \[0, 16\)"):
-        chunked_cross_entropy(hidden, weight, labels, backend="triton")
+    if "label" in bad:
+        labels[0] = bad["label"]
+    weight = weight.to(bad.get("weight_dtype", weight.dtype))
+    labels = labels[: bad.get("labels_shape", labels.shape)[0]]
+    with pytest.raises(ValueError, match=message):
+        chunked_cross_entropy(hidden, weight, labels, chunk_size=bad.get("chunk_size", 2),
+                              reduction=bad.get("reduction", "mean"), backend=backend)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -7,7 +7,7 @@ import click
 import pytest
 from click.testing import CliRunner
 
-from qlora_kit.formats._cli import cli_errors
+from qlora_kit._cli import cli_errors
 from qlora_kit.trainer import ConfigError, build_config, train
 from qlora_kit.trainer.checkpoint import find_checkpoint
 from qlora_kit.trainer.cli import main as qtrain

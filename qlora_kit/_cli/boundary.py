@@ -1,6 +1,6 @@
 """The CLIs' one error boundary: a QloraKitError (bad input) becomes one red line and exit code 2,
 any other failure exit code 1, Ctrl-C exit code 130 and SIGTERM exit code 143. Shared by qconvert, qtrain
-and qserve.
+and qserve (it lives above formats/, which imports only torch and safetensors).
 
 SIGTERM is handled like Ctrl-C (KeyboardInterrupt) while a command runs, so the same cleanup runs: atomic
 writes remove their temporary folders (formats.io.atomic_dir) instead of leaving them behind.
@@ -14,7 +14,7 @@ import click
 from rich.console import Console
 from rich.markup import escape
 
-from .errors import QloraKitError
+from qlora_kit.formats.errors import QloraKitError
 
 err_console = Console(stderr=True, highlight=False)
 
