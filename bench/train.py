@@ -53,15 +53,15 @@ def _tokens(folder: str, seq: int, batch: int) -> torch.Tensor:
 def _qtrain_step(base: str, rank: int, device: torch.device):
     from qlora_kit.trainer.batching import StepBatch
     from qlora_kit.trainer.config import build_config
-    from qlora_kit.trainer.forward import summed_loss
+    from qlora_kit.trainer.many.mix import part_losses
     from qlora_kit.trainer import setup
 
     from qlora_kit.models import Batch
 
     cfg = build_config(None, base=base, data="-", out="-", r=rank, lora_alpha=2.0 * rank, lora_dropout=0.0,
                        device=device.type)
-    model = setup.load_base(cfg, device)
-    _, params = setup.attach_adapter(model, cfg)
+    model = setup.load_base(cfg.base, cfg.compute_dtype, device)
+    _, params = setup.attach_adapter(model, cfg, 0)
     opt = setup.build_optimizer(params, cfg)
     model.train()
 
@@ -69,7 +69,7 @@ def _qtrain_step(base: str, rank: int, device: torch.device):
         labels = torch.cat([ids[:, 1:], torch.full_like(ids[:, :1], -100)], dim=1)
         sb = StepBatch(Batch(ids, adapter_ids=torch.zeros(ids.shape[0], dtype=torch.long, device=device)), labels,
                        ids.numel(), int((labels != -100).sum()))
-        loss = summed_loss(model, sb, True, cfg.loss_chunk_size) / sb.num_loss_tokens
+        loss = part_losses(model, sb, [slice(None)], True, cfg.loss_chunk_size)[0] / sb.num_loss_tokens
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 0.3)
         opt.step()

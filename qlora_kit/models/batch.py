@@ -2,7 +2,7 @@
 
 Trainer and server both build a `Batch`; nothing about a step lives in module globals.
 """
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 
 import torch
 
@@ -38,6 +38,11 @@ class Batch:
                 raise ValueError(f"{name} must have input_ids' shape {shape}, got {tuple(t.shape)}")
         if self.adapter_ids is not None and tuple(self.adapter_ids.shape) != (shape[0],):
             raise ValueError(f"adapter_ids must be ({shape[0]},), got {tuple(self.adapter_ids.shape)}")
+
+    def to(self, device) -> "Batch":
+        """This batch with every tensor field on `device` (the cache, not a tensor, is kept as it is)."""
+        return replace(self, **{f.name: getattr(self, f.name).to(device) for f in fields(self)
+                                if isinstance(getattr(self, f.name), torch.Tensor)})
 
     def resolved_positions(self, offset: torch.Tensor | int = 0) -> torch.Tensor:
         """Positions given, else: index within the segment (packed), else count of real tokens before

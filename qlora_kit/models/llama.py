@@ -14,6 +14,7 @@ quantized, nn.Linear otherwise).
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from qlora_kit import kernels
 from qlora_kit.kernels.cpu import linear16, matmul_dtype
@@ -124,6 +125,7 @@ class Llama(nn.Module):
         self.cfg = cfg
         self.model = Backbone(cfg, quantized, backend)
         self.lm_head = None
+        self._sharing = False  # the NF4 layers' share_decode, as hidden_states last set it
         if not cfg.tie_word_embeddings:
             self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
             self.lm_head.weight.requires_grad_(False)
@@ -144,23 +146,39 @@ class Llama(nn.Module):
     def share_decode(self, enabled: bool = True) -> None:
         """Under gradient checkpointing: each NF4 layer's recompute keeps its decoded weight for the backward
         that follows, so the two share one decode (only the layer being back-propagated holds one)."""
+        self._sharing = enabled
         for m in self.modules():
             if isinstance(m, NF4Linear):
                 m.share_decode = enabled
 
-    def hidden_states(self, batch: Batch) -> torch.Tensor:
-        """Final-norm hidden states (B, T, hidden_size) for `batch`."""
+    def hidden_states(self, batch: Batch, checkpointing: bool = False) -> torch.Tensor:
+        """Final-norm hidden states (B, T, hidden_size) for `batch`.
+
+        With `checkpointing` (training), each decoder layer keeps only its input and recomputes its
+        activations in backward (non-reentrant torch.utils.checkpoint, which also replays the RNG so LoRA
+        dropout masks match), and `share_decode` is on: non-reentrant checkpointing drops what the first
+        forward saves, so only the recompute keeps a decoded 4-bit weight, for the backward that follows.
+        """
+        if checkpointing != self._sharing:
+            self.share_decode(checkpointing)
         cache = batch.cache
         meta = cache.prepare(batch, self.cfg.sliding_window) if cache is not None else build_meta(batch, self.cfg.sliding_window)
         h = self.model.embed_tokens(batch.input_ids)
         cos, sin = rope_cos_sin(self.inv_freq, meta.positions, h.dtype)
         for layer in self.model.layers:
-            h = layer(h, cos, sin, meta, batch.adapter_ids, cache)
+            if checkpointing and torch.is_grad_enabled():
+                h = checkpoint(layer, h, cos, sin, meta, batch.adapter_ids, cache, use_reentrant=False)
+            else:
+                h = layer(h, cos, sin, meta, batch.adapter_ids, cache)
         return self.model.norm(h)
+
+    def head_weight(self) -> torch.Tensor:
+        """The LM head's (vocab_size, hidden_size) weight: the embeddings when they are tied."""
+        return self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """LM head over hidden states (..., hidden_size) -> (..., vocab_size) in the compute dtype."""
-        w = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        w = self.head_weight()
         if h.device.type == "cpu" and matmul_dtype(h.dtype) != h.dtype:
             # no native 16-bit GEMM on this CPU: the same products in fp32 (16-bit values are exact in fp32, the sum
             # is fp32 either way), rounded once to the compute dtype; several times faster than the emulated GEMM

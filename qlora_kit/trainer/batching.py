@@ -7,7 +7,7 @@ batches are then shuffled, so padding shrinks while the order stays random acros
 Packing fills rows of max_seq_len first-fit; each packed example keeps its own segment id, so
 attention never crosses examples (models.build_meta) and positions restart at 0 (Batch.resolved_positions).
 """
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -28,11 +28,8 @@ class StepBatch:
     num_loss_tokens: int
 
     def to(self, device) -> "StepBatch":
-        b = self.batch
-        moved = Batch(b.input_ids.to(device), adapter_ids=None if b.adapter_ids is None else b.adapter_ids.to(device),
-                      attention_mask=None if b.attention_mask is None else b.attention_mask.to(device),
-                      segment_ids=None if b.segment_ids is None else b.segment_ids.to(device))
-        return StepBatch(moved, self.labels.to(device), self.num_tokens, self.num_loss_tokens)
+        """This micro-batch with the decoder input (every field, Batch.to) and the labels on `device`."""
+        return replace(self, batch=self.batch.to(device), labels=self.labels.to(device))
 
 
 def _first_fit(indices: list[int], lengths: list[int], capacity: int) -> list[list[int]]:
@@ -70,8 +67,9 @@ def plan_epoch(lengths: list[int], epoch: int, seed: int, batch_size: int, max_s
     return batches
 
 
-def collate(rows: list[list[int]], examples: list[Example], pad_id: int, packed: bool) -> StepBatch:
-    """Right-padded tensors for one micro-batch; packed rows carry segment ids (padding is segment -1)."""
+def collate(rows: list[list[int]], examples: list[Example], pad_id: int, packed: bool, adapter_id: int) -> StepBatch:
+    """Right-padded tensors for one micro-batch, every row tagged with LoRA slot `adapter_id` (-1 = base only);
+    packed rows carry segment ids (padding is segment -1)."""
     T = max(sum(len(examples[i]) for i in row) for row in rows)
     B = len(rows)
     ids = torch.full((B, T), pad_id, dtype=torch.long)
@@ -89,7 +87,7 @@ def collate(rows: list[list[int]], examples: list[Example], pad_id: int, packed:
             real[b, t:t + n] = True
             t += n
     padded = not bool(real.all())
-    batch = Batch(ids, adapter_ids=torch.zeros(B, dtype=torch.long),
+    batch = Batch(ids, adapter_ids=torch.full((B,), adapter_id, dtype=torch.long),
                   attention_mask=real if padded and not packed else None,
                   segment_ids=segments if packed else None)
     return StepBatch(batch, labels, int(real.sum()), int((labels != IGNORE).sum()))

@@ -12,9 +12,8 @@ from qlora_kit._cli import cli_errors, dataclass_options
 
 from .ask import ask as run_ask
 from .config import TrainConfig, build_config
-from .distributed import from_env, under_torchrun
+from .distributed import from_env
 from .loop import train as run_train
-from .many import train_data_parallel
 from .many.cli import train_many
 
 PRESET = """\b
@@ -39,7 +38,7 @@ def main():
 def _train(config, **flags):
     cfg = build_config(config, **flags)
     console = Console(stderr=True)
-    result = (train_data_parallel if under_torchrun() else run_train)(cfg, console=console)  # torchrun: DDP
+    result = run_train(cfg, console=console)  # under torchrun: data parallel (trainer/distributed.py)
     if not from_env().is_main:
         return
     if result.interrupted:

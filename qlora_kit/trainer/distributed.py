@@ -1,11 +1,12 @@
-"""torchrun support: process-group setup, job sharding, and DDP over the LoRA parameters only.
+"""torchrun support: process-group setup, job sharding, and data parallelism over the LoRA gradients only.
 
 `torchrun --nproc-per-node N -m qlora_kit.trainer train ...` (or qtrain under torchrun) sets RANK, WORLD_SIZE and
 LOCAL_RANK; we join the process group (gloo on CPU, NCCL on CUDA) and:
   * train: data parallel. Every rank builds the same step (same seeded micro-batch stream, same loss
-    token count), takes micro-batches rank, rank + N, ..., and DDP averages the LoRA gradients, so a step
-    is the same global batch as one process. Ranks with fewer micro-batches run a zero-weight filler pass
-    (DDP needs every rank in every all-reduce). Rank 0 alone writes the adapter, metrics and checkpoints;
+    token count), takes micro-batches rank, rank + N, ..., and after the step's last pass sums the LoRA
+    gradients over the ranks (one flat dist.all_reduce, public torch.distributed API), so a step is the same
+    global batch as one process. The frozen base is never broadcast nor reduced: every rank loads the same
+    checkpoint, and the adapters start from the same seed. Rank 0 alone writes the adapter, metrics and checkpoints;
     checkpoints hold the global data position, so they resume under any world size.
   * train-many: job i goes to rank i mod N; each rank trains its jobs with no communication and writes
     their folders; rank 0 gathers the rows and writes summary.json. Job checkpoints are per job, so a
@@ -13,14 +14,12 @@ LOCAL_RANK; we join the process group (gloo on CPU, NCCL on CUDA) and:
 torchrun's own argument parser accepts abbreviations, so a bare `--r 8` after `-m qlora_kit.trainer train` is taken as an
 ambiguous --rdzv-* option: put r in the --config file instead.
 """
-import math
 import os
 from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-from torch.nn.parallel import DistributedDataParallel as DDP
 
 from .errors import ConfigError
 
@@ -42,10 +41,6 @@ def from_env() -> DistEnv:
     """The torchrun environment (RANK, WORLD_SIZE, LOCAL_RANK), or a single process."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     return DistEnv(int(os.environ.get("RANK", "0")), world, int(os.environ.get("LOCAL_RANK", "0")))
-
-
-def under_torchrun() -> bool:
-    return from_env().world_size > 1
 
 
 def device_for(env: DistEnv, requested: str) -> torch.device:
@@ -92,28 +87,26 @@ def shard(items: list, env: DistEnv) -> list:
 
 
 class DataParallel:
-    """Splits one job's micro-batches over the ranks and syncs its LoRA gradients with DDP."""
+    """Splits one job's micro-batches over the ranks and sums its LoRA gradients over them."""
 
     def __init__(self, env: DistEnv, device: torch.device):
         self.env, self.device = env, device
         self.world_size = env.world_size
 
-    def share(self, steps: list) -> list[tuple[object, float]]:
-        """(micro-batch, weight) pairs for this rank, padded with zero-weight fillers to the same count."""
-        mine = [(s, 1.0) for s in steps[self.env.rank::self.world_size]]
-        return mine + [(steps[0], 0.0)] * (math.ceil(len(steps) / self.world_size) - len(mine))
+    def share(self, steps: list) -> list:
+        """This rank's micro-batches of a step: steps[rank::world_size] (possibly none)."""
+        return steps[self.env.rank::self.world_size]
 
-    def wrap(self, module: torch.nn.Module, params: list) -> DDP:
-        """DDP over `params` only: the frozen base (weights, NF4 buffers) is neither broadcast nor reduced."""
-        keep = {id(p) for p in params}
-        ignore = [n for n, p in module.named_parameters() if id(p) not in keep]
-        ignore += [n for n, _ in module.named_buffers()]
-        DDP._set_params_and_buffers_to_ignore_for_model(module, ignore)
-        ids = [self.device.index] if self.device.type == "cuda" else None
-        return DDP(module, device_ids=ids, broadcast_buffers=False)
+    def reduce_grads(self, params: list[torch.nn.Parameter]) -> None:
+        """Sum every rank's gradients of `params` in place; a rank that ran no micro-batch adds zeros.
 
-    def no_sync(self, ddp: DDP):
-        return ddp.no_sync()
+        Every rank must call this with the same parameters in the same order (one flat all-reduce).
+        """
+        grads = [torch.zeros_like(p) if p.grad is None else p.grad for p in params]
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        dist.all_reduce(flat)
+        for p, g in zip(params, flat.split([g.numel() for g in grads])):
+            p.grad = g.view_as(p)
 
     def all_reduce_sum(self, value: float) -> float:
         t = torch.tensor([value], dtype=torch.float64, device=self.device)

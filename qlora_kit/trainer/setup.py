@@ -1,5 +1,5 @@
 """Everything a run needs before its first step, checked in the order that fails fastest:
-config -> output folder -> tokenizer and data (every line) -> model -> adapter targets -> optimizer."""
+config -> output folder -> tokenizer and data (every line) -> model -> context length, adapter targets -> optimizer."""
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +16,6 @@ from .data import Example, load_examples, split_eval
 from .errors import ConfigError, OutputExists, ResumeError
 from .optim import AdamW
 
-ADAPTER_ID = 0
 ALL_LINEAR = "all-linear"
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 # fields that must match between a checkpoint and the run resuming it (they fix the data stream or shapes)
@@ -35,14 +34,6 @@ def pin_threads(n: int) -> None:
     """TrainConfig.threads: intra-op CPU threads of this process (0 keeps torch's default)."""
     if n:
         torch.set_num_threads(n)
-
-
-def resolve_device(cfg: TrainConfig) -> torch.device:
-    if cfg.device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if cfg.device == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("device='cuda' but no CUDA device is visible (--device)")
-    return torch.device(cfg.device)
 
 
 def check_output(cfg: TrainConfig) -> Path | None:
@@ -73,13 +64,16 @@ def load_data(cfg: TrainConfig, tok: Tokenizer) -> Data:
     return Data(train, evals, tok.pad_token_id)
 
 
-def load_base(cfg: TrainConfig, device: torch.device) -> Llama:
-    model = load_model(cfg.base, quantize=True, compute_dtype=DTYPES[cfg.compute_dtype], device=device)
+def load_base(base: str, compute_dtype: str, device: torch.device) -> Llama:
+    """The frozen 4-bit base every adapter of a run trains against (a bf16 folder is quantized at load)."""
+    return load_model(base, quantize=True, compute_dtype=DTYPES[compute_dtype], device=device)
+
+
+def check_context(model: Llama, cfg: TrainConfig) -> None:
     limit = model.cfg.max_position_embeddings
     if cfg.max_seq_len > limit:
         raise ConfigError(f"max_seq_len={cfg.max_seq_len} exceeds the model's context of {limit} tokens "
                           f"({cfg.base}/config.json max_position_embeddings); lower --max-seq-len")
-    return model
 
 
 def target_names(model: Llama, targets: tuple[str, ...]) -> tuple[str, ...]:
@@ -96,12 +90,13 @@ def target_names(model: Llama, targets: tuple[str, ...]) -> tuple[str, ...]:
     return tuple(sorted(set(targets)))
 
 
-def attach_adapter(model: Llama, cfg: TrainConfig) -> tuple[LoraConfig, list[torch.nn.Parameter]]:
+def attach_adapter(model: Llama, cfg: TrainConfig, slot: int) -> tuple[LoraConfig, list[torch.nn.Parameter]]:
+    """A fresh adapter in `slot`: seeded Kaiming A / zero B on the configured targets, fp32, trainable."""
     lora = LoraConfig(r=cfg.r, lora_alpha=cfg.lora_alpha, target_modules=target_names(model, cfg.target_modules),
                       lora_dropout=cfg.lora_dropout, base_model_name_or_path=cfg.base)
     torch.manual_seed(cfg.seed)  # adapter init (Kaiming A) is part of the seeded run
-    add_adapter(model, ADAPTER_ID, lora, dtype=torch.float32)
-    params = list(adapter_params(model, ADAPTER_ID).values())
+    add_adapter(model, slot, lora, dtype=torch.float32)
+    params = list(adapter_params(model, slot).values())
     for p in params:
         p.requires_grad_(True)
     return lora, params

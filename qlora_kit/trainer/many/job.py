@@ -1,45 +1,52 @@
-"""One adapter's life inside a shared run: setup, one optimizer step at a time, eval, early stop, outputs.
+"""One adapter's life inside a training run: setup, one optimizer step at a time, eval, early stop, outputs.
 
-The step arithmetic is qtrain train's (trainer/loop.py): grad_accum micro-batches from the same seeded
-stream (loop.micro_batches), each micro-batch's summed loss divided by the step's loss tokens, the
-same schedule (schedule.lr_at), clipping, optimizer (setup.build_optimizer), checkpoints
-(checkpoint.save/load_checkpoint) and output layout, so a job trained here gives the adapter a solo run
-gives. What differs is only who runs the forward: the engine (many/engine.py) batches many jobs together.
+Every run trains its adapters as JobRuns (`qtrain train` is a one-job run, trainer/loop.py). One optimizer
+step = grad_accum micro-batches of the job's seeded stream (micro_batches); its loss is the mean over all
+of its loss tokens (each micro-batch's summed loss is divided by the step's token count before backward),
+so the result does not depend on how tokens fall into micro-batches or passes. The engine
+(many/engine.py) runs the forward and backward of many jobs together; the job clips, updates, logs
+(metrics.MetricsLog), evaluates, checkpoints (checkpoint.save/load_checkpoint) and writes its outputs.
+A step with a non-finite loss or gradient norm is not applied: the last good state is saved as a
+checkpoint and the job fails (checkpoint.non_finite).
 """
 import json
 import math
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 
 from qlora_kit.formats import save_safetensors, write_json
-from qlora_kit.formats.peft import CONFIG_NAME, WEIGHTS_NAME, LoraConfig
-from qlora_kit.models import adapter_params, adapter_state, add_adapter, remove_adapter
+from qlora_kit.formats.peft import CONFIG_NAME, WEIGHTS_NAME
+from qlora_kit.models import Tokenizer, adapter_state, remove_adapter
 
 from .. import setup
-from ..batching import collate, plan_epoch
+from ..batching import StepBatch, collate, plan_epoch
 from ..checkpoint import Position, find_checkpoint, load_checkpoint, non_finite, save_checkpoint
-from ..errors import ConfigError, ResumeError
-from ..forward import summed_loss
-from ..loop import CONFIG_USED, LOSS_CURVE, micro_batches
+from ..config import TrainConfig
+from ..errors import ResumeError
 from ..metrics import METRICS_NAME, MetricsLog, peak_memory_mb
 from ..plot import write_loss_curve
 from ..schedule import lr_at, warmup_steps
 from .jobs import JobSpec
+from .mix import part_losses
 
 RUNNING, DONE, EARLY, STOPPED, FAILED = "running", "done", "early_stopped", "stopped", "failed"
+CONFIG_USED = "train_config.json"
+LOSS_CURVE = "loss_curve.png"
 
 
-def attach(model, cfg, slot: int) -> tuple[LoraConfig, list[torch.nn.Parameter]]:
-    """setup.attach_adapter for any slot: seeded Kaiming A / zero B on the job's targets, fp32, trainable."""
-    lora = LoraConfig(r=cfg.r, lora_alpha=cfg.lora_alpha, target_modules=setup.target_names(model, cfg.target_modules),
-                      lora_dropout=cfg.lora_dropout, base_model_name_or_path=cfg.base)
-    torch.manual_seed(cfg.seed)
-    add_adapter(model, slot, lora, dtype=torch.float32)
-    params = list(adapter_params(model, slot).values())
-    for p in params:
-        p.requires_grad_(True)
-    return lora, params
+def micro_batches(cfg: TrainConfig, data: setup.Data, pos: Position, slot: int) -> Iterator[tuple[Position, StepBatch]]:
+    """Micro-batches (rows tagged `slot`) from `pos` on, each with the position that follows it; epochs repeat
+    with max_steps."""
+    lengths = [len(e) for e in data.train]
+    epoch, micro = pos.epoch, pos.micro
+    while cfg.max_steps or epoch < cfg.epochs:
+        plan = plan_epoch(lengths, epoch, cfg.seed, cfg.batch_size, cfg.max_seq_len, cfg.packing, cfg.group_by_length)
+        for i in range(micro, len(plan)):
+            nxt = (epoch, i + 1) if i + 1 < len(plan) else (epoch + 1, 0)
+            yield Position(0, *nxt), collate(plan[i], data.train, data.pad_id, cfg.packing, slot)
+        epoch, micro = epoch + 1, 0
 
 
 class JobRun:
@@ -61,10 +68,11 @@ class JobRun:
         self.model = self.optimizer = self.log = None
 
     # ---- setup -----------------------------------------------------------------------------------------
-    def setup(self, model, tok, resume: bool) -> None:
-        """Load data, attach the adapter and optimizer; a finished job (adapter written) is only summarized.
+    def setup(self, tok: Tokenizer, resume: bool) -> None:
+        """Read the job's data (every line, before the model is touched); a finished job (adapter written) is
+        only summarized. With `resume`, the job continues from its latest checkpoint if it has one.
 
-        Raises TrainError/QloraKitError subclasses for bad data or settings (the caller skips the job).
+        Raises TrainError/QloraKitError subclasses for bad data or settings.
         """
         if resume and (self.out / WEIGHTS_NAME).is_file():
             self._load_finished()
@@ -74,15 +82,18 @@ class JobRun:
                 self.resume_from = find_checkpoint(self.out)
             except ResumeError:
                 self.resume_from = None
-        limit = model.cfg.max_position_embeddings
-        if self.cfg.max_seq_len > limit:
-            raise ConfigError(f"max_seq_len={self.cfg.max_seq_len} exceeds the model's context of {limit} tokens")
         self.data = setup.load_data(self.cfg, tok)
-        self.model = model
-        self.lora, self.params = attach(model, self.cfg, self.slot)
-        self.optimizer = setup.build_optimizer(self.params, self.cfg)
         self.total = setup.total_steps(self.cfg, self.data)
         self.warmup = warmup_steps(self.total, self.cfg.warmup_ratio, self.cfg.warmup_steps)
+
+    def attach(self, model) -> None:
+        """Attach the job's fresh adapter to `model` in its slot, and its optimizer (a finished job: nothing)."""
+        if self.status != RUNNING:
+            return
+        setup.check_context(model, self.cfg)
+        self.model = model
+        self.lora, self.params = setup.attach_adapter(model, self.cfg, self.slot)
+        self.optimizer = setup.build_optimizer(self.params, self.cfg)
 
     def restore(self) -> None:
         """Load the job's checkpoint (if resuming), open its metrics log and data stream. Call after seeding."""
@@ -97,7 +108,7 @@ class JobRun:
             if not (self.out / CONFIG_USED).exists():
                 write_json(self.out / CONFIG_USED, self.cfg.to_json())
             self.log = MetricsLog(self.out, self.pos.step)
-        self.stream = micro_batches(self.cfg, self.data, self.pos)
+        self.stream = micro_batches(self.cfg, self.data, self.pos, self.slot)
         if self.pos.step >= self.total:
             self.complete()
 
@@ -138,11 +149,11 @@ class JobRun:
         max_norm = self.cfg.max_grad_norm if self.cfg.max_grad_norm > 0 else float("inf")
         norm = float(torch.nn.utils.clip_grad_norm_(self.params, max_norm)) if math.isfinite(loss) else math.nan
         bad = non_finite(loss, norm)
-        if bad is not None:  # loop.train's policy: not applied, the last good state kept, this job stops
+        if bad is not None:  # not applied: the last good state is kept, this job stops
             self.optimizer.zero_grad(set_to_none=True)
             self.save()
-            kept = f"; the last good state (step {self.pos.step}) is kept at {self.checkpoint}" if self.checkpoint else ""
-            return self.fail(f"step {n}: {bad}{kept}")
+            kept = f", the last good state (step {self.pos.step}) is kept at {self.checkpoint}" if self.checkpoint else ""
+            return self.fail(f"step {n}: {bad}; training stopped{kept}")
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.pos = Position(n, self._next.epoch, self._next.micro)
@@ -212,17 +223,15 @@ class JobRun:
 
 
 @torch.no_grad()
-def evaluate(model, cfg, data, slot: int, device) -> float:
-    """Mean token loss of adapter `slot` over the job's eval examples (dropout off); loop.evaluate for any slot."""
+def evaluate(model, cfg: TrainConfig, data: setup.Data, slot: int, device) -> float:
+    """Mean token loss of adapter `slot` over the job's eval examples (dropout off)."""
     was_training = model.training
     model.eval()
     plan = plan_epoch([len(e) for e in data.eval], 0, cfg.seed, cfg.batch_size, cfg.max_seq_len, cfg.packing, False)
     total, count = 0.0, 0
     for rows in plan:
-        mb = collate(rows, data.eval, data.pad_id, cfg.packing)
-        mb.batch.adapter_ids = torch.full_like(mb.batch.adapter_ids, slot)
-        mb = mb.to(device)
-        total += float(summed_loss(model, mb, False, cfg.loss_chunk_size))
+        mb = collate(rows, data.eval, data.pad_id, cfg.packing, slot).to(device)
+        total += float(part_losses(model, mb, [slice(None)], False, cfg.loss_chunk_size)[0])
         count += mb.num_loss_tokens
     model.train(was_training)
     return total / max(count, 1)

@@ -1,5 +1,4 @@
-"""Entry points: train_many (N adapters, one base, optionally sharded over torchrun ranks) and
-train_data_parallel (one adapter, DDP over torchrun ranks). Both drive many/engine.py."""
+"""train_many: N adapters against one base in one run, optionally sharded over torchrun ranks (many/engine.py)."""
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -8,17 +7,15 @@ import torch
 from rich.console import Console
 
 from qlora_kit.formats.errors import QloraKitError
-from qlora_kit.models import Tokenizer, load_model
+from qlora_kit.models import Tokenizer
 
 from .. import distributed as D
 from .. import setup
 from ..checkpoint import aborted
-from ..config import TrainConfig
 from ..errors import OutputExists, ResumeError
-from ..loop import TrainResult
 from .engine import run_jobs
 from .job import RUNNING, JobRun
-from .jobs import JobSpec, ManyConfig, load_jobs
+from .jobs import ManyConfig, load_jobs
 from .summary import render, write_summary
 
 
@@ -31,18 +28,15 @@ class ManyResult:
     peak_memory_mb: float = 0.0
 
 
-def _load_base(base: str, dtype: str, device) -> object:
-    return load_model(base, quantize=True, compute_dtype=setup.DTYPES[dtype], device=device)
-
-
 def _start(jobs: list[JobRun], model, tok, resume: bool, seed: int) -> None:
     """Set every job up (a job with bad data or settings is failed, not fatal), seed, then restore checkpoints."""
     for j in jobs:
         try:
-            j.setup(model, tok, resume)
+            j.setup(tok, resume)
+            j.attach(model)
         except QloraKitError as e:
             j.fail(str(e))
-    torch.manual_seed(seed)  # as loop.train: dropout RNG starts from the seed, a checkpoint overrides it
+    torch.manual_seed(seed)  # as trainer.train: dropout RNG starts from the seed, a checkpoint overrides it
     for j in jobs:
         try:
             j.restore()
@@ -73,7 +67,7 @@ def train_many(run: ManyConfig, on_step: Callable[[int, dict], None] | None = No
             out.mkdir(parents=True, exist_ok=True)
         D.barrier(env)
         tok = Tokenizer(run.base)
-        model = _load_base(run.base, run.compute_dtype, device)
+        model = setup.load_base(run.base, run.compute_dtype, device)
         jobs = [JobRun(s, slot) for slot, s in D.shard(list(enumerate(specs)), env)]
         _start(jobs, model, tok, run.resume, specs[0].cfg.seed)
         pad = next((j.data.pad_id for j in jobs if j.status == RUNNING), tok.pad_token_id)
@@ -81,7 +75,7 @@ def train_many(run: ManyConfig, on_step: Callable[[int, dict], None] | None = No
             stats = run_jobs(model, jobs, device, pad_id=pad, checkpointing=run.gradient_checkpointing,
                              chunk_size=run.loss_chunk_size, rows_per_pass=run.rows_per_pass,
                              progress=run.progress and env.is_main, console=console, on_step=on_step)
-        except KeyboardInterrupt:  # second Ctrl-C: as loop.train, OUT left rerunnable or resumable
+        except KeyboardInterrupt:  # second Ctrl-C: as trainer.train, OUT left rerunnable or resumable
             raise aborted(out, fresh=not run.resume) from None
         order = {s.name: i for i, s in enumerate(specs)}
         rows = sorted(D.gather_rows([j.summary() for j in jobs], env), key=lambda r: order[r["job"]])
@@ -95,31 +89,3 @@ def train_many(run: ManyConfig, on_step: Callable[[int, dict], None] | None = No
         D.barrier(env)
     return result
 
-
-def train_data_parallel(cfg: TrainConfig, on_step=None, console=None) -> TrainResult:
-    """qtrain train under torchrun: one adapter, micro-batches shared over the ranks, DDP on the LoRA grads.
-
-    Same outputs as trainer.loop.train (written by rank 0); raises what it raises, before step 1.
-    """
-    env = D.from_env()
-    device = D.device_for(env, cfg.device)
-    with D.process_group(env, device):
-        resume_from = setup.check_output(cfg)
-        D.barrier(env)
-        tok = Tokenizer(cfg.base)
-        model = setup.load_base(cfg, device)
-        job = JobRun(JobSpec("adapter", cfg), setup.ADAPTER_ID, writer=env.is_main)
-        job.setup(model, tok, resume=False)
-        job.resume_from = resume_from
-        torch.manual_seed(cfg.seed + env.rank)  # ranks draw different dropout masks
-        job.restore()
-        hook = None if on_step is None else lambda r, losses: on_step(job.pos.step, losses["adapter"])
-        try:
-            stats = run_jobs(model, [job], device, pad_id=job.data.pad_id, checkpointing=cfg.gradient_checkpointing,
-                             chunk_size=cfg.loss_chunk_size, dp=D.DataParallel(env, device),
-                             progress=cfg.progress and env.is_main, console=console, on_step=hook)
-        except KeyboardInterrupt:
-            raise aborted(Path(cfg.out), fresh=resume_from is None) from None
-        D.barrier(env)
-    return TrainResult(Path(cfg.out), job.pos.step, job.losses, job.eval_loss, stats["interrupted"], job.checkpoint,
-                       stats["tokens_per_s"], stats["peak_memory_mb"])

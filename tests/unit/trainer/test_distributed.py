@@ -1,6 +1,6 @@
 """trainer/distributed.py: sharding rules, and 2-process gloo runs on loopback (torch.multiprocessing, the
-environment torchrun sets) against 1 process: data-parallel `train` equals a 1-process run with the same global
-batch, its checkpoint resumes in a 1-process run, and train-many over 2 ranks gives the same adapters as 1 rank
+environment torchrun sets) against 1 process: `train` under 2 ranks (data parallel, the LoRA gradients summed by
+dist.all_reduce) equals a 1-process run with the same global batch, its checkpoint resumes in a 1-process run, and train-many over 2 ranks gives the same adapters as 1 rank
 and resumes under 1 rank. (tests/integration/test_qtrain_many.py runs the same through real torchrun.)"""
 import json
 import os
@@ -15,7 +15,7 @@ from tests.unit.trainer._tiny import chat, write_jsonl
 from tests.unit.trainer.test_many import one_thread, write_jobs  # noqa: F401  (autouse: 1 intra-op thread)
 from qlora_kit.trainer import ConfigError, build_config, train
 from qlora_kit.trainer.distributed import DataParallel, DistEnv, device_for, from_env, shard
-from qlora_kit.trainer.many import ManyConfig, train_data_parallel, train_many
+from qlora_kit.trainer.many import ManyConfig, train_many
 
 KW = {"r": 4, "lora_alpha": 8.0, "max_seq_len": 96, "batch_size": 2, "grad_accum": 3, "lora_dropout": 0.0,
       "learning_rate": 1e-2, "max_steps": 3, "compute_dtype": "float32", "progress": False, "warmup_steps": 1,
@@ -25,9 +25,9 @@ KW = {"r": 4, "lora_alpha": 8.0, "max_seq_len": 96, "batch_size": 2, "grad_accum
 @pytest.mark.unit
 def test_shard_and_share_split_work_round_robin():
     assert shard(list(range(5)), DistEnv(1, 2)) == [1, 3] and shard(list(range(5)), DistEnv(0, 1)) == list(range(5))
-    dp = DataParallel(DistEnv(1, 2), torch.device("cpu"))
-    assert dp.share(["m0", "m1", "m2"]) == [("m1", 1.0), ("m0", 0.0)]  # filler keeps both ranks at 2 passes
-    assert DataParallel(DistEnv(0, 2), torch.device("cpu")).share(["m0", "m1", "m2"]) == [("m0", 1.0), ("m2", 1.0)]
+    assert DataParallel(DistEnv(1, 2), torch.device("cpu")).share(["m0", "m1", "m2"]) == ["m1"]
+    assert DataParallel(DistEnv(0, 2), torch.device("cpu")).share(["m0", "m1", "m2"]) == ["m0", "m2"]
+    assert DataParallel(DistEnv(1, 2), torch.device("cpu")).share(["m0"]) == []  # rank 1 only adds zero gradients
 
 
 @pytest.mark.unit
@@ -57,7 +57,7 @@ def _worker(rank: int, world: int, port: int, fn: str, arg):
                       MASTER_PORT=str(port))
     torch.set_num_threads(1)
     if fn == "dp":
-        train_data_parallel(build_config(None, **arg))
+        train(build_config(None, **arg))
     else:
         train_many(ManyConfig(**arg))
 

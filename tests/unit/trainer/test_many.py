@@ -92,6 +92,27 @@ def test_four_jobs_in_one_run_equal_four_solo_runs(world):
 
 
 @pytest.mark.integration
+def test_train_is_a_one_job_train_many_to_the_bit(world, tiny_chat):
+    root, _, solo = world
+    jobs = write_jobs(root / "one.toml", {"a": JOBS["a"]}, {**DEFAULTS, "eval_fraction": 0.25, "eval_every": 2})
+    res = train_many(ManyConfig(base=str(tiny_chat), jobs=str(jobs), out=str(root / "one"), compute_dtype="float32",
+                                progress=False))
+    kw = {**DEFAULTS, **JOBS["a"], "data": str(root / JOBS["a"]["data"]), "eval_fraction": 0.25, "eval_every": 2}
+    alone = train(build_config(None, base=str(tiny_chat), out=str(root / "alone"), compute_dtype="float32",
+                               progress=False, **kw))
+    _, tm = load_adapter(root / "one" / "a")
+    _, ts = load_adapter(root / "alone")
+    assert sorted(tm) == sorted(ts) and all(tm[k].equal(ts[k]) for k in tm)
+    rows = [[json.loads(s) for s in (d / "metrics.jsonl").read_text().splitlines()] for d in (root / "one" / "a",
+                                                                                             root / "alone")]
+    assert [r.get("loss", r.get("eval_loss")) for r in rows[0]] == [r.get("loss", r.get("eval_loss")) for r in rows[1]]
+    assert [r["loss"] for r in rows[1] if "loss" in r] == alone.losses and res.jobs[0]["eval_loss"] == alone.eval_loss
+    written = [json.loads((d / "train_config.json").read_text()) for d in (root / "one" / "a", root / "alone")]
+    assert [w | {"out": ""} for w in written[:1]] == [w | {"out": ""} for w in written[1:]]
+    assert sorted(p.name for p in (root / "one" / "a").iterdir()) == sorted(p.name for p in (root / "alone").iterdir())
+
+
+@pytest.mark.integration
 def test_resume_after_a_crash_continues_each_job(world, tiny_chat):
     root = world[0]
     jobs = write_jobs(root / "crash.toml", JOBS, {**DEFAULTS, "save_every": 2})
