@@ -64,3 +64,6 @@ class KeyFileError(ServeError, ValueError):
 
 class ServeConfigError(ServeError, ValueError):
     """A server setting that cannot work (e.g. --allowed-root that is not a folder); refused at start-up."""
+
+
+__all__ = sorted(n for n, v in dict(globals()).items() if isinstance(v, type) and issubclass(v, ServeError))

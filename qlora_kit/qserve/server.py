@@ -3,7 +3,6 @@
 `serve()` blocks (the CLI); `start()` runs the server in a background thread and returns a handle with its
 URL (tests, benchmarks). Port 0 binds any free port; the bound address is reported.
 """
-import json
 import logging
 import os
 import threading
@@ -14,7 +13,7 @@ from pathlib import Path
 import torch
 import uvicorn
 
-from qlora_kit.models import NF4Linear, Tokenizer, load_config, load_model
+from qlora_kit.models import NF4Linear, Tokenizer, base_names, load_config, load_model
 from qlora_kit.models.nf4_linear import dense_linear
 
 from .api import KeyStore, create_app
@@ -27,15 +26,6 @@ from .errors import ServeConfigError
 log = logging.getLogger("qserve")
 OPEN_WARNING = ("qserve: WARNING: no --api-keys file: authentication is OFF and every caller is an admin "
                 "(may call every adapter, load and unload adapters, and read /metrics)")
-
-
-def base_names(folder: Path) -> tuple[str, ...]:
-    """Names an adapter may give for this base: the folder name and the config's _name_or_path."""
-    names = [folder.name]
-    cfg = json.loads((folder / "config.json").read_text())
-    if cfg.get("_name_or_path"):
-        names.append(cfg["_name_or_path"])
-    return tuple(names)
 
 
 def dequantize_bases(model) -> tuple[int, int]:

@@ -11,14 +11,14 @@ import logging
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from ..adapters import AdapterRegistry, RegistryConfig
 from ..errors import InvalidRequest, SamplingFailed, ServeError
 from ..metrics import Metrics
 from .block_manager import BlockManager
 from .lora import evict, install, read_adapter
-from .request import FinishReason, Request, SamplingParams
+from .request import FinishReason, Request, SamplingParams  # models.SamplingParams
 from .runner import ModelRunner
 from .scheduler import Scheduler, SchedulerConfig
 
@@ -171,10 +171,7 @@ class Engine:
         if sampling.max_tokens > self.config.max_tokens_limit:
             raise InvalidRequest(f"max_tokens={sampling.max_tokens}: the limit is {self.config.max_tokens_limit}")
         stops = () if sampling.ignore_eos else tuple(self.tokenizer.stop_token_ids)
-        sp = SamplingParams(temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k,
-                            max_tokens=sampling.max_tokens, seed=sampling.seed, stop=sampling.stop,
-                            stop_token_ids=tuple(sorted(set(sampling.stop_token_ids) | set(stops))),
-                            ignore_eos=sampling.ignore_eos)
+        sp = replace(sampling, stop_token_ids=tuple(sorted(set(sampling.stop_token_ids) | set(stops))))
         req = Request(prompt_ids, sp, adapter, tenant=tenant)
         handle = RequestHandle(self, req)
         with self._lock:

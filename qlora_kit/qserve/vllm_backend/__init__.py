@@ -44,8 +44,9 @@ class VllmHandle:
 def _build(config: ServeConfig, opts: VllmOptions, log):
     import uvicorn  # the HTTP stack and torch load only when serving (`qserve --help` stays fast)
 
+    from qlora_kit.models import base_names, load_config, projection_shapes
+
     from ..api.auth import KeyStore
-    from ..server import base_names
     from .front import adapter_loader, create_front
 
     folder = Path(config.checkpoint)
@@ -53,7 +54,9 @@ def _build(config: ServeConfig, opts: VllmOptions, log):
     keys = KeyStore.from_file(config.api_keys)  # bad key files fail before vLLM spends a minute loading
     names = base_names(folder) + tuple(config.base_names)
     rank = lora_rank(config, opts)
-    registry = AdapterRegistry(RegistryConfig(config.allowed_root, config.max_loras), adapter_loader(names, rank))
+    cfg = load_config(folder)
+    loader = adapter_loader(names, rank, projection_shapes(cfg))
+    registry = AdapterRegistry(RegistryConfig(config.allowed_root, config.max_loras), loader)
     for name, path in config.adapters:
         registry.add(name, path, trusted=True)
     proc = launch(config, opts, served, rank, log)

@@ -15,37 +15,21 @@ import httpx
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
-from qlora_kit.formats import load_adapter
 from qlora_kit.formats.errors import QloraKitError
 
 from ..adapters import AdapterRegistry
 from ..api import errors
 from ..api.app import _adapter_json, _body, model_list
 from ..api.auth import KeyStore, Principal
+from ..engine.lora import loader
 from ..errors import AdapterNotFound, AdapterRefused, InvalidRequest
 from ..metrics import Metrics
 
 
-def adapter_loader(base_names: tuple[str, ...], max_rank: int):
-    """The registry's loader for the vLLM backend: read and check a PEFT adapter; vLLM keeps the weights."""
-    wanted = {os.path.basename(n.rstrip("/\\")).lower() for n in base_names if n}
-
-    def load(name: str, path: str):
-        where = f"adapter {name!r} ({path})"
-        try:
-            config, tensors = load_adapter(path)
-        except QloraKitError as e:
-            raise AdapterRefused(f"{where}: {e}") from None
-        base = config.base_model_name_or_path
-        if wanted and base and os.path.basename(base.rstrip("/\\")).lower() not in wanted:
-            raise AdapterRefused(f"{where}: trained for base model {base!r}, but this server serves {sorted(wanted)}")
-        rank = max([config.r, *config.rank_pattern.values()])
-        if rank > max_rank:
-            raise AdapterRefused(f"{where}: rank {rank} is above the vLLM server's --max-lora-rank {max_rank}; "
-                                 "restart it with a larger one")
-        return config, sum(t.nbytes for t in tensors.values())
-
-    return load
+def adapter_loader(base_names: tuple[str, ...], max_rank: int, shapes: dict | None = None):
+    """The registry's loader for the vLLM backend: the native engine's checks (against the base's projection
+    `shapes`, models.projection_shapes of its config) plus vLLM's --max-lora-rank; vLLM keeps the weights."""
+    return loader(shapes, base_names, max_rank, keep_weights=False)
 
 
 def _upstream_error(resp: httpx.Response) -> JSONResponse:
