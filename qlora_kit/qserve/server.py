@@ -6,7 +6,6 @@ URL (tests, benchmarks). Port 0 binds any free port; the bound address is report
 import logging
 import os
 import threading
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,7 +17,8 @@ from qlora_kit.models.nf4_linear import dense_linear
 
 from .api import KeyStore, create_app
 from .api.app import check_adapter_name
-from ._socket import bind_listener
+from .api.native import NativeBackend
+from ._socket import bind_listener, run_in_thread
 from .config import ServeConfig
 from .engine.engine import Engine
 from .errors import ServeConfigError
@@ -103,7 +103,8 @@ class ServerHandle:
 
 
 def _server(config: ServeConfig, engine: Engine, keys: KeyStore) -> uvicorn.Server:
-    app = create_app(engine, keys, served_name(config))
+    limits = engine.config.max_body_bytes, engine.config.max_tokens_limit
+    app = create_app(NativeBackend(engine), keys, served_name(config), *limits)
     return uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5))
 
 
@@ -112,14 +113,8 @@ def start(config: ServeConfig, engine: Engine | None = None) -> ServerHandle:
     keys = preflight(config) if engine is None else KeyStore.from_file(config.api_keys)
     engine = engine or build_engine(config)
     server = _server(config, engine, keys)
-    sock = bind_listener(config.host, config.port)
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True, name="qserve-http")
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started and time.monotonic() < deadline:
-        time.sleep(0.02)
-    host, port = sock.getsockname()[:2]
-    return ServerHandle(f"http://{host}:{port}", engine, server, thread)
+    thread, url = run_in_thread(server, bind_listener(config.host, config.port), "qserve-http")
+    return ServerHandle(url, engine, server, thread)
 
 
 def serve(config: ServeConfig, announce=print) -> None:

@@ -33,6 +33,8 @@ STATUS: list[tuple[type, int, str]] = [  # first match wins (subclasses before t
 
 
 def status_of(err: Exception) -> tuple[int, str]:
+    if isinstance(err, E.UpstreamError):  # the vLLM server's own status, passed through
+        return err.status, "invalid_request_error" if err.status < 500 else "server_error"
     for cls, status, kind in STATUS:
         if isinstance(err, cls):
             return status, kind

@@ -9,12 +9,11 @@ vLLM: the child process does, through the plugin's entry point.
 """
 import os
 import threading
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..adapters import AdapterRegistry, RegistryConfig
-from .._socket import bind_listener
+from .._socket import bind_listener, run_in_thread
 from ..config import ServeConfig
 from .launch import (VllmOptions, VllmProcess, adapter_rank, launch, lora_rank, pop_vllm_options, vllm_cli_options,
                      vllm_command)
@@ -60,7 +59,8 @@ def _build(config: ServeConfig, opts: VllmOptions, log):
     for name, path in config.adapters:
         registry.add(name, path, trusted=True)
     proc = launch(config, opts, served, rank, log)
-    app = create_front(proc.url, proc.key, keys, served, registry, config.max_tokens_limit, config.max_body_bytes)
+    app = create_front(proc.url, proc.key, keys, served, registry, cfg.vocab_size, config.max_tokens_limit,
+                       config.max_body_bytes)
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5))
     return proc, registry, server, rank
 
@@ -77,13 +77,8 @@ def start(config: ServeConfig, opts: VllmOptions = VllmOptions(), log: str | os.
     except OSError:
         proc.stop()
         raise
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True, name="qserve-vllm-front")
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started and time.monotonic() < deadline:
-        time.sleep(0.02)
-    host, port = sock.getsockname()[:2]
-    return VllmHandle(f"http://{host}:{port}", proc, registry, server, thread, rank)
+    thread, url = run_in_thread(server, sock, "qserve-vllm-front")
+    return VllmHandle(url, proc, registry, server, thread, rank)
 
 
 def serve(config: ServeConfig, opts: VllmOptions = VllmOptions(), announce=print) -> None:
