@@ -45,11 +45,6 @@ def dequantize_bases(model) -> tuple[int, int]:
     return n, extra
 
 
-def served_name(config: ServeConfig) -> str:
-    """The `model` name of the base in requests and /v1/models: the checkpoint folder's name."""
-    return os.path.basename(os.path.normpath(config.checkpoint))
-
-
 def preflight(config: ServeConfig) -> KeyStore:
     """Check what needs no model before loading it: the key file, the allowed root, the checkpoint's
     config.json and tokenizer, and the start-up adapter names. Returns the KeyStore.
@@ -62,7 +57,7 @@ def preflight(config: ServeConfig) -> KeyStore:
     if config.allowed_root is not None and not os.path.isdir(config.allowed_root):
         raise ServeConfigError(f"allowed_root={config.allowed_root!r}: not an existing folder (flag --allowed-root)")
     for name, _ in config.adapters:
-        check_adapter_name(name, served_name(config))
+        check_adapter_name(name, config.served_name)
     load_config(config.checkpoint)
     Tokenizer(config.checkpoint)
     return keys
@@ -79,7 +74,7 @@ def build_engine(config: ServeConfig, announce=print) -> Engine:
     engine = Engine(model, Tokenizer(folder), config, base_names(folder)).start()
     try:
         for name, path in config.adapters:
-            check_adapter_name(name, served_name(config))
+            check_adapter_name(name, config.served_name)
             engine.registry.add(name, path, trusted=True)
     except BaseException:
         engine.stop()
@@ -104,7 +99,7 @@ class ServerHandle:
 
 def _server(config: ServeConfig, engine: Engine, keys: KeyStore) -> uvicorn.Server:
     limits = engine.config.max_body_bytes, engine.config.max_tokens_limit
-    app = create_app(NativeBackend(engine), keys, served_name(config), *limits)
+    app = create_app(NativeBackend(engine), keys, config.served_name, *limits)
     return uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5))
 
 
@@ -125,7 +120,7 @@ def serve(config: ServeConfig, announce=print) -> None:
     engine = build_engine(config, announce)
     sock = bind_listener(config.host, config.port)
     host, port = sock.getsockname()[:2]
-    announce(f"qserve: serving {config.checkpoint} as {served_name(config)!r} "
+    announce(f"qserve: serving {config.checkpoint} as {config.served_name!r} "
              f"on http://{host}:{port} ({len(config.adapters)} adapters)")
     try:
         _server(config, engine, keys).run(sockets=[sock])

@@ -10,9 +10,8 @@ vLLM: the child process does, through the plugin's entry point.
 import os
 import threading
 from dataclasses import dataclass
-from pathlib import Path
 
-from ..adapters import AdapterRegistry, RegistryConfig
+from ..adapters import AdapterRegistry
 from .._socket import bind_listener, run_in_thread
 from ..config import ServeConfig
 from .launch import (VllmOptions, VllmProcess, adapter_rank, launch, lora_rank, pop_vllm_options, vllm_cli_options,
@@ -43,24 +42,18 @@ class VllmHandle:
 def _build(config: ServeConfig, opts: VllmOptions, log):
     import uvicorn  # the HTTP stack and torch load only when serving (`qserve --help` stays fast)
 
-    from qlora_kit.models import base_names, load_config, projection_shapes
-
+    from ..api.app import check_adapter_name
     from ..api.auth import KeyStore
-    from .front import adapter_loader, create_front
+    from .front import create_front, front_registry
 
-    folder = Path(config.checkpoint)
-    served = os.path.basename(os.path.normpath(config.checkpoint))
     keys = KeyStore.from_file(config.api_keys)  # bad key files fail before vLLM spends a minute loading
-    names = base_names(folder) + tuple(config.base_names)
     rank = lora_rank(config, opts)
-    cfg = load_config(folder)
-    loader = adapter_loader(names, rank, projection_shapes(cfg))
-    registry = AdapterRegistry(RegistryConfig(config.allowed_root, config.max_loras), loader)
+    registry = front_registry(config, rank)
     for name, path in config.adapters:
+        check_adapter_name(name, config.served_name)
         registry.add(name, path, trusted=True)
-    proc = launch(config, opts, served, rank, log)
-    app = create_front(proc.url, proc.key, keys, served, registry, cfg.vocab_size, config.max_tokens_limit,
-                       config.max_body_bytes)
+    proc = launch(config, opts, config.served_name, rank, log)
+    app = create_front(config, registry, proc.url, proc.key, keys)
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5))
     return proc, registry, server, rank
 

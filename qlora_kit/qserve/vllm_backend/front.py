@@ -9,6 +9,7 @@ AdapterRegistry with the native engine's checks (qserve.engine.lora, the models/
 import asyncio
 import json
 import time
+from pathlib import Path
 
 import httpx
 from fastapi import FastAPI, Request
@@ -16,9 +17,12 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from qlora_kit.formats.errors import QloraKitError
 
-from ..adapters import AdapterRegistry
+from qlora_kit.models import base_names, load_config, projection_shapes
+
+from ..adapters import AdapterRegistry, RegistryConfig
 from ..api.app import create_app
 from ..api.auth import KeyStore
+from ..config import ServeConfig
 from ..engine.lora import loader
 from ..errors import UpstreamError
 from ..metrics import Metrics
@@ -139,8 +143,17 @@ class VllmBackend:
         await self.client.aclose()
 
 
-def create_front(upstream: str, upstream_key: str, keys: KeyStore, served_name: str, registry: AdapterRegistry,
-                 vocab_size: int, max_tokens_limit: int, max_body_bytes: int) -> FastAPI:
-    """qserve's HTTP app over the vLLM OpenAI server at `upstream`."""
-    return create_app(VllmBackend(upstream, upstream_key, registry, vocab_size), keys, served_name, max_body_bytes,
-                      max_tokens_limit)
+def front_registry(config: ServeConfig, max_rank: int) -> AdapterRegistry:
+    """The front's adapter registry for `config`'s checkpoint: adapter_loader against the base's names and its
+    projection shapes (from config.json; no weights are loaded here). Start-up adapters are not added yet."""
+    folder = Path(config.checkpoint)
+    names = base_names(folder) + tuple(config.base_names)
+    loader = adapter_loader(names, max_rank, projection_shapes(load_config(folder)))
+    return AdapterRegistry(RegistryConfig(config.allowed_root, config.max_loras), loader)
+
+
+def create_front(config: ServeConfig, registry: AdapterRegistry, upstream: str, upstream_key: str,
+                 keys: KeyStore) -> FastAPI:
+    """qserve's HTTP app over the vLLM OpenAI server at `upstream` serving `config`'s checkpoint."""
+    backend = VllmBackend(upstream, upstream_key, registry, load_config(config.checkpoint).vocab_size)
+    return create_app(backend, keys, config.served_name, config.max_body_bytes, config.max_tokens_limit)
