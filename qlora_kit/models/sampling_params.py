@@ -1,7 +1,7 @@
 """The one SamplingParams: how to pick tokens and when to stop, for offline generate() and the server alike.
 
 Plain Python (no torch), so qserve's torch-free engine core can hold it. The defaults here are the offline ones
-(greedy, 64 new tokens), used by `models.generate` and `qtrain ask`. The HTTP layer applies the OpenAI/vLLM
+(greedy, 64 new tokens), used by `models.generate`. The HTTP layer applies the OpenAI/vLLM
 defaults itself (temperature 1.0 in qserve/api/protocol.py, max_tokens 16 in qserve/api/app.py), so API users
 get what OpenAI and vLLM give them.
 """
