@@ -168,8 +168,9 @@ class Engine:
             tenant: str | None = None) -> RequestHandle:
         """Queue a request (call from the event loop); `tenant` salts the prefix cache.
         Raises ServeError subclasses (404, 413, 429, 400)."""
-        if sampling.max_tokens > self.config.max_tokens_limit:
-            raise InvalidRequest(f"max_tokens={sampling.max_tokens}: the limit is {self.config.max_tokens_limit}")
+        limit = self.config.max_tokens_limit
+        if sampling.max_tokens > limit:
+            raise InvalidRequest(f"max_tokens={sampling.max_tokens}: must be an integer <= {limit}")
         stops = () if sampling.ignore_eos else tuple(self.tokenizer.stop_token_ids)
         sp = replace(sampling, stop_token_ids=tuple(sorted(set(sampling.stop_token_ids) | set(stops))))
         req = Request(prompt_ids, sp, adapter, tenant=tenant)
