@@ -1,5 +1,5 @@
-"""qserve's side of the adapter boundary (models.read_peft_adapter / install_adapter): the registry's loader,
-for the native engine and the vLLM front alike, with the verdict rephrased as AdapterRefused naming the adapter.
+"""qserve's side of the adapter boundary (models.read_peft_adapter / install_adapter), for the native engine's
+registry and the vLLM front's alike: the verdict rephrased as AdapterRefused naming the adapter.
 
 Both backends refuse exactly what the boundary refuses, with the same reason text (see
 tests/unit/test_adapter_verdicts.py); the vLLM front adds one limit of its own, the server's --max-lora-rank.
@@ -11,7 +11,7 @@ from qlora_kit.models import remove_adapter as evict
 
 from ..errors import AdapterRefused
 
-__all__ = ["AdapterPayload", "evict", "install", "loader", "read_adapter"]
+__all__ = ["AdapterPayload", "evict", "install", "read_adapter"]
 
 
 def read_adapter(base, name: str, path: str, base_names: tuple[str, ...] = (),
@@ -43,20 +43,3 @@ def read_adapter(base, name: str, path: str, base_names: tuple[str, ...] = (),
 def install(model, payload: AdapterPayload, slot: int) -> None:
     """Copy an adapter into resident slot `slot`, replacing whatever was there."""
     install_adapter(model, payload, slot, replace=True)
-
-
-def loader(base, base_names: tuple[str, ...], max_rank: int | None = None, keep_weights: bool = True):
-    """The registry's `loader(name, path) -> (payload, nbytes)` over read_adapter.
-
-    `max_rank` (vLLM: the server's --max-lora-rank) refuses larger ranks; without `keep_weights` (vLLM reads the
-    weights itself) the payload is the adapter's LoraConfig alone, nbytes still its weights' size.
-    """
-    def load(name: str, path: str):
-        payload, nbytes = read_adapter(base, name, path, base_names)
-        rank = max([payload.config.r, *payload.config.rank_pattern.values(), *payload.ranks.values()])
-        if max_rank is not None and rank > max_rank:
-            raise AdapterRefused(f"adapter {name!r} ({path}): rank {rank} is above the vLLM server's "
-                                 f"--max-lora-rank {max_rank}; restart it with a larger one")
-        return (payload if keep_weights else payload.config), nbytes
-
-    return load

@@ -16,22 +16,31 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from qlora_kit.formats.errors import QloraKitError
-
 from qlora_kit.models import base_names, load_config, projection_shapes
 
 from ..adapters import AdapterRegistry, RegistryConfig
 from ..api.app import create_app
 from ..api.auth import KeyStore
+from ..api.protocol import ChatRequest
 from ..config import ServeConfig
-from ..engine.lora import loader
-from ..errors import UpstreamError
+from ..engine.lora import read_adapter
+from ..errors import AdapterRefused, UpstreamError
 from ..metrics import Metrics
 
 
-def adapter_loader(base_names: tuple[str, ...], max_rank: int, shapes: dict | None = None):
-    """The registry's loader for the vLLM backend: the native engine's checks (against the base's projection
-    `shapes`, models.projection_shapes of its config) plus vLLM's --max-lora-rank; vLLM keeps the weights."""
-    return loader(shapes, base_names, max_rank, keep_weights=False)
+def adapter_loader(names: tuple[str, ...], max_rank: int, shapes: dict | None = None):
+    """The registry's loader for the vLLM backend: the native engine's checks (read_adapter against the base's
+    `names` and projection `shapes`, from models.projection_shapes of its config; None skips them) plus vLLM's
+    --max-lora-rank. vLLM reads the weights itself: the payload kept is the LoraConfig, nbytes the weights' size."""
+    def load(name: str, path: str):
+        payload, nbytes = read_adapter(shapes, name, path, names)
+        rank = max([payload.config.r, *payload.config.rank_pattern.values(), *payload.ranks.values()])
+        if rank > max_rank:
+            raise AdapterRefused(f"adapter {name!r} ({path}): rank {rank} is above the vLLM server's "
+                                 f"--max-lora-rank {max_rank}; restart it with a larger one")
+        return payload.config, nbytes
+
+    return load
 
 
 def _upstream_error(resp: httpx.Response) -> UpstreamError:
@@ -61,7 +70,7 @@ class VllmBackend:
             self.metrics.inc("generation_tokens_total", usage.get("completion_tokens") or 0)
 
     async def generate(self, request: Request, body, raw: dict, sampling, adapter, tenant):
-        path = "/v1/completions" if hasattr(body, "prompt") else "/v1/chat/completions"
+        path = "/v1/chat/completions" if isinstance(body, ChatRequest) else "/v1/completions"
         start = time.monotonic()
         if not body.stream:
             resp = await self.client.post(path, json=raw)
