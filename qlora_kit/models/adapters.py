@@ -85,7 +85,6 @@ class AdapterPayload:
 
     config: LoraConfig
     layers: dict[str, tuple[torch.Tensor, torch.Tensor, float]]
-    ranks: dict[str, int]
     nbytes: int
 
 
@@ -153,7 +152,7 @@ def read_peft_adapter(folder: str | os.PathLike, shapes: dict[str, tuple[int, in
         unknown = sorted(t for t in targets if t not in known and not any(p.endswith("." + t) for p in shapes))
         if unknown:
             refuse(f"target_modules {unknown} are not projections of the base; known: {known}")
-    layers, ranks, nbytes = {}, {}, 0
+    layers, nbytes = {}, 0
     for module, (a, b) in pairs.items():
         if shapes is not None:
             if module not in shapes:
@@ -170,9 +169,9 @@ def read_peft_adapter(folder: str | os.PathLike, shapes: dict[str, tuple[int, in
         a, b = a.to(dtype).contiguous(), b.to(dtype).contiguous()
         if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
             refuse(f"{module}: weights hold NaN or inf")
-        layers[module], ranks[module] = (a, b, config.scale_for(module, r)), r
+        layers[module] = (a, b, config.scale_for(module, r))
         nbytes += a.nbytes + b.nbytes
-    return AdapterPayload(config, layers, ranks, nbytes)
+    return AdapterPayload(config, layers, nbytes)
 
 
 def install_adapter(model: Llama, payload: AdapterPayload, adapter_id: int, replace: bool = False) -> None:

@@ -34,11 +34,12 @@ def adapter_loader(names: tuple[str, ...], max_rank: int, shapes: dict | None = 
     --max-lora-rank. vLLM reads the weights itself: the payload kept is the LoraConfig, nbytes the weights' size."""
     def load(name: str, path: str):
         payload, nbytes = read_adapter(shapes, name, path, names)
-        rank = max([payload.config.r, *payload.config.rank_pattern.values(), *payload.ranks.values()])
+        cfg, weights = payload.config, payload.layers.values()
+        rank = max([cfg.r, *cfg.rank_pattern.values(), *(a.shape[0] for a, _, _ in weights)])
         if rank > max_rank:
             raise AdapterRefused(f"adapter {name!r} ({path}): rank {rank} is above the vLLM server's "
                                  f"--max-lora-rank {max_rank}; restart it with a larger one")
-        return payload.config, nbytes
+        return cfg, nbytes
 
     return load
 
