@@ -1,19 +1,27 @@
-"""Model-level LoRA adapter management: create, load and save adapters in PEFT's format.
+"""Model-level LoRA adapter management: create, load and save adapters in PEFT's format, and the one adapter
+boundary (read_peft_adapter: read + validate against a base; install_adapter) that trainer and qserve call.
 
 An adapter is identified by an integer id >= 0 (the value rows carry in Batch.adapter_ids). Module
 paths are Hugging Face's, so PEFT's keys `base_model.model.<path>.lora_A.weight` map one to one.
 PEFT's rank_pattern / alpha_pattern keys match a module path when the path ends with the key
 (after a dot) or the key matches it as a regular expression.
 """
+import json
 import os
+from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
 from qlora_kit.formats import LoraConfig, load_adapter, lora_pairs, save_adapter
+from qlora_kit.formats.errors import QloraKitError
 from qlora_kit.formats.peft import KEY_PREFIX, LORA_A, LORA_B
 
+from .config import ModelConfig
 from .errors import AdapterError
 from .llama import Llama
+
+MAX_RANK = 256  # the largest rank read_peft_adapter accepts
 
 
 def _targets(model: Llama, config: LoraConfig) -> dict:
@@ -71,33 +79,129 @@ def adapter_state(model: Llama, adapter_id: int) -> dict[str, torch.Tensor]:
     return out
 
 
-def load_peft_adapter(model: Llama, folder: str | os.PathLike, adapter_id: int,
-                      dtype: torch.dtype = torch.float32) -> LoraConfig:
-    """Read a PEFT adapter folder into slot `adapter_id`; returns its config.
+@dataclass(frozen=True, slots=True)
+class AdapterPayload:
+    """A validated adapter in host memory: per module path, (A (r, in), B (out, r), scale); its config; bytes."""
 
-    Raises AdapterFormatError (bad folder) or AdapterError (modules or shapes that do not fit).
+    config: LoraConfig
+    layers: dict[str, tuple[torch.Tensor, torch.Tensor, float]]
+    nbytes: int
+
+
+def projection_shapes(base: Llama | ModelConfig) -> dict[str, tuple[int, int]]:
+    """(in_features, out_features) of every LoRA-capable projection by module path, from a model or, without
+    weights, from its config (the decoder built on the meta device: the shapes are the model's own)."""
+    if isinstance(base, ModelConfig):
+        with torch.device("meta"):
+            base = Llama(base)
+    return {path: (m.in_features, m.out_features) for path, m in base.lora_layers().items()}
+
+
+def base_names(folder: str | os.PathLike) -> tuple[str, ...]:
+    """Names an adapter's base_model_name_or_path may give for the base in `folder`: the folder's name and
+    config.json's _name_or_path."""
+    folder = Path(folder)
+    names = [folder.name]
+    cfg = json.loads((folder / "config.json").read_text())
+    if isinstance(cfg, dict) and isinstance(cfg.get("_name_or_path"), str) and cfg["_name_or_path"]:
+        names.append(cfg["_name_or_path"])
+    return tuple(names)
+
+
+def _norm_name(name: str) -> str:
+    return os.path.basename(str(name).rstrip("/\\")).lower()
+
+
+def read_peft_adapter(folder: str | os.PathLike, shapes: dict[str, tuple[int, int]] | None,
+                      base: tuple[str, ...] = (), dtype: torch.dtype = torch.float32) -> AdapterPayload:
+    """Read a PEFT adapter folder and validate it against a base: the one adapter boundary (trainer, native
+    engine and vLLM front all call it, so one adapter gets one verdict).
+
+    Refused, in this order: a folder formats/ refuses (pickle, bad config, unpaired tensors); with `base`, a
+    base_model_name_or_path that is missing or names none of `base`; with `shapes`, target modules or weights
+    the base does not have, weights outside target_modules, A/B shapes that do not fit; ranks outside
+    [1, MAX_RANK]; non-finite weights.
+
+    Args:
+        folder: the adapter folder.
+        shapes: projection_shapes() of the base; None skips the module and shape checks.
+        base: base_names() of the base; empty skips the base-name check.
+        dtype: dtype the weights are kept in (and checked for finiteness in).
+
+    Raises:
+        AdapterError whose `reason` names the field and what the base expects.
     """
-    config, tensors = load_adapter(folder)
-    pairs = lora_pairs(tensors)
-    layers = model.lora_layers()
-    for path, (a, b) in pairs.items():
-        layer = layers.get(path)
-        if layer is None:
-            raise AdapterError(f"{folder}: module {path} is not a projection of this model")
-        if a.shape[1] != layer.in_features or b.shape[0] != layer.out_features:
-            raise AdapterError(f"{folder}: {path}: lora_A {tuple(a.shape)} / lora_B {tuple(b.shape)} do not fit "
-                               f"a ({layer.out_features}, {layer.in_features}) weight")
+    def refuse(reason):
+        raise AdapterError(reason, folder)
+
+    try:
+        config, tensors = load_adapter(folder)
+        pairs = lora_pairs(tensors, str(folder))
+    except QloraKitError as e:
+        raise AdapterError(str(e), folder) from None
+    wanted = {_norm_name(n) for n in base if n}
+    if wanted and not config.base_model_name_or_path:
+        refuse(f"adapter_config.json has no base_model_name_or_path, so it cannot be checked against the base "
+               f"{sorted(wanted)}; set it to the base it was trained on")
+    if wanted and _norm_name(config.base_model_name_or_path) not in wanted:
+        refuse(f"trained for base model {config.base_model_name_or_path!r}, but the base is {sorted(wanted)}; "
+               "load it on its own base (or, in qserve, add an alias with --base-name)")
+    targets = set(config.target_modules)
+    if shapes is not None and targets != {"all-linear"}:
+        known = sorted({p.rsplit(".", 1)[-1] for p in shapes})
+        unknown = sorted(t for t in targets if t not in known and not any(p.endswith("." + t) for p in shapes))
+        if unknown:
+            refuse(f"target_modules {unknown} are not projections of the base; known: {known}")
+    layers, nbytes = {}, 0
+    for module, (a, b) in pairs.items():
+        if shapes is not None:
+            if module not in shapes:
+                refuse(f"module {module} is not a projection of the base")
+            if targets != {"all-linear"} and module.rsplit(".", 1)[-1] not in targets and module not in targets:
+                refuse(f"module {module} has weights but is not in target_modules {sorted(targets)}")
+            in_f, out_f = shapes[module]
+            if a.shape[1] != in_f or b.shape[0] != out_f:
+                refuse(f"{module}: lora_A {tuple(a.shape)} / lora_B {tuple(b.shape)} do not fit the base's "
+                       f"({out_f}, {in_f}) weight")
+        r = a.shape[0]
+        if not 1 <= r <= MAX_RANK:
+            refuse(f"{module}: rank {r} outside [1, {MAX_RANK}]")
+        a, b = a.to(dtype).contiguous(), b.to(dtype).contiguous()
+        if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
+            refuse(f"{module}: weights hold NaN or inf")
+        layers[module] = (a, b, config.scale_for(module, r))
+        nbytes += a.nbytes + b.nbytes
+    return AdapterPayload(config, layers, nbytes)
+
+
+def install_adapter(model: Llama, payload: AdapterPayload, adapter_id: int, replace: bool = False) -> None:
+    """Copy a validated adapter into slot `adapter_id` (its rank kept per module, on the model's device).
+
+    Raises AdapterError if the slot is taken and not `replace`.
+    """
     if adapter_id in adapter_ids(model):
-        raise AdapterError(f"adapter id {adapter_id} is already loaded; remove it first")
+        if not replace:
+            raise AdapterError(f"adapter id {adapter_id} is already loaded; remove it first")
+        remove_adapter(model, adapter_id)
+    layers = model.lora_layers()
     device = model.model.embed_tokens.weight.device
-    for path, (a, b) in pairs.items():
-        layer = layers[path]
-        rank = a.shape[0]
-        layer.add_adapter(adapter_id, rank, config.scale_for(path, rank), config.lora_dropout, dtype, device)
+    for module, (a, b, scale) in payload.layers.items():
+        layer = layers[module]
+        layer.add_adapter(adapter_id, a.shape[0], scale, payload.config.lora_dropout, a.dtype, device)
         with torch.no_grad():
             layer.lora_a[str(adapter_id)].copy_(a)
             layer.lora_b[str(adapter_id)].copy_(b)
-    return config
+
+
+def load_peft_adapter(model: Llama, folder: str | os.PathLike, adapter_id: int, dtype: torch.dtype = torch.float32,
+                      base: tuple[str, ...] = ()) -> LoraConfig:
+    """read_peft_adapter against `model` (and, with `base`, its names), then install_adapter; returns the config.
+
+    Raises AdapterError (nothing is installed).
+    """
+    payload = read_peft_adapter(folder, projection_shapes(model), base, dtype)
+    install_adapter(model, payload, adapter_id)
+    return payload.config
 
 
 def save_peft_adapter(model: Llama, adapter_id: int, folder: str | os.PathLike, config: LoraConfig,

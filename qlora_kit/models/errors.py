@@ -19,8 +19,20 @@ class CheckpointError(ModelError):
 
 
 class AdapterError(ModelError):
-    """A LoRA adapter that does not fit the model (unknown module, wrong shape, unknown or duplicate id)."""
+    """A LoRA adapter that does not fit the model (unknown module, wrong shape, unknown or duplicate id).
+
+    `reason` is the verdict alone; `folder`, when known, the adapter folder (the message is "folder: reason").
+    Consumers that name the adapter their own way (qserve: by its served name) reuse `reason` verbatim.
+    """
+
+    def __init__(self, reason: str, folder=None):
+        super().__init__(reason if folder is None else f"{folder}: {reason}")
+        self.reason, self.folder = reason, folder
 
 
 class TokenizerError(ModelError):
     """A tokenizer folder without tokenizer.json, or a chat template that cannot be rendered."""
+
+
+class SamplingError(ModelError, ValueError):
+    """A sampling setting out of range (e.g. top_p=2): the message names the field and the allowed range."""

@@ -2,59 +2,14 @@
 
 The engine core (scheduler, block manager, adapter registry, config) is plain Python; torch enters only through
 the model runner, engine loop and server (qserve.engine.runner / .engine / qserve.server), not imported here.
+The public API is the engine core's (qserve.engine), every error class (qserve.errors) and the registry/config.
 """
+from . import engine as _engine
+from . import errors as _errors
 from .adapters import AdapterInfo, AdapterRegistry, AdapterState, RegistryConfig
 from .config import ServeConfig
-from .engine import (
-    BlockManager,
-    FinishReason,
-    Request,
-    RequestStatus,
-    SamplingParams,
-    ScheduledBatch,
-    ScheduledRequest,
-    Scheduler,
-    SchedulerConfig,
-)
-from .errors import (
-    AdapterExists,
-    AdapterNotFound,
-    AdapterPathRefused,
-    AdapterRefused,
-    BodyTooLarge,
-    Forbidden,
-    InvalidRequest,
-    PromptTooLong,
-    QueueFull,
-    RequestNotFound,
-    ServeError,
-    Unauthorized,
-)
+from .engine import *  # noqa: F403 (listed in qserve.engine.__all__)
+from .errors import *  # noqa: F403 (every ServeError subclass)
 
-__all__ = [
-    "AdapterExists",
-    "AdapterInfo",
-    "AdapterNotFound",
-    "AdapterPathRefused",
-    "AdapterRefused",
-    "AdapterRegistry",
-    "AdapterState",
-    "BlockManager",
-    "BodyTooLarge",
-    "Forbidden",
-    "FinishReason",
-    "InvalidRequest",
-    "PromptTooLong",
-    "QueueFull",
-    "Request",
-    "RequestNotFound",
-    "RequestStatus",
-    "SamplingParams",
-    "ScheduledBatch",
-    "ScheduledRequest",
-    "Scheduler",
-    "SchedulerConfig",
-    "ServeConfig",
-    "ServeError",
-    "Unauthorized",
-]
+__all__ = sorted(["AdapterInfo", "AdapterRegistry", "AdapterState", "RegistryConfig", "ServeConfig",
+                  *_engine.__all__, *_errors.__all__])

@@ -2,6 +2,7 @@
 
 Defaults live here only; `qserve serve` generates its flags from these fields.
 """
+import os
 from dataclasses import dataclass, field
 
 # The engine's step loop runs in its own thread. With torch's OpenMP pool, a non-main thread using 2 intra-op
@@ -87,6 +88,11 @@ class ServeConfig:
         names = [n for n, _ in self.adapters]
         if len(set(names)) != len(names):
             raise ValueError(f"adapters: duplicate names in {names}")
+
+    @property
+    def served_name(self) -> str:
+        """The `model` name of the base in requests and /v1/models: the checkpoint folder's name."""
+        return os.path.basename(os.path.normpath(self.checkpoint))
 
     @property
     def num_blocks(self) -> int:

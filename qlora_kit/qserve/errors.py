@@ -58,9 +58,20 @@ class SamplingFailed(ServeError):
     """One request's sampling step failed (e.g. its parameters overflow); it ends that request alone (HTTP 500)."""
 
 
+class UpstreamError(ServeError):
+    """The vLLM server behind the front refused or failed a call; `status` is its HTTP status (or 502)."""
+
+    def __init__(self, message: str, status: int = 502):
+        super().__init__(message)
+        self.status = status
+
+
 class KeyFileError(ServeError, ValueError):
     """An --api-keys file that cannot be read or breaks its schema; refused at start-up (CLI exit 2)."""
 
 
 class ServeConfigError(ServeError, ValueError):
     """A server setting that cannot work (e.g. --allowed-root that is not a folder); refused at start-up."""
+
+
+__all__ = sorted(n for n, v in dict(globals()).items() if isinstance(v, type) and issubclass(v, ServeError))

@@ -3,23 +3,22 @@
 `serve()` blocks (the CLI); `start()` runs the server in a background thread and returns a handle with its
 URL (tests, benchmarks). Port 0 binds any free port; the bound address is reported.
 """
-import json
 import logging
 import os
 import threading
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import uvicorn
 
-from qlora_kit.models import NF4Linear, Tokenizer, load_config, load_model
+from qlora_kit.models import NF4Linear, Tokenizer, base_names, load_config, load_model
 from qlora_kit.models.nf4_linear import dense_linear
 
 from .api import KeyStore, create_app
 from .api.app import check_adapter_name
-from ._socket import bind_listener
+from .api.native import NativeBackend
+from ._socket import bind_listener, run_in_thread
 from .config import ServeConfig
 from .engine.engine import Engine
 from .errors import ServeConfigError
@@ -27,15 +26,6 @@ from .errors import ServeConfigError
 log = logging.getLogger("qserve")
 OPEN_WARNING = ("qserve: WARNING: no --api-keys file: authentication is OFF and every caller is an admin "
                 "(may call every adapter, load and unload adapters, and read /metrics)")
-
-
-def base_names(folder: Path) -> tuple[str, ...]:
-    """Names an adapter may give for this base: the folder name and the config's _name_or_path."""
-    names = [folder.name]
-    cfg = json.loads((folder / "config.json").read_text())
-    if cfg.get("_name_or_path"):
-        names.append(cfg["_name_or_path"])
-    return tuple(names)
 
 
 def dequantize_bases(model) -> tuple[int, int]:
@@ -55,11 +45,6 @@ def dequantize_bases(model) -> tuple[int, int]:
     return n, extra
 
 
-def served_name(config: ServeConfig) -> str:
-    """The `model` name of the base in requests and /v1/models: the checkpoint folder's name."""
-    return os.path.basename(os.path.normpath(config.checkpoint))
-
-
 def preflight(config: ServeConfig) -> KeyStore:
     """Check what needs no model before loading it: the key file, the allowed root, the checkpoint's
     config.json and tokenizer, and the start-up adapter names. Returns the KeyStore.
@@ -72,7 +57,7 @@ def preflight(config: ServeConfig) -> KeyStore:
     if config.allowed_root is not None and not os.path.isdir(config.allowed_root):
         raise ServeConfigError(f"allowed_root={config.allowed_root!r}: not an existing folder (flag --allowed-root)")
     for name, _ in config.adapters:
-        check_adapter_name(name, served_name(config))
+        check_adapter_name(name, config.served_name)
     load_config(config.checkpoint)
     Tokenizer(config.checkpoint)
     return keys
@@ -89,7 +74,7 @@ def build_engine(config: ServeConfig, announce=print) -> Engine:
     engine = Engine(model, Tokenizer(folder), config, base_names(folder)).start()
     try:
         for name, path in config.adapters:
-            check_adapter_name(name, served_name(config))
+            check_adapter_name(name, config.served_name)
             engine.registry.add(name, path, trusted=True)
     except BaseException:
         engine.stop()
@@ -113,7 +98,8 @@ class ServerHandle:
 
 
 def _server(config: ServeConfig, engine: Engine, keys: KeyStore) -> uvicorn.Server:
-    app = create_app(engine, keys, served_name(config))
+    limits = engine.config.max_body_bytes, engine.config.max_tokens_limit
+    app = create_app(NativeBackend(engine), keys, config.served_name, *limits)
     return uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5))
 
 
@@ -122,14 +108,8 @@ def start(config: ServeConfig, engine: Engine | None = None) -> ServerHandle:
     keys = preflight(config) if engine is None else KeyStore.from_file(config.api_keys)
     engine = engine or build_engine(config)
     server = _server(config, engine, keys)
-    sock = bind_listener(config.host, config.port)
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True, name="qserve-http")
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started and time.monotonic() < deadline:
-        time.sleep(0.02)
-    host, port = sock.getsockname()[:2]
-    return ServerHandle(f"http://{host}:{port}", engine, server, thread)
+    thread, url = run_in_thread(server, bind_listener(config.host, config.port), "qserve-http")
+    return ServerHandle(url, engine, server, thread)
 
 
 def serve(config: ServeConfig, announce=print) -> None:
@@ -140,7 +120,7 @@ def serve(config: ServeConfig, announce=print) -> None:
     engine = build_engine(config, announce)
     sock = bind_listener(config.host, config.port)
     host, port = sock.getsockname()[:2]
-    announce(f"qserve: serving {config.checkpoint} as {served_name(config)!r} "
+    announce(f"qserve: serving {config.checkpoint} as {config.served_name!r} "
              f"on http://{host}:{port} ({len(config.adapters)} adapters)")
     try:
         _server(config, engine, keys).run(sockets=[sock])

@@ -2,7 +2,7 @@
 import os
 from dataclasses import dataclass
 
-from qlora_kit.models import SamplingParams, Tokenizer, generate, load_model, load_peft_adapter
+from qlora_kit.models import SamplingParams, Tokenizer, base_names, generate, load_model, load_peft_adapter
 
 ADAPTER_ID = 0
 
@@ -22,7 +22,7 @@ def ask(base: str | os.PathLike, adapter: str | os.PathLike, questions: list[str
     """
     tok = Tokenizer(base)
     model = load_model(base)
-    load_peft_adapter(model, adapter, ADAPTER_ID)
+    load_peft_adapter(model, adapter, ADAPTER_ID, base=base_names(base))  # the adapter boundary, as qserve's
     prompts = [tok.encode_chat([{"role": "user", "content": q}]) for q in questions]
     params = SamplingParams(max_tokens=max_tokens)
     outs = {}

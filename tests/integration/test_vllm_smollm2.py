@@ -77,6 +77,7 @@ def env(smollm2, tmp_path_factory):
     handle = start(config, VllmOptions(python=str(VLLM_PYTHON), startup_timeout_s=400), log=root / "vllm.log")
     dequantize_bases(model)  # the reference runs dense fp32 (same decoded weights): minutes faster on CPU
     handle.model, handle.tok, handle.allowed, handle.root = model, Tokenizer(ckpt), allowed, root
+    handle.config = config
     yield handle
     handle.stop()
 
@@ -172,3 +173,65 @@ def test_admin_load_unload_at_run_time(env):
     metrics = httpx.get(env.url + "/metrics", headers={"Authorization": f"Bearer {ADMIN}"}).text
     assert "qserve_requests_total" in metrics and "qserve_time_to_first_token_seconds_count" in metrics
     assert "vllm:" in metrics
+
+
+@pytest.fixture(scope="module")
+def native(env):
+    """qserve's native engine on the same checkpoint, keys, allowed root, start-up adapters and limits."""
+    from qlora_kit.qserve.server import start
+
+    handle = start(env.config)
+    yield handle
+    handle.stop()
+
+
+_BIG = "x" * (1 << 20)
+SAME = {  # id -> (method, path, key, JSON body or raw bytes); good and bad requests alike
+    "base": ("POST", "/v1/completions", ADMIN, {"model": SERVED, "prompt": "Hello", "max_tokens": 2, "temperature": 0}),
+    "chat-adapter": ("POST", "/v1/chat/completions", ACME,
+                     {"model": "acme-a", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}),
+    "top_p-0": ("POST", "/v1/completions", ACME, {"model": SERVED, "prompt": "Hi", "top_p": 0}),
+    "n-2": ("POST", "/v1/completions", ACME, {"model": SERVED, "prompt": "Hi", "n": 2}),
+    "five-stops": ("POST", "/v1/completions", ACME, {"model": SERVED, "prompt": "Hi", "stop": list("abcde")}),
+    "token-out-of-vocab": ("POST", "/v1/completions", ACME, {"model": SERVED, "prompt": [1, 10**6]}),
+    "empty-prompt": ("POST", "/v1/completions", ACME, {"model": SERVED, "prompt": ""}),
+    "batch-prompt": ("POST", "/v1/completions", ACME, {"model": SERVED, "prompt": ["a", "b"]}),
+    "unknown-adapter": ("POST", "/v1/completions", ACME, {"model": "acme-none", "prompt": "Hi"}),
+    "other-tenant": ("POST", "/v1/completions", ACME, {"model": "globex-c", "prompt": "Hi"}),
+    "base-refused": ("POST", "/v1/completions", GLOBEX, {"model": SERVED, "prompt": "Hi"}),
+    "wrong-key": ("POST", "/v1/completions", "sk-wrong-key-0", {"model": SERVED, "prompt": "Hi"}),
+    "no-key": ("POST", "/v1/completions", None, {"model": SERVED, "prompt": "Hi"}),
+    "max-tokens-over": ("POST", "/v1/completions", ACME, {"model": SERVED, "prompt": "Hi", "max_tokens": 65}),
+    "max-tokens-string": ("POST", "/v1/completions", ACME, {"model": SERVED, "prompt": "Hi", "max_tokens": "5"}),
+    "logprobs": ("POST", "/v1/completions", ACME, {"model": SERVED, "prompt": "Hi", "logprobs": 3}),
+    "tiny-temperature": ("POST", "/v1/completions", ACME, {"model": SERVED, "prompt": "Hi", "temperature": 1e-300}),
+    "not-json": ("POST", "/v1/completions", ACME, b"{not json"),
+    "too-large": ("POST", "/v1/completions", ACME, {"model": SERVED, "prompt": _BIG}),
+    "bad-role": ("POST", "/v1/chat/completions", ACME, {"model": SERVED, "messages": [{"role": "robot", "content": "x"}]}),
+    "load-by-tenant": ("POST", "/v1/load_lora_adapter", ACME, {"lora_name": "acme-x", "lora_path": "acme-hot"}),
+    "load-outside-root": ("POST", "/v1/load_lora_adapter", ADMIN, {"lora_name": "evil", "lora_path": "../outside/evil"}),
+    "load-as-base-name": ("POST", "/v1/load_lora_adapter", ADMIN, {"lora_name": SERVED, "lora_path": "acme-hot"}),
+    "unload-unknown": ("POST", "/v1/unload_lora_adapter", ADMIN, {"lora_name": "nothing"}),
+    "adapters-by-tenant": ("GET", "/v1/adapters", ACME, None),
+    "metrics-by-tenant": ("GET", "/metrics", ACME, None),
+}
+
+
+def _send(url, method, path, key, body):
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    if isinstance(body, bytes):
+        headers["Content-Type"] = "application/json"
+        return httpx.request(method, url + path, content=body, headers=headers, timeout=300)
+    return httpx.request(method, url + path, json=body, headers=headers, timeout=300)
+
+
+@pytest.mark.parametrize("case", sorted(SAME))
+def test_same_requests_same_answers_on_both_backends(env, native, case):
+    """One HTTP app over two backends: identical status codes, and identical error bodies."""
+    method, path, key, body = SAME[case]
+    ours, theirs = _send(native.url, method, path, key, body), _send(env.url, method, path, key, body)
+    assert ours.status_code == theirs.status_code, (ours.text, theirs.text)
+    if ours.status_code == 200:
+        assert ours.json()["object"] == theirs.json()["object"]
+    else:
+        assert ours.json() == theirs.json()

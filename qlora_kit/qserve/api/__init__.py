@@ -1,5 +1,7 @@
-"""HTTP layer of qserve: FastAPI app, API-key auth, and the one error boundary."""
+"""HTTP layer of qserve: the one FastAPI app over a Backend (native engine or vLLM), API-key auth, and the one
+error boundary."""
 from .app import create_app
 from .auth import KeyStore, Principal
+from .backend import Backend
 
-__all__ = ["KeyStore", "Principal", "create_app"]
+__all__ = ["Backend", "KeyStore", "Principal", "create_app"]

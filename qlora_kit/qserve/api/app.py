@@ -1,16 +1,21 @@
-"""FastAPI routes: OpenAI-compatible completions/chat (SSE streaming), models, vLLM-style adapter admin,
-health and Prometheus metrics. HTTP only: the engine does the work, api/errors.py maps the errors."""
-import asyncio
+"""The one HTTP app, over a Backend (api/backend.py: the native engine or vLLM): OpenAI-compatible
+completions/chat (SSE streaming), models, vLLM-style adapter admin, health and Prometheus metrics.
+
+Defined here once for both backends: the routes, API-key auth, tenants' adapter access, the body-size and
+max_tokens limits, request validation (api/protocol.py) and, through api/errors.py, every error body. The
+OpenAI-API defaults are applied here too: temperature 1.0 (protocol.py) and DEFAULT_MAX_TOKENS new tokens (as
+vLLM's completions), whatever the backend; models.SamplingParams keeps the offline defaults.
+"""
 import json
 import time
-import uuid
 
 from fastapi import Depends, FastAPI, Request
-from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse
 
 from ..errors import AdapterNotFound, AdapterRefused, BodyTooLarge, InvalidRequest
 from . import errors
 from .auth import KeyStore, Principal
+from .backend import Backend
 from .protocol import ChatRequest, CompletionRequest, LoadAdapter, UnloadAdapter
 
 DEFAULT_MAX_TOKENS = 16
@@ -55,27 +60,34 @@ def check_adapter_name(name: str, served_name: str) -> None:
         raise AdapterRefused(f"adapter name {name!r}: is the served base model's name; choose another")
 
 
-async def _cancel_on_disconnect(request: Request, handle) -> None:
-    """Wait for the client to go away (the ASGI server sends http.disconnect), then cancel its request."""
-    while True:
-        message = await request.receive()
-        if message["type"] == "http.disconnect":
-            handle.close()
-            return
-        await asyncio.sleep(0.05)  # a stray body message: the body was already read
+def check_prompt(prompt, vocab_size: int):
+    """A completion prompt: one string or one list of token ids in [0, vocab_size); a one-string list is
+    unwrapped (several strings, a batch, are refused)."""
+    if isinstance(prompt, list) and prompt and all(isinstance(t, str) for t in prompt):
+        if len(prompt) != 1:
+            raise InvalidRequest("prompt: a list of several strings (batch) is not supported; send one")
+        prompt = prompt[0]
+    if not prompt:
+        raise InvalidRequest("prompt: is empty")
+    if not isinstance(prompt, str) and any(t < 0 or t >= vocab_size for t in prompt):
+        raise InvalidRequest(f"prompt: token ids must be in [0, {vocab_size})")
+    return prompt
 
 
-def create_app(engine, keys: KeyStore, served_name: str) -> FastAPI:
-    """The HTTP app over a started Engine.
+def create_app(backend: Backend, keys: KeyStore, served_name: str, max_body_bytes: int,
+               max_tokens_limit: int) -> FastAPI:
+    """The HTTP app over `backend`.
 
     Args:
-        engine: qserve.engine.engine.Engine.
+        backend: the native engine's (api.native.NativeBackend) or vLLM's (vllm_backend.front.VllmBackend).
         keys: the KeyStore (authentication off when it has no file).
         served_name: the `model` name of the base model.
+        max_body_bytes: larger request bodies are refused (413) before they are read.
+        max_tokens_limit: larger max_tokens / max_completion_tokens are refused (400).
     """
     app = FastAPI(title="qserve", docs_url=None, redoc_url=None)
     errors.install(app)
-    limit = engine.config.max_body_bytes
+    registry = backend.registry
     created = int(time.time())
 
     def who(request: Request) -> Principal:
@@ -84,92 +96,71 @@ def create_app(engine, keys: KeyStore, served_name: str) -> FastAPI:
     def adapter_of(model: str, principal: Principal) -> str | None:
         adapter = None if model == served_name else model
         KeyStore.check_model(principal, adapter)
-        if adapter is not None and adapter not in engine.registry:
+        if adapter is not None and adapter not in registry:
             raise AdapterNotFound(f"model {model!r}: no such model or adapter; see /v1/models")
         return adapter
 
-    async def run(request: Request, principal: Principal, prompt_ids, body, chat: bool):
+    async def generate(request: Request, principal: Principal, kind: type):
+        raw = await _body(request, max_body_bytes)
+        body = kind.model_validate(raw)
+        if isinstance(body, CompletionRequest):
+            body.prompt = check_prompt(body.prompt, backend.vocab_size)
         adapter = adapter_of(body.model, principal)
-        handle = engine.add(prompt_ids, body.sampling(DEFAULT_MAX_TOKENS), adapter, tenant=principal.tenant)
-        rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
-        if body.stream:
-            include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            return StreamingResponse(_sse(handle, rid, body.model, chat, include_usage),
-                                     media_type="text/event-stream")
-        text, last = [], None
-        watcher = asyncio.create_task(_cancel_on_disconnect(request, handle))
-        try:
-            while last is None or last.finish_reason is None:
-                last = await handle.get()
-                text.append(last.text)
-        finally:  # done, or this handler cancelled: stop watching; a request not finished is cancelled
-            watcher.cancel()
-            handle.close()
-        if last.finish_reason == "cancelled":
-            return JSONResponse({}, status_code=499)
-        if last.finish_reason == "error":
-            return errors.error_response(last.error or "generation failed", 500, "server_error")
-        choice = {"index": 0, "finish_reason": last.finish_reason, "logprobs": None}
-        choice.update({"message": {"role": "assistant", "content": "".join(text)}} if chat else {"text": "".join(text)})
-        return {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
-                "model": body.model, "choices": [choice], "usage": _usage(last)}
+        sampling = body.sampling(DEFAULT_MAX_TOKENS)
+        if sampling.max_tokens > max_tokens_limit:
+            key = "max_tokens" if body.max_tokens is not None else "max_completion_tokens"
+            raise InvalidRequest(f"{key}={sampling.max_tokens}: must be an integer <= {max_tokens_limit}")
+        raw.pop("max_completion_tokens", None)
+        raw["max_tokens"] = sampling.max_tokens  # the default applied here, not left to the backend
+        return await backend.generate(request, body, raw, sampling, adapter, principal.tenant)
 
     @app.post("/v1/completions")
     async def completions(request: Request, principal: Principal = Depends(who)):
-        body = CompletionRequest.model_validate(await _body(request, limit))
-        p = body.prompt
-        if isinstance(p, list) and p and all(isinstance(t, str) for t in p):
-            if len(p) != 1:
-                raise InvalidRequest("prompt: a list of several strings (batch) is not supported; send one")
-            p = p[0]
-        ids = engine.tokenizer.encode(p) if isinstance(p, str) else list(p)
-        if not ids:
-            raise InvalidRequest("prompt: is empty")
-        if any(t < 0 or t >= engine.model.cfg.vocab_size for t in ids):
-            raise InvalidRequest(f"prompt: token ids must be in [0, {engine.model.cfg.vocab_size})")
-        return await run(request, principal, ids, body, chat=False)
+        return await generate(request, principal, CompletionRequest)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request, principal: Principal = Depends(who)):
-        body = ChatRequest.model_validate(await _body(request, limit))
-        messages = [{"role": m.role, "content": m.text()} for m in body.messages]
-        return await run(request, principal, engine.tokenizer.encode_chat(messages), body, chat=True)
+        return await generate(request, principal, ChatRequest)
 
     @app.get("/v1/models")
     async def models(principal: Principal = Depends(who)):
-        return model_list(principal, served_name, engine.registry, created)
+        return model_list(principal, served_name, registry, created)
 
     @app.post("/v1/load_lora_adapter")
     async def load_lora_adapter(request: Request, principal: Principal = Depends(who)):
         KeyStore.check_admin(principal)
-        body = LoadAdapter.model_validate(await _body(request, limit))
+        body = LoadAdapter.model_validate(await _body(request, max_body_bytes))
         check_adapter_name(body.lora_name, served_name)
-        info = await asyncio.to_thread(engine.registry.add, body.lora_name, body.lora_path)
+        info = await backend.load(body.lora_name, body.lora_path)
         return {"status": "ok", "message": f"Success: LoRA adapter '{info.name}' added successfully.",
                 "adapter": _adapter_json(info)}
 
     @app.post("/v1/unload_lora_adapter")
     async def unload_lora_adapter(request: Request, principal: Principal = Depends(who)):
         KeyStore.check_admin(principal)
-        body = UnloadAdapter.model_validate(await _body(request, limit))
-        gone = await asyncio.to_thread(engine.registry.unload, body.lora_name)
+        body = UnloadAdapter.model_validate(await _body(request, max_body_bytes))
+        gone = await backend.unload(body.lora_name)
         state = "unloaded" if gone else "draining: removed when its running requests finish"
         return {"status": "ok", "message": f"Success: LoRA adapter '{body.lora_name}' {state}.", "unloaded": gone}
 
     @app.get("/v1/adapters")
     async def adapters(principal: Principal = Depends(who)):
         KeyStore.check_admin(principal)
-        return {"adapters": [_adapter_json(a) for a in engine.registry.list()], "memory": engine.memory_report()}
+        return {"adapters": [_adapter_json(a) for a in registry.list()], "memory": backend.memory()}
 
     @app.get("/health")
     async def health():
-        alive = engine._thread is not None and engine._thread.is_alive()
-        return JSONResponse({"status": "ok" if alive else "engine stopped"}, status_code=200 if alive else 503)
+        why = await backend.health()
+        return JSONResponse({"status": why or "ok"}, status_code=200 if why is None else 503)
 
     @app.get("/metrics")
     async def metrics(principal: Principal = Depends(who)):
         KeyStore.check_metrics(principal)  # counters move with other tenants' requests (prefix hits, tokens)
-        return PlainTextResponse(engine.metrics.render(engine.gauges()), media_type="text/plain; version=0.0.4")
+        return PlainTextResponse(await backend.metrics_text(), media_type="text/plain; version=0.0.4")
+
+    @app.on_event("shutdown")
+    async def _close():
+        await backend.aclose()
 
     return app
 
@@ -177,45 +168,3 @@ def create_app(engine, keys: KeyStore, served_name: str) -> FastAPI:
 def _adapter_json(a) -> dict:
     return {"name": a.name, "path": a.path, "state": a.state.value, "bytes": a.nbytes, "in_flight": a.in_flight,
             "running": a.running, "slot": a.slot, "draining": a.draining, "load_time_s": a.load_time_s}
-
-
-def _usage(out) -> dict:
-    return {"prompt_tokens": out.prompt_tokens, "completion_tokens": out.completion_tokens,
-            "total_tokens": out.prompt_tokens + out.completion_tokens}
-
-
-async def _sse(handle, rid: str, model: str, chat: bool, include_usage: bool):
-    """Server-sent events: one chunk per Output, an optional usage chunk, then [DONE]."""
-    obj = "chat.completion.chunk" if chat else "text_completion"
-    created = int(time.time())
-
-    def chunk(delta_text, finish, first=False, usage=None):
-        if chat:
-            delta = {"role": "assistant", "content": delta_text} if first else {"content": delta_text}
-            choices = [{"index": 0, "delta": delta if finish is None or delta_text else {}, "finish_reason": finish,
-                        "logprobs": None}]
-        else:
-            choices = [{"index": 0, "text": delta_text, "finish_reason": finish, "logprobs": None}]
-        body = {"id": rid, "object": obj, "created": created, "model": model, "choices": [] if usage else choices}
-        if usage:
-            body["usage"] = usage
-        return f"data: {json.dumps(body)}\n\n"
-
-    first = True
-    try:
-        while True:
-            out = await handle.get()
-            if out.finish_reason == "error":
-                err = errors.error_body(out.error or "generation failed", "server_error", 500)
-                yield f"data: {json.dumps(err)}\n\n"
-                break
-            if out.text or out.finish_reason is not None or first:
-                yield chunk(out.text, out.finish_reason, first)
-                first = False
-            if out.finish_reason is not None:
-                if include_usage:
-                    yield chunk("", None, usage=_usage(out))
-                break
-        yield "data: [DONE]\n\n"
-    finally:  # client gone (the response task is cancelled) or done: free the request's KV blocks now
-        handle.close()

@@ -12,39 +12,29 @@ from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException
 
-from qlora_kit.models import TokenizerError
+from qlora_kit.models.errors import SamplingError, TokenizerError
 
-from ..errors import (
-    AdapterExists,
-    AdapterNotFound,
-    AdapterRefused,
-    BodyTooLarge,
-    Forbidden,
-    InvalidRequest,
-    PromptTooLong,
-    QueueFull,
-    RequestNotFound,
-    ServeError,
-    Unauthorized,
-)
+from .. import errors as E
 
 log = logging.getLogger("qserve")
 
 STATUS: list[tuple[type, int, str]] = [  # first match wins (subclasses before their bases)
-    (Unauthorized, 401, "authentication_error"),
-    (Forbidden, 403, "permission_error"),
-    (AdapterNotFound, 404, "not_found_error"),
-    (RequestNotFound, 404, "not_found_error"),
-    (BodyTooLarge, 413, "invalid_request_error"),
-    (PromptTooLong, 413, "invalid_request_error"),
-    (QueueFull, 429, "rate_limit_error"),
-    (AdapterExists, 400, "invalid_request_error"),
-    (AdapterRefused, 400, "invalid_request_error"),
-    (InvalidRequest, 400, "invalid_request_error"),
+    (E.Unauthorized, 401, "authentication_error"),
+    (E.Forbidden, 403, "permission_error"),
+    (E.AdapterNotFound, 404, "not_found_error"),
+    (E.RequestNotFound, 404, "not_found_error"),
+    (E.BodyTooLarge, 413, "invalid_request_error"),
+    (E.PromptTooLong, 413, "invalid_request_error"),
+    (E.QueueFull, 429, "rate_limit_error"),
+    (E.AdapterExists, 400, "invalid_request_error"),
+    (E.AdapterRefused, 400, "invalid_request_error"),
+    (E.InvalidRequest, 400, "invalid_request_error"),
 ]
 
 
 def status_of(err: Exception) -> tuple[int, str]:
+    if isinstance(err, E.UpstreamError):  # the vLLM server's own status, passed through
+        return err.status, "invalid_request_error" if err.status < 500 else "server_error"
     for cls, status, kind in STATUS:
         if isinstance(err, cls):
             return status, kind
@@ -70,13 +60,14 @@ def _validation_message(errors) -> tuple[str, str | None]:
 def install(app: FastAPI) -> None:
     """Register the exception handlers on `app`."""
 
-    @app.exception_handler(ServeError)
-    async def _serve_error(request: Request, err: ServeError):
+    @app.exception_handler(E.ServeError)
+    async def _serve_error(request: Request, err: E.ServeError):
         status, kind = status_of(err)
         return error_response(str(err), status, kind)
 
     @app.exception_handler(TokenizerError)
-    async def _tokenizer(request: Request, err: TokenizerError):
+    @app.exception_handler(SamplingError)
+    async def _model_input(request: Request, err: TokenizerError | SamplingError):  # a template or setting (400)
         return error_response(str(err), 400)
 
     @app.exception_handler(RequestValidationError)

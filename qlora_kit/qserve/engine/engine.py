@@ -11,7 +11,7 @@ import logging
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -20,7 +20,7 @@ from ..errors import InvalidRequest, SamplingFailed, ServeError
 from ..metrics import Metrics
 from .block_manager import BlockManager
 from .lora import evict, install, read_adapter
-from .request import FinishReason, Request, SamplingParams
+from .request import FinishReason, Request, SamplingParams  # models.SamplingParams
 from .runner import ModelRunner
 from .scheduler import Scheduler, SchedulerConfig
 
@@ -171,13 +171,11 @@ class Engine:
             tenant: str | None = None) -> RequestHandle:
         """Queue a request (call from the event loop); `tenant` salts the prefix cache.
         Raises ServeError subclasses (404, 413, 429, 400)."""
-        if sampling.max_tokens > self.config.max_tokens_limit:
-            raise InvalidRequest(f"max_tokens={sampling.max_tokens}: the limit is {self.config.max_tokens_limit}")
+        limit = self.config.max_tokens_limit
+        if sampling.max_tokens > limit:
+            raise InvalidRequest(f"max_tokens={sampling.max_tokens}: must be an integer <= {limit}")
         stops = () if sampling.ignore_eos else tuple(self.tokenizer.stop_token_ids)
-        sp = SamplingParams(temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k,
-                            max_tokens=sampling.max_tokens, seed=sampling.seed, stop=sampling.stop,
-                            stop_token_ids=tuple(sorted(set(sampling.stop_token_ids) | set(stops))),
-                            ignore_eos=sampling.ignore_eos)
+        sp = replace(sampling, stop_token_ids=tuple(sorted(set(sampling.stop_token_ids) | set(stops))))
         req = Request(prompt_ids, sp, adapter, tenant=tenant)
         handle = RequestHandle(self, req)
         with self._lock:

@@ -1,4 +1,4 @@
-"""One request's state: its tokens, sampling parameters, adapter, status and KV block table.
+"""One request's state: its tokens, sampling parameters (models.SamplingParams), adapter, status and KV block table.
 
 Plain Python (no torch). The scheduler owns status changes; the engine loop appends sampled tokens through
 `Scheduler.update`, and an HTTP handler may call `cancel()` from another thread at any time (the flag is read
@@ -7,14 +7,12 @@ at the next scheduling step).
 import enum
 import itertools
 import time
-from dataclasses import dataclass
+
+from qlora_kit.models.sampling_params import SamplingParams
 
 from ..errors import InvalidRequest
 
 _ids = itertools.count()
-# Below this, logits / T overflow float32 (|logit| ~ 1e2 / 1e-3 is fine; / 1e-300 is inf and softmax is NaN).
-MIN_TEMPERATURE = 1e-3
-SEED_RANGE = (-(2**63), 2**64 - 1)  # what a torch.Generator accepts
 
 
 class RequestStatus(enum.Enum):
@@ -31,60 +29,6 @@ class FinishReason(str, enum.Enum):
     LENGTH = "length"
     CANCELLED = "cancelled"
     ERROR = "error"
-
-
-@dataclass(frozen=True, slots=True)
-class SamplingParams:
-    """Per-request sampling settings; validated on construction.
-
-    Args:
-        temperature: 0 means greedy; otherwise in [MIN_TEMPERATURE, 2].
-        top_p: nucleus mass in (0, 1].
-        top_k: keep the k most likely tokens; 0 or -1 disables.
-        max_tokens: most tokens to generate, >= 1.
-        stop_token_ids: token ids that end generation (the eos id is added by the engine unless ignore_eos).
-        stop: strings that end generation; matched by the engine on detokenized text.
-        seed: per-request RNG seed in SEED_RANGE, or None.
-        ignore_eos: keep generating past the eos token.
-
-    Raises:
-        InvalidRequest (a ValueError) naming the field and its allowed range.
-    """
-
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
-    max_tokens: int = 16
-    stop_token_ids: tuple[int, ...] = ()
-    stop: tuple[str, ...] = ()
-    seed: int | None = None
-    ignore_eos: bool = False
-
-    def __post_init__(self):
-        def bad(field, value, rule):
-            raise InvalidRequest(f"{field}={value!r}: {rule}")
-
-        if not isinstance(self.temperature, (int, float)) or isinstance(self.temperature, bool) \
-                or not (self.temperature == 0.0 or MIN_TEMPERATURE <= self.temperature <= 2.0):
-            bad("temperature", self.temperature, f"must be 0 (greedy) or a number in [{MIN_TEMPERATURE}, 2]")
-        if not isinstance(self.top_p, (int, float)) or not 0.0 < self.top_p <= 1.0:
-            bad("top_p", self.top_p, "must be in (0, 1]")
-        if not isinstance(self.top_k, int) or isinstance(self.top_k, bool) or self.top_k < -1:
-            bad("top_k", self.top_k, "must be an integer >= 1, or 0/-1 to disable")
-        if not isinstance(self.max_tokens, int) or isinstance(self.max_tokens, bool) or self.max_tokens < 1:
-            bad("max_tokens", self.max_tokens, "must be an integer >= 1")
-        if not isinstance(self.stop_token_ids, tuple) or \
-                not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in self.stop_token_ids):
-            bad("stop_token_ids", self.stop_token_ids, "must be a tuple of token ids >= 0")
-        if not isinstance(self.stop, tuple) or not all(isinstance(s, str) and s for s in self.stop):
-            bad("stop", self.stop, "must be a tuple of non-empty strings")
-        if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool)
-                                      or not SEED_RANGE[0] <= self.seed <= SEED_RANGE[1]):
-            bad("seed", self.seed, f"must be an integer in [{SEED_RANGE[0]}, {SEED_RANGE[1]}] or null")
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature == 0.0
 
 
 class Request:

@@ -16,7 +16,6 @@ from dataclasses import dataclass
 import torch
 
 from qlora_kit.models import AttentionMeta, Batch, KVCache, sample
-from qlora_kit.models import SamplingParams as ModelSampling
 
 from ..errors import SamplingFailed
 from .scheduler import ScheduledBatch
@@ -152,8 +151,7 @@ class ModelRunner:
                     gen = torch.Generator(device=self.device)
                     gen.manual_seed(sp.seed if sp.seed is not None else int(torch.randint(0, 2**62, ()).item()))
                     self._generators[req.request_id] = gen
-                params = ModelSampling(temperature=sp.temperature, top_k=max(sp.top_k, 0), top_p=sp.top_p)
-                out[req.request_id] = int(sample(logits[j:j + 1], params, gen)[0])
+                out[req.request_id] = int(sample(logits[j:j + 1], sp, gen)[0])
             except (RuntimeError, ValueError, OverflowError) as err:  # this row's parameters: fail it alone
                 out[req.request_id] = SamplingFailed(f"sampling failed for this request: {err}")
         return out

@@ -9,12 +9,10 @@ vLLM: the child process does, through the plugin's entry point.
 """
 import os
 import threading
-import time
 from dataclasses import dataclass
-from pathlib import Path
 
-from ..adapters import AdapterRegistry, RegistryConfig
-from .._socket import bind_listener
+from ..adapters import AdapterRegistry
+from .._socket import bind_listener, run_in_thread
 from ..config import ServeConfig
 from .launch import (VllmOptions, VllmProcess, adapter_rank, launch, lora_rank, pop_vllm_options, vllm_cli_options,
                      vllm_command)
@@ -44,20 +42,18 @@ class VllmHandle:
 def _build(config: ServeConfig, opts: VllmOptions, log):
     import uvicorn  # the HTTP stack and torch load only when serving (`qserve --help` stays fast)
 
+    from ..api.app import check_adapter_name
     from ..api.auth import KeyStore
-    from ..server import base_names
-    from .front import adapter_loader, create_front
+    from .front import create_front, front_registry
 
-    folder = Path(config.checkpoint)
-    served = os.path.basename(os.path.normpath(config.checkpoint))
     keys = KeyStore.from_file(config.api_keys)  # bad key files fail before vLLM spends a minute loading
-    names = base_names(folder) + tuple(config.base_names)
     rank = lora_rank(config, opts)
-    registry = AdapterRegistry(RegistryConfig(config.allowed_root, config.max_loras), adapter_loader(names, rank))
+    registry = front_registry(config, rank)
     for name, path in config.adapters:
+        check_adapter_name(name, config.served_name)
         registry.add(name, path, trusted=True)
-    proc = launch(config, opts, served, rank, log)
-    app = create_front(proc.url, proc.key, keys, served, registry, config.max_tokens_limit, config.max_body_bytes)
+    proc = launch(config, opts, config.served_name, rank, log)
+    app = create_front(config, registry, proc.url, proc.key, keys)
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5))
     return proc, registry, server, rank
 
@@ -74,13 +70,8 @@ def start(config: ServeConfig, opts: VllmOptions = VllmOptions(), log: str | os.
     except OSError:
         proc.stop()
         raise
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True, name="qserve-vllm-front")
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started and time.monotonic() < deadline:
-        time.sleep(0.02)
-    host, port = sock.getsockname()[:2]
-    return VllmHandle(f"http://{host}:{port}", proc, registry, server, thread, rank)
+    thread, url = run_in_thread(server, sock, "qserve-vllm-front")
+    return VllmHandle(url, proc, registry, server, thread, rank)
 
 
 def serve(config: ServeConfig, opts: VllmOptions = VllmOptions(), announce=print) -> None:

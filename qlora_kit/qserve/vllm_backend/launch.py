@@ -22,6 +22,8 @@ from pathlib import Path
 
 import click
 
+from qlora_kit.formats.errors import QloraKitError
+
 from ..config import ServeConfig
 from ..errors import AdapterRefused
 from ..vllm_plugin import NAME
@@ -92,18 +94,15 @@ def pop_vllm_options(flags: dict) -> VllmOptions:
 
 
 def adapter_rank(folder: str | os.PathLike) -> int:
-    """Largest LoRA rank in a PEFT adapter folder (r and rank_pattern of adapter_config.json)."""
-    path = Path(folder) / "adapter_config.json"
+    """Largest LoRA rank in a PEFT adapter folder (r and rank_pattern of adapter_config.json, read by formats/)."""
+    from qlora_kit.formats.peft import CONFIG_NAME, LoraConfig  # torch loads only when vLLM is started
+
+    path = Path(folder) / CONFIG_NAME
     try:
-        cfg = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, RecursionError, ValueError) as e:
+        cfg = LoraConfig.from_json(json.loads(path.read_text(encoding="utf-8")), str(path))
+    except (OSError, UnicodeDecodeError, RecursionError, ValueError, QloraKitError) as e:
         raise AdapterRefused(f"{path}: cannot be read ({e})") from None
-    pattern = cfg.get("rank_pattern") if isinstance(cfg, dict) else None
-    ranks = [cfg.get("r") if isinstance(cfg, dict) else None,
-             *(pattern.values() if isinstance(pattern, dict) else [] if pattern is None else [pattern])]
-    if not all(isinstance(r, int) and not isinstance(r, bool) and r >= 1 for r in ranks):
-        raise AdapterRefused(f"{path}: r and rank_pattern values must be integers >= 1, got {ranks!r:.100}")
-    return max(ranks)
+    return max([cfg.r, *cfg.rank_pattern.values()])
 
 
 def _adapter_folders(root: str, depth: int = 3) -> list[str]:
@@ -126,7 +125,7 @@ def lora_rank(config: ServeConfig, opts: VllmOptions) -> int:
         for f in folders:
             try:
                 ranks.append(adapter_rank(f))
-            except (OSError, ValueError, TypeError):
+            except AdapterRefused:
                 continue  # unreadable folders are refused later, when someone loads them
         want = max(ranks, default=16)
     fit = [r for r in VLLM_RANKS if r >= want]

@@ -6,7 +6,8 @@ import torch
 
 from qlora_kit.formats import LoraConfig, save_adapter
 from qlora_kit.formats.peft import KEY_PREFIX, LORA_A, LORA_B
-from qlora_kit.qserve.engine.lora import MAX_RANK, evict, install, read_adapter
+from qlora_kit.models import MAX_RANK
+from qlora_kit.qserve.engine.lora import evict, install, read_adapter
 from qlora_kit.qserve.errors import AdapterRefused
 
 from ._tiny_serve import make_adapter, tiny_model
@@ -28,7 +29,7 @@ def _save(tmp_path, module, a, b, targets=("q_proj",), base="llama"):
 
 @pytest.mark.parametrize("module,a_shape,b_shape,targets,base,msg", [
     (Q, (4, 32), (64, 4), ("q_proj",), "llama", "do not fit"),
-    ("model.layers.9.self_attn.q_proj", (4, 64), (64, 4), ("q_proj",), "llama", "not a projection of the served base"),
+    ("model.layers.9.self_attn.q_proj", (4, 64), (64, 4), ("q_proj",), "llama", "not a projection of the base"),
     (Q, (4, 64), (64, 4), ("qkv_proj",), "llama", r"target_modules \['qkv_proj'\] are not projections"),
     (Q, (4, 64), (64, 4), ("v_proj",), "llama", "not in target_modules"),
     (Q, (4, 64), (64, 4), ("q_proj",), "meta-llama/Llama-3-8B", "trained for base model"),

@@ -3,6 +3,7 @@ import torch
 
 from .attention import StaticKVCache
 from .batch import Batch
+from .errors import SamplingError
 from .llama import Llama
 from .sampling import SamplingParams, sample
 
@@ -26,11 +27,17 @@ def generate(
         stop_token_ids: ids that end a row (typically Tokenizer.stop_token_ids); ignored with ignore_eos.
         pad_id: id placed in padding slots (never attended).
 
+    Raises:
+        ValueError on an empty prompt; SamplingError for stop strings.
+
     Returns:
         The new tokens per row, the stop token included when one was produced.
     """
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("generate: every prompt needs at least one token")
+    if params.stop:
+        raise SamplingError(f"stop={params.stop!r}: stop strings need detokenized text; generate() stops on "
+                            "token ids only (use stop_token_ids, or qserve)")
     device = model.model.embed_tokens.weight.device
     B, T = len(prompts), max(len(p) for p in prompts)
     ids = torch.full((B, T), pad_id, dtype=torch.long, device=device)
