@@ -160,6 +160,8 @@ def vllm_command(config: ServeConfig, opts: VllmOptions, port: int, key: str, se
             "--disable-uvicorn-access-log"]
     if config.max_cpu_loras is not None:
         argv += ["--max-cpu-loras", str(config.max_cpu_loras)]
+    if config.lora_dtype != "auto":
+        argv += ["--lora-dtype", config.lora_dtype]
     if config.adapters:
         argv += ["--lora-modules", *(f"{n}={p}" for n, p in config.adapters)]
     if opts.enforce_eager if opts.enforce_eager is not None else config.device == "cpu":

@@ -48,6 +48,9 @@ def test_command_has_plugin_lora_and_parallel_flags(tmp_path, monkeypatch):
     assert env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] == "True" and env["QLORA_KIT_VLLM_DEQUANTIZE"] == "1"
     # 100k tokens * 2 (k, v) * 30 layers * 3 heads * 64 dims * 2 bytes = 2.15 GiB -> 3 whole GiB
     assert env["VLLM_CPU_KVCACHE_SPACE"] == "3"
+    assert "--lora-dtype" not in argv  # auto: vLLM's own default, the same rule as the native engine
+    fp16 = ServeConfig(str(ckpt), lora_dtype="float16", kv_cache_tokens=100_000)
+    assert " --lora-dtype float16" in " ".join(vllm_command(fp16, opts, 8123, "k", "tiny-nf4", 8)[0])
 
 
 def test_max_lora_rank_from_adapters_rounded_to_vllm_ranks(tmp_path):
