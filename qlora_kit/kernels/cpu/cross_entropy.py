@@ -13,9 +13,7 @@ in order (the vocab-sliced grad_h, the kernel's dot products).
 import torch
 
 from ..ref.cross_entropy import _ChunkedCrossEntropyRef
-from .dense import linear16
-
-SLICE = 8192  # vocab rows of a 16-bit head widened to fp32 at a time for grad_h
+from .dense import SLICE, linear16
 
 
 def _logits(hc: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

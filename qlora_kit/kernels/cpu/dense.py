@@ -7,9 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from ._build import library
-from .nf4 import _KIND, FUSED_MAX_ROWS, _p, _run, _split
+from .nf4 import _KIND, _TILE_ROWS, FUSED_MAX_ROWS, _p, _run, _split
 
-_TILE_ROWS = 8  # nf4.c QK_NB
 SLICE = 8192  # rows of W widened to fp32 at a time for the BLAS path
 
 

@@ -21,12 +21,6 @@ static inline float load_w(const void *p, int kind, int64_t i) {
     return f16_to_f32(((const uint16_t *)p)[i]);
 }
 
-static inline void store_y(void *p, int kind, int64_t i, float v) {
-    if (kind == OUT_F32) ((float *)p)[i] = v;
-    else if (kind == OUT_BF16) ((uint16_t *)p)[i] = f32_to_bf16(v);
-    else ((uint16_t *)p)[i] = f32_to_f16(v);
-}
-
 #ifdef QK_AVX2
 static inline __m256 load8(const void *p, int kind, int64_t i) {
     if (kind == OUT_F32) return _mm256_loadu_ps((const float *)p + i);
@@ -97,7 +91,7 @@ static void expand(const float *u, const void *bt, int w_kind, int64_t row0, int
         }
 #endif
         for (; n < nc; n++)
-            store_y(y, y_kind, off + n0 + n,
+            store_scalar(y, y_kind, off + n0 + n,
                     load_w(base, y_kind, off + n0 + n) + round_w_scalar(round_w_scalar(d[n], w_kind), y_kind));
     }
 }

@@ -42,7 +42,7 @@ def lora_cpu(base_out: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora
         x2 = x.reshape(-1, x.shape[-1])
         ids = torch.zeros(x2.shape[0], dtype=torch.int64)
         one = (torch.tensor([0, lora_a.shape[0]]), torch.tensor([scale], dtype=torch.float32))
-        return _lora_rows(base2, x2, ids, lora_a, lora_b, *one).view(base_out.shape)
+        return _lora_rows(base2, x2, ids, lora_a, lora_b, *one, lora_a.shape[0]).view(base_out.shape)
     x2 = x.reshape(-1, x.shape[-1]).to(lora_a.dtype)
     u = (x2 @ lora_a.t()) * scale
     if base2.dtype == u.dtype:
@@ -128,8 +128,9 @@ def lora_multi_cpu(base_out: torch.Tensor, x: torch.Tensor, adapter_ids: torch.T
     x2 = x.reshape(-1, k)
     base2 = base_out.reshape(-1, n)
     recorded = torch.is_grad_enabled() and any(t.requires_grad for t in (base_out, x, lora_a, lora_b))
-    if not recorded and library() is not None and _max_rank(offsets) <= ROWS_MAX_RANK:
-        return _lora_rows(base2, x2, adapter_ids, lora_a, lora_b, offsets, scales).view(base_out.shape)
+    r_max = _max_rank(offsets)
+    if not recorded and library() is not None and r_max <= ROWS_MAX_RANK:
+        return _lora_rows(base2, x2, adapter_ids, lora_a, lora_b, offsets, scales, r_max).view(base_out.shape)
     y = base2
     for g in _plan(adapter_ids, offsets.tolist()):
         a_g, bt_g = _group_weights(lora_a, lora_b, g)
@@ -155,8 +156,9 @@ def _max_rank(offsets: torch.Tensor) -> int:
     return max((hi - lo for lo, hi in zip(bounds, bounds[1:])), default=0)
 
 
-def _lora_rows(base2, x2, adapter_ids, lora_a, lora_b, offsets, scales) -> torch.Tensor:
-    """kernels/cpu/lora.c qk_lora_rows over all rows: y = base + the row's adapter's LoRA term (no autograd)."""
+def _lora_rows(base2, x2, adapter_ids, lora_a, lora_b, offsets, scales, r_max: int) -> torch.Tensor:
+    """kernels/cpu/lora.c qk_lora_rows over all rows: y = base + the row's adapter's LoRA term (no autograd);
+    r_max, the largest rank, sizes the work for the thread split."""
     m, k = x2.shape
     n = base2.shape[1]
     a = lora_a.contiguous()
@@ -173,5 +175,5 @@ def _lora_rows(base2, x2, adapter_ids, lora_a, lora_b, offsets, scales) -> torch
         lib.qk_lora_rows(_p(xw), k, _p(ids), _p(a), _p(bt), _KIND[a.dtype], _p(off), _p(sc), _p(base_c), _p(y), n,
                          _KIND[y.dtype], begin, end)
 
-    _run(_split(m, 1, m * 16 * (k + n)), call)
+    _run(_split(m, 1, m * r_max * (k + n)), call)
     return y

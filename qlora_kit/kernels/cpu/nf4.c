@@ -22,13 +22,6 @@ static inline float block_absmax(const void *absmax, const float *nested_absmax,
     return prod + *offset;
 }
 
-static inline void store_scalar(void *out, int out_kind, int64_t i, float v) {
-    if (out_kind >= OUT_F32_VIA_BF16) ((float *)out)[i] = round_w_scalar(v, out_kind - 2);
-    else if (out_kind == OUT_F32) ((float *)out)[i] = v;
-    else if (out_kind == OUT_BF16) ((uint16_t *)out)[i] = f32_to_bf16(v);
-    else ((uint16_t *)out)[i] = f32_to_f16(v);
-}
-
 #ifdef QK_AVX2
 /* Q[idx] for 8 int32 codes in 0..15: two permutes of the 8-entry halves, blended on bit 3 */
 static inline __m256 lut16(__m256 q_lo, __m256 q_hi, __m256i idx) {

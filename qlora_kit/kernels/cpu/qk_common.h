@@ -78,4 +78,11 @@ static inline float round_w_scalar(float v, int w_kind) {
     return v;
 }
 
+static inline void store_scalar(void *out, int out_kind, int64_t i, float v) {
+    if (out_kind >= OUT_F32_VIA_BF16) ((float *)out)[i] = round_w_scalar(v, out_kind - 2);
+    else if (out_kind == OUT_F32) ((float *)out)[i] = v;
+    else if (out_kind == OUT_BF16) ((uint16_t *)out)[i] = f32_to_bf16(v);
+    else ((uint16_t *)out)[i] = f32_to_f16(v);
+}
+
 #endif
