@@ -10,6 +10,7 @@ from rich.console import Console
 
 from qlora_kit._cli import cli_errors, dataclass_options
 
+from . import plot
 from .ask import ask as run_ask
 from .config import TrainConfig, build_config
 from .distributed import from_env
@@ -24,8 +25,9 @@ Defaults are the QLoRA paper's recipe (Dettmers et al. 2023):
 Settings also come from --config FILE (.toml/.yaml/.json, keys = option names); flags override the file.
 \b
 Writes OUT/: adapter_config.json + adapter_model.safetensors (PEFT layout), train_config.json,
-metrics.jsonl, loss_curve.png, checkpoints/step-N/ (--save-every). Ctrl-C saves a checkpoint;
-continue with --resume OUT."""
+metrics.jsonl, loss_curve.png (with matplotlib: the `plot` extra), runs/ (--report-to tensorboard),
+checkpoints/step-N/ (--save-every). Ctrl-C saves a checkpoint; continue with --resume OUT.
+Push the adapter to the Hub with its own model card: qtrain publish OUT REPO_ID."""
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -48,6 +50,8 @@ def _train(config, **flags):
     first = f"loss {result.losses[0]:.4f} -> {result.losses[-1]:.4f}" if result.losses else "no steps run"
     Console().print(f"wrote {result.out}: {result.steps} steps, {first}{tail}, {result.tokens_per_s:,.0f} tok/s, "
                     f"peak memory {result.peak_memory_mb:,.0f} MiB")
+    if not plot.HAS_MATPLOTLIB:
+        console.print(plot.SKIPPED, markup=False, highlight=False, soft_wrap=True)
 
 
 train = click.Command(

@@ -5,6 +5,7 @@ dropout 0.1, LoRA on all linear layers, lr 2e-4, constant schedule, 3% warmup, m
 paged AdamW, effective batch 16). A TOML/YAML file (`--config`) overrides them, and CLI flags, generated
 from these fields (trainer/cli.py), override the file. Keys are the field names (dashes allowed).
 """
+import importlib.util
 import json
 import math
 import os
@@ -25,6 +26,7 @@ OPTIMIZERS = ("adamw", "adamw8bit", "paged_adamw", "paged_adamw8bit")
 SCHEDULES = ("constant", "cosine", "linear")
 DTYPES = ("bfloat16", "float16", "float32")
 DEVICES = ("auto", "cpu", "cuda")
+REPORT_TO = ("none", "tensorboard")
 
 
 def _f(default, help: str, **extra):
@@ -83,6 +85,8 @@ class TrainConfig:
     stop_after: int = _f(0, "stop with a resumable checkpoint after this many steps of this run (0 = run to the end)")
     resume: str = _f("", "checkpoint folder (or run folder: its latest checkpoint) to continue from")
     progress: bool = _f(True, "live progress display")
+    report_to: str = _f("none", "also log loss, lr and eval loss to: tensorboard (event files in OUT/runs/; the "
+                        "tensorboard extra)", choices=REPORT_TO)
 
     def __post_init__(self):
         for name in ("base", "data", "out"):
@@ -112,6 +116,9 @@ class TrainConfig:
                                   f"(--{_flag(f.name)})")
         if not self.target_modules or any(not t for t in self.target_modules):
             raise ConfigError(f"target_modules={list(self.target_modules)}: name at least one projection or all-linear")
+        if self.report_to == "tensorboard" and importlib.util.find_spec("tensorboard") is None:
+            raise ConfigError("report_to=tensorboard needs the tensorboard package: pip install 'qlora-kit[tensorboard]' "
+                              "(--report-to)")
 
     def to_json(self) -> dict:
         out = asdict(self)
