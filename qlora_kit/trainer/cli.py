@@ -79,3 +79,28 @@ def ask(base, adapter, max_tokens, questions):
 
 
 main.add_command(train_many)  # trainer/many/cli.py
+
+
+@main.command()
+@click.argument("adapter_dir", type=click.Path(exists=True, file_okay=False))
+@click.argument("repo_id")
+@click.option("--base-model", default=None, help="Hub id of the base (default: the adapter's base_model_name_or_path "
+              "when it is a Hub id).")
+@click.option("--private", is_flag=True, help="Create the repo private.")
+@click.option("--revision", default=None, help="Branch to upload to (created if missing).")
+@click.option("--dry-run", is_flag=True, help="Print the files and model card that would be uploaded; upload nothing.")
+@click.option("--token", envvar="HF_TOKEN", default=None, help="Hub token (default: $HF_TOKEN or the saved login).")
+@cli_errors
+def publish(adapter_dir, repo_id, base_model, private, revision, dry_run, token):
+    """Push the adapter in ADAPTER_DIR (qtrain train's --out) to REPO_ID with its own model card: base model link,
+    data summary, training settings, losses, eval loss and the loss curve."""
+    from .publish import plan, upload
+
+    p = plan(adapter_dir, repo_id, revision, private, base_model)
+    if dry_run:
+        click.echo(f"would upload to {repo_id} (revision {revision or 'main'}, {'private' if private else 'public'}):")
+        for name, size in p.files:
+            click.echo(f"  {name}\t{size}")
+        click.echo("--- README.md ---\n" + p.card)
+        return
+    Console().print(f"uploaded {len(p.files)} files: {upload(adapter_dir, p, token)}")
