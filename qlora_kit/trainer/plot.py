@@ -12,6 +12,7 @@ try:
 
     matplotlib.use("Agg")
     from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
     HAS_MATPLOTLIB = True
 except ImportError:
@@ -36,6 +37,7 @@ def write_loss_curve(path: Path, train: tuple[list, list], evals: tuple[list, li
         ax.plot(train[0], train[1], color="tab:blue", linewidth=1.2, label="train loss")
     if evals[0]:
         ax.plot(evals[0], evals[1], "o--", color="tab:red", markersize=4, label="eval loss")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps are whole numbers
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("loss (mean cross-entropy per target token)")
     last = [f"{name} {ys[-1]:.4f}" for name, ys in (("train", train[1]), ("eval", evals[1])) if ys]
