@@ -64,7 +64,7 @@ main.add_command(train)
 
 
 @main.command()
-@click.option("--base", required=True, help="the checkpoint the adapter was trained on")
+@click.option("--base", required=True, help="the checkpoint the adapter was trained on (folder or Hub id)")
 @click.option("--adapter", required=True, help="adapter folder (qtrain train's --out, or any PEFT LoRA adapter)")
 @click.option("--max-tokens", default=48, show_default=True)
 @click.argument("questions", nargs=-1, required=True)

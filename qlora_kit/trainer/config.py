@@ -38,7 +38,8 @@ class TrainConfig:
     """One qtrain run. Raises ConfigError (a ValueError) naming the field on an out-of-range value."""
 
     # what to train on and where to write
-    base: str = _f("", "4-bit checkpoint folder (qconvert convert) or a bf16 HF folder (quantized while loading)")
+    base: str = _f("", "4-bit checkpoint folder (qconvert convert), a bf16 HF folder (quantized while loading) "
+                   "or a Hub id of either (HF cache; HF_HUB_OFFLINE honoured)")
     data: str = _f("", "training JSONL: {\"text\"}, {\"prompt\",\"completion\"} or {\"messages\"} per line")
     out: str = _f("", "output folder (must not exist unless --resume): PEFT adapter, config, metrics, checkpoints")
     eval_data: str = _f("", "held-out JSONL for eval loss (empty = split --eval-fraction off --data)")
