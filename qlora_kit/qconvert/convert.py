@@ -44,12 +44,13 @@ class ConvertResult:
 
 
 def aux_files(folder: Path) -> list[str]:
-    """Config, generation config, tokenizer files and chat template: what is copied beside the weights."""
-    names = []
+    """What is copied beside the weights: config, generation config, tokenizer files, chat template and every
+    licence/notice file (_cli.hub.license_files)."""
+    names = {p.name for p in license_files(folder)}
     for p in sorted(folder.iterdir()):
         if p.is_file() and not p.name.startswith(".") and p.suffix in _AUX_SUFFIXES and p.name not in _WEIGHT_INDEXES:
-            names.append(p.name)
-    return names
+            names.add(p.name)
+    return sorted(names)
 
 
 def converted_config(config: dict, cfg: ConvertConfig) -> dict:
@@ -127,7 +128,7 @@ def _write(folder: Path, out: Path, weights: SourceWeights, config: dict, cfg: C
             del tensor, entries
             bar.advance(task, info.nbytes)
         files = writer.close()
-        for name in sorted({*aux_files(folder), *(p.name for p in license_files(folder))}):
+        for name in aux_files(folder):
             if name != "config.json":
                 shutil.copyfile(folder / name, tmp / name)
         write_json(tmp / "config.json", converted_config(config, cfg))

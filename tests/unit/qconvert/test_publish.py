@@ -131,6 +131,14 @@ def test_convert_carries_every_licence_file(licensed_out):
     assert not (licensed_out / "NOTES.md").exists() and not (licensed_out / "README.md").exists()
 
 
+def test_dequantize_carries_them_too(licensed_out, tmp_path):
+    from qlora_kit.qconvert.dequantize import dequantize
+
+    dequantize(licensed_out, tmp_path / "bf16", progress=False)
+    for name, text in LICENSES.items():
+        assert (tmp_path / "bf16" / name).read_text() == text
+
+
 def test_card_metadata_parses_back_and_carries_the_licence(licensed_out, tmp_path):
     result = _run("publish", licensed_out, "me/tiny-nf4", "--dry-run", "--base-model", "org/tiny",
                   "--quantized-by", "Quill Team")
