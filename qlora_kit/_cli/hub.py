@@ -5,8 +5,8 @@ not cached is a one-line error saying so. Used by `qconvert convert/verify --aga
 train-many / ask --base` and `qserve serve CKPT`. The upload helpers shared by `qconvert publish` and
 `qtrain publish` live here too.
 
-Only the files a checkpoint needs are fetched: weights, configs, tokenizer and chat template, the model
-card (README.md, whose front matter carries the licence) and the licence/notice files a republished model
+Only the files a checkpoint needs are fetched: weights (safetensors; PyTorch .bin only when the repo has no
+safetensors), configs, tokenizer and chat template, the model card (README.md, whose front matter carries the licence) and the licence/notice files a republished model
 must carry (LICENSE*, LICENCE*, NOTICE*, USE_POLICY*, COPYING*, any letter case).
 """
 import os
@@ -66,8 +66,14 @@ def resolve_checkpoint(src: str | os.PathLike, revision: str | None = None, toke
     from huggingface_hub import constants, snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, OfflineModeIsEnabled
 
+    patterns = patterns or HUB_PATTERNS
     try:
-        return Path(snapshot_download(src, revision=revision, token=token, allow_patterns=patterns or HUB_PATTERNS))
+        # safetensors first: many repos hold both formats, and the .bin copy would double the download
+        folder = Path(snapshot_download(src, revision=revision, token=token,
+                                        allow_patterns=[p for p in patterns if p != "*.bin"]))
+        if "*.bin" in patterns and not any(folder.glob("*.safetensors")):
+            folder = Path(snapshot_download(src, revision=revision, token=token, allow_patterns=patterns))
+        return folder
     except (HfHubHTTPError, LocalEntryNotFoundError, OfflineModeIsEnabled, OSError, ValueError) as e:
         if constants.HF_HUB_OFFLINE:
             raise CheckpointNotFound(f"{src}: not a local folder, and HF_HUB_OFFLINE=1 but it is not in the Hugging "

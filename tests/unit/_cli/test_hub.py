@@ -68,3 +68,9 @@ def test_licence_files_are_bounded(tmp_path):
         (tmp_path / f"NOTICE{i}").write_text("n")
     with pytest.raises(CheckpointNotFound, match=f"{MAX_LICENSE_FILES + 1} licence/notice files"):
         license_files(tmp_path)
+
+
+def test_a_cached_repo_with_only_pytorch_bin_weights_resolves(cache):
+    """The safetensors-first fetch falls back to the .bin patterns when the snapshot has no safetensors."""
+    (cache / "pytorch_model.bin").write_bytes(b"")
+    assert resolve_checkpoint("org/model") == cache
