@@ -114,21 +114,32 @@ def dequantize(path, out, dtype, max_shard_size, overwrite, quiet):
 @click.option("--dry-run", is_flag=True, help="Print the files and model card that would be uploaded; upload nothing.")
 @click.option("--against", default=None, help="Source checkpoint, to put an error table in the model card.")
 @click.option("--base-model", default=None, help="Hub id of the source (default: the one recorded by convert).")
+@click.option("--quantized-by", default=None, help="quantized_by in the card's metadata (default: REPO_ID's namespace).")
+@click.option("--large-folder-threshold", default="5GB", show_default=True,
+              help="Folders larger than this go through huggingface_hub's resumable large-folder upload (several "
+                   "commits; rerun to resume; the card is written to PATH/README.md first); smaller ones are one "
+                   "commit.")
 @click.option("--token", envvar="HF_TOKEN", default=None, help="Hub token (default: $HF_TOKEN or the saved login).")
 @cli_errors
-def publish(path, repo_id, private, revision, dry_run, against, base_model, token):
-    """Verify PATH, then create REPO_ID on the Hub and upload it with a generated model card."""
+def publish(path, repo_id, private, revision, dry_run, against, base_model, quantized_by, large_folder_threshold,
+            token):
+    """Verify PATH, then create REPO_ID on the Hub and upload it (licence files included) with a model card."""
     from .publish import plan as publish_plan
     from .publish import upload
 
-    p = publish_plan(path, repo_id, revision, private, against, base_model, DEFAULT_MIN_SQNR_DB)
+    threshold = parse_size(large_folder_threshold, "--large-folder-threshold")
+    p = publish_plan(path, repo_id, revision, private, against, base_model, DEFAULT_MIN_SQNR_DB, quantized_by)
     if dry_run:
-        click.echo(f"would upload to {repo_id} (revision {revision or 'main'}, {'private' if private else 'public'}):")
+        how = "resumable large-folder upload" if p.total_bytes > threshold else "one commit"
+        click.echo(f"would upload to {repo_id} (revision {revision or 'main'}, {'private' if private else 'public'}, "
+                   f"{how}):")
         for name, size in p.files:
             click.echo(f"  {name}\t{size}")
         click.echo("--- README.md ---\n" + p.card)
         return
-    console.print(f"uploaded {len(p.files)} files: {upload(path, p, token)}")
+    if not p.licenses:
+        console.print("[yellow]note:[/yellow] no LICENSE/NOTICE/USE_POLICY file in the folder")
+    console.print(f"uploaded {len(p.files)} files: {upload(path, p, token, threshold)}")
 
 
 @main.command()

@@ -5,17 +5,23 @@ chunks when they are linear weights (formats.layout.should_quantize, minus --ski
 appended to the current shard's section files (qconvert/shards.py). Peak memory is therefore about
 one source tensor plus its quantization temporaries, not the model size. Everything is written
 into a temporary folder beside OUT that is renamed to OUT only once complete (formats.io.atomic_dir),
-so a failure or Ctrl-C leaves no OUT behind.
+so a failure or Ctrl-C leaves no OUT behind. Beside the weights go the source's config, tokenizer and
+chat template and every licence/notice file (LICENSE*, LICENCE*, NOTICE*, USE_POLICY*, COPYING*), which
+a republished model must carry; the source card's licence fields are recorded in the safetensors
+metadata (`qlora_kit.source_license`) for the model card `publish` writes.
 """
+import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from qlora_kit._cli.hub import license_files
 from qlora_kit.formats import atomic_dir, quantization_config, quantize_4bit, should_quantize, to_entries, write_json
 
 from .errors import InvalidOption
+from .licence import LICENSE_KEY, source_license
 from .options import ConvertConfig
 from .progress import byte_progress
 from .shapes import check_tensor_shapes
@@ -38,12 +44,13 @@ class ConvertResult:
 
 
 def aux_files(folder: Path) -> list[str]:
-    """Config, generation config, tokenizer files and chat template: what is copied beside the weights."""
-    names = []
+    """What is copied beside the weights: config, generation config, tokenizer files, chat template and every
+    licence/notice file (_cli.hub.license_files)."""
+    names = {p.name for p in license_files(folder)}
     for p in sorted(folder.iterdir()):
         if p.is_file() and not p.name.startswith(".") and p.suffix in _AUX_SUFFIXES and p.name not in _WEIGHT_INDEXES:
-            names.append(p.name)
-    return names
+            names.add(p.name)
+    return sorted(names)
 
 
 def converted_config(config: dict, cfg: ConvertConfig) -> dict:
@@ -110,7 +117,11 @@ def _write(folder: Path, out: Path, weights: SourceWeights, config: dict, cfg: C
            progress: bool) -> list[Path]:
     with atomic_dir(out, overwrite=cfg.overwrite) as tmp, byte_progress(progress) as bar:
         task = bar.add_task(f"converting {folder.name}", total=weights.total_bytes)
-        writer = ShardWriter(tmp, cfg.max_shard_size, {SOURCE_KEY: str(src)})
+        meta = {SOURCE_KEY: str(src)}
+        licence = source_license(folder)
+        if licence:
+            meta[LICENSE_KEY] = json.dumps(licence, sort_keys=True)
+        writer = ShardWriter(tmp, cfg.max_shard_size, meta)
         for info, tensor in weights:
             entries = convert_tensor(info.name, tensor, cfg)
             writer.add_group(entries)

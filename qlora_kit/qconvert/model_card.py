@@ -1,9 +1,12 @@
-"""The README.md (model card) `publish` uploads: Hub YAML metadata, size and error tables, usage.
+"""The README.md (model card) `publish` uploads: Hub metadata, size and error tables, load snippets.
 
-YAML front matter: base_model (when known) with base_model_relation: quantized, library_name:
-transformers, tags bitsandbytes / 4-bit / <quant type> / qlora-kit. Sizes come from `inspect`
-(bits per parameter = 8 * bytes / params); errors, when a source was given, from `verify --against`
-(SQNR_dB = 10 log10(sum W^2 / sum (W - W')^2) per tensor).
+The metadata is built with huggingface_hub's ModelCardData (so it parses back with ModelCard.load):
+base_model (when known) with base_model_relation: quantized, license (and license_name / license_link
+for "other") copied from the source's card front matter or config.json (recorded at convert time in the
+safetensors metadata key `qlora_kit.source_license`, qconvert/licence.py), pipeline_tag:
+text-generation, library_name: transformers, tags bitsandbytes / 4-bit / <quant type> / qlora-kit, quantized_by. Sizes come from
+`inspect` (bits per parameter = 8 * bytes / params); errors, when a source was given, from
+`verify --against` (SQNR_dB = 10 log10(sum W^2 / sum (W - W')^2) per tensor).
 """
 import statistics
 
@@ -13,13 +16,15 @@ from .verify import VerifyResult
 _WORST = 10
 
 
-def _yaml(base_model: str | None, quant_type: str) -> str:
-    lines = ["---"]
-    if base_model:
-        lines += [f"base_model: {base_model}", "base_model_relation: quantized"]
-    lines += ["library_name: transformers", "tags:", "- bitsandbytes", "- 4-bit", f"- {quant_type}", "- qlora-kit",
-              "---"]
-    return "\n".join(lines)
+def card_data(base_model: str | None, quant_type: str, license_: dict[str, str], quantized_by: str):
+    """The card's metadata as huggingface_hub.ModelCardData."""
+    from huggingface_hub import ModelCardData
+
+    extra = {"base_model_relation": "quantized"} if base_model else {}
+    return ModelCardData(base_model=base_model, license=license_.get("license"),
+                         license_name=license_.get("license_name"), license_link=license_.get("license_link"),
+                         pipeline_tag="text-generation", library_name="transformers",
+                         tags=["bitsandbytes", "4-bit", quant_type, "qlora-kit"], quantized_by=quantized_by, **extra)
 
 
 def _size_table(ins: Inspection) -> str:
@@ -49,15 +54,23 @@ def _error_table(result: VerifyResult) -> str:
     return "\n".join(lines)
 
 
-def model_card(repo_id: str, ins: Inspection, errors: VerifyResult | None, base_model: str | None) -> str:
-    """The full README.md text for `repo_id`."""
+def model_card(repo_id: str, ins: Inspection, errors: VerifyResult | None, base_model: str | None,
+               license_: dict[str, str] | None = None, quantized_by: str | None = None) -> str:
+    """The full README.md text for `repo_id` (front matter from card_data, then the body)."""
     qc = ins.quantization_config or {}
     qt = qc.get("bnb_4bit_quant_type", "nf4")
     compute = qc.get("bnb_4bit_compute_dtype", "bfloat16")
+    license_ = license_ or {}
+    data = card_data(base_model, qt, license_, quantized_by or repo_id.split("/")[0])
     source = f"[{base_model}](https://huggingface.co/{base_model})" if base_model else "its source model"
     settings = [r for r in ins.rows if r.blocksize is not None]
     blocksize = settings[0].blocksize if settings else 64
-    return f"""{_yaml(base_model, qt)}
+    licence = (f"Licence: `{license_['license']}`, the source model's; its licence and notice files are included "
+               "unchanged." if license_.get("license") else
+               "Licence: the source model's card states none; its licence and notice files, if any, are included.")
+    return f"""---
+{data.to_yaml()}
+---
 
 # {repo_id.split('/')[-1]}
 
@@ -66,6 +79,8 @@ bitsandbytes 4-bit layout, so transformers + bitsandbytes, vLLM and qlora-kit lo
 
 Quantization: {qt}, blocksize {blocksize}, double quantization {'on' if qc.get('bnb_4bit_use_double_quant') else 'off'},
 compute dtype {compute}; embeddings, the LM head and norms are kept in {compute}.
+
+{licence}
 
 ## Size
 
@@ -77,7 +92,7 @@ compute dtype {compute}; embeddings, the LM head and norms are kept in {compute}
 
 ## Usage
 
-transformers + bitsandbytes:
+transformers + bitsandbytes (the quantization settings are in config.json):
 
 ```python
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -88,9 +103,26 @@ inputs = tokenizer("The capital of France is", return_tensors="pt").to(model.dev
 print(tokenizer.decode(model.generate(**inputs, max_new_tokens=16)[0]))
 ```
 
-qlora-kit (many LoRA adapters over one 4-bit base, OpenAI-compatible API):
+PEFT (a LoRA adapter trained on this 4-bit base, e.g. by `qtrain train --base {repo_id}`):
+
+```python
+from peft import PeftModel
+from transformers import AutoModelForCausalLM
+
+model = AutoModelForCausalLM.from_pretrained("{repo_id}", device_map="auto")
+model = PeftModel.from_pretrained(model, "your-org/your-adapter")
+```
+
+vLLM (bitsandbytes pre-quantized checkpoint; adapters with `--enable-lora`):
 
 ```bash
-qserve serve {repo_id}
+vllm serve {repo_id} --quantization bitsandbytes --enable-lora --lora-modules my-adapter=your-org/your-adapter
+```
+
+qlora-kit (many LoRA adapters over one 4-bit base, OpenAI-compatible API; the Hub id is fetched into the
+Hugging Face cache):
+
+```bash
+qserve serve {repo_id} --adapter my-adapter=path/to/adapter
 ```
 """

@@ -14,17 +14,17 @@ _SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**1
                "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
 
 
-def parse_size(text: str | int) -> int:
+def parse_size(text: str | int, option: str = "--max-shard-size") -> int:
     """'5GB' -> 5_000_000_000, '500MiB' -> 524_288_000, 1000 -> 1000 (decimal units as transformers)."""
     if isinstance(text, int):
         value = text
     else:
         m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", str(text))
         if not m or m.group(2).upper() not in _SIZE_UNITS:
-            raise InvalidOption(f"--max-shard-size {text!r}: expected a size such as 5GB, 500MB or 2GiB")
+            raise InvalidOption(f"{option} {text!r}: expected a size such as 5GB, 500MB or 2GiB")
         value = int(float(m.group(1)) * _SIZE_UNITS[m.group(2).upper()])
     if value <= 0:
-        raise InvalidOption(f"--max-shard-size {text!r}: must be positive")
+        raise InvalidOption(f"{option} {text!r}: must be positive")
     return value
 
 

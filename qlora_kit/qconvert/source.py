@@ -8,14 +8,13 @@ on disk until read. Safetensors tensors are read with plain reads into a fresh b
 through a memory map: mapped pages would stay resident (and counted in RSS) for as long as the file is
 open, so memory would grow with the file instead of with the largest tensor.
 """
-import os
-import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from qlora_kit._cli.hub import REPO_ID_PATTERN, CheckpointNotFound, resolve_checkpoint
 from qlora_kit.formats import FormatError, index_shards, read_header, read_json_object, spec
 
 from .errors import SourceNotFound, UnsupportedArchitecture, UnsupportedSourceDtype
@@ -24,9 +23,6 @@ from .shapes import check_shapes_config
 LLAMA_FAMILY = ("llama", "mistral", "qwen2", "qwen3")
 ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
 FLOAT_DTYPES = {name: spec.ST_DTYPES[name] for name in ("F32", "F16", "BF16")}  # the dtypes qconvert converts
-REPO_ID_PATTERN = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
-# Files fetched from the Hub: weights, configs, tokenizer and chat template; never other formats.
-HUB_PATTERNS = ["*.json", "*.safetensors", "*.bin", "*.jinja", "*.model", "*.txt", "*.tiktoken"]
 
 
 @dataclass(frozen=True)
@@ -43,26 +39,16 @@ class TensorInfo:
 
 
 def resolve(src: str, revision: str | None = None, token: str | None = None) -> Path:
-    """A local folder as is, or a Hub repo id downloaded with huggingface_hub (HF_HUB_OFFLINE is honoured).
+    """A local folder as is, or a Hub repo id fetched through the HF cache (qlora_kit._cli.hub; HF_HUB_OFFLINE
+    is honoured).
 
     Raises:
-        SourceNotFound: neither a folder nor a fetchable repo.
+        SourceNotFound: neither a folder nor a fetchable (offline: cached) repo.
     """
-    path = Path(src).expanduser()
-    if path.is_dir():
-        return path
-    if path.exists():
-        raise SourceNotFound(f"{src}: is a file; SRC must be a checkpoint folder or a Hub repo id")
-    if src.startswith((".", "/", "~")) or os.sep in src.strip("/").replace("/", "", 1) or not REPO_ID_PATTERN.fullmatch(src):
-        raise SourceNotFound(f"{src}: no such folder (and not a Hub repo id such as org/name)")
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, OfflineModeIsEnabled
-
     try:
-        return Path(snapshot_download(src, revision=revision, token=token, allow_patterns=HUB_PATTERNS))
-    except (HfHubHTTPError, LocalEntryNotFoundError, OfflineModeIsEnabled, OSError, ValueError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise SourceNotFound(f"{src}: not a local folder and could not be fetched from the Hub ({first})") from None
+        return resolve_checkpoint(src, revision, token)
+    except CheckpointNotFound as e:
+        raise SourceNotFound(str(e)) from None
 
 
 def read_config(folder: Path) -> dict:

@@ -12,6 +12,7 @@ import urllib.request
 import click
 
 from qlora_kit._cli import cli_errors, dataclass_options
+from qlora_kit._cli.hub import is_hub_id, resolve_checkpoint
 
 from .config import ServeConfig
 from .vllm_backend.launch import pop_vllm_options, vllm_cli_options
@@ -26,7 +27,7 @@ def main():
 
 
 @main.command()
-@click.argument("checkpoint", type=click.Path(exists=True, file_okay=False))
+@click.argument("checkpoint")
 @click.option("--adapter", "adapters", multiple=True, metavar="NAME=PATH", help="Adapter loaded at start-up.")
 @click.option("--base-name", "base_names", multiple=True, help="Another name of the base for adapter checks.")
 @click.option("--backend", type=click.Choice(["native", "vllm"]), default="native", show_default=True,
@@ -34,7 +35,8 @@ def main():
 @vllm_cli_options
 @cli_errors
 def serve(checkpoint, adapters, base_names, backend, **flags):
-    """Start the HTTP server for CHECKPOINT (a qconvert output folder)."""
+    """Start the HTTP server for CHECKPOINT (a qconvert output folder, or its Hub id: fetched into the Hugging Face
+    cache, HF_HUB_OFFLINE honoured)."""
     pairs = []
     for item in adapters:
         name, sep, path = item.partition("=")
@@ -44,9 +46,11 @@ def serve(checkpoint, adapters, base_names, backend, **flags):
     if backend == "vllm" and flags.get("threads") is not None:
         raise click.UsageError("--threads sets the native engine's step thread; with --backend vllm use vLLM's own "
                                "CPU thread settings")
+    folder = str(resolve_checkpoint(checkpoint))  # a Hub id is also a name of the base for adapter checks
+    base_names = (*base_names, checkpoint) if is_hub_id(checkpoint) else base_names
     try:
         vllm_opts = pop_vllm_options(flags)
-        config = ServeConfig(checkpoint, tuple(pairs), base_names=tuple(base_names),
+        config = ServeConfig(folder, tuple(pairs), base_names=tuple(base_names),
                              **{k: v for k, v in flags.items() if v is not None})
     except ValueError as e:
         raise click.UsageError(str(e)) from None

@@ -2,6 +2,7 @@
 import os
 from dataclasses import dataclass
 
+from qlora_kit._cli.hub import resolve_checkpoint
 from qlora_kit.models import SamplingParams, Tokenizer, base_names, generate, load_model, load_peft_adapter
 
 ADAPTER_ID = 0
@@ -20,9 +21,11 @@ def ask(base: str | os.PathLike, adapter: str | os.PathLike, questions: list[str
     Raises:
         models/formats errors for a bad checkpoint or adapter folder.
     """
+    given, base = str(base), resolve_checkpoint(base)  # a folder, or a Hub id's snapshot in the HF cache
+    names = base_names(base) + ((given,) if given != str(base) else ())
     tok = Tokenizer(base)
     model = load_model(base)
-    load_peft_adapter(model, adapter, ADAPTER_ID, base=base_names(base))  # the adapter boundary, as qserve's
+    load_peft_adapter(model, adapter, ADAPTER_ID, base=names)  # the adapter boundary, as qserve's
     prompts = [tok.encode_chat([{"role": "user", "content": q}]) for q in questions]
     params = SamplingParams(max_tokens=max_tokens)
     outs = {}

@@ -10,6 +10,7 @@ from rich.console import Console
 
 from qlora_kit._cli import cli_errors, dataclass_options
 
+from . import plot
 from .ask import ask as run_ask
 from .config import TrainConfig, build_config
 from .distributed import from_env
@@ -24,8 +25,9 @@ Defaults are the QLoRA paper's recipe (Dettmers et al. 2023):
 Settings also come from --config FILE (.toml/.yaml/.json, keys = option names); flags override the file.
 \b
 Writes OUT/: adapter_config.json + adapter_model.safetensors (PEFT layout), train_config.json,
-metrics.jsonl, loss_curve.png, checkpoints/step-N/ (--save-every). Ctrl-C saves a checkpoint;
-continue with --resume OUT."""
+metrics.jsonl, loss_curve.png (with matplotlib: the `plot` extra), runs/ (--report-to tensorboard),
+checkpoints/step-N/ (--save-every). Ctrl-C saves a checkpoint; continue with --resume OUT.
+Push the adapter to the Hub with its own model card: qtrain publish OUT REPO_ID."""
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -48,6 +50,8 @@ def _train(config, **flags):
     first = f"loss {result.losses[0]:.4f} -> {result.losses[-1]:.4f}" if result.losses else "no steps run"
     Console().print(f"wrote {result.out}: {result.steps} steps, {first}{tail}, {result.tokens_per_s:,.0f} tok/s, "
                     f"peak memory {result.peak_memory_mb:,.0f} MiB")
+    if not plot.HAS_MATPLOTLIB:
+        console.print(plot.SKIPPED, markup=False, highlight=False, soft_wrap=True)
 
 
 train = click.Command(
@@ -60,7 +64,7 @@ main.add_command(train)
 
 
 @main.command()
-@click.option("--base", required=True, help="the checkpoint the adapter was trained on")
+@click.option("--base", required=True, help="the checkpoint the adapter was trained on (folder or Hub id)")
 @click.option("--adapter", required=True, help="adapter folder (qtrain train's --out, or any PEFT LoRA adapter)")
 @click.option("--max-tokens", default=48, show_default=True)
 @click.argument("questions", nargs=-1, required=True)
@@ -75,3 +79,28 @@ def ask(base, adapter, max_tokens, questions):
 
 
 main.add_command(train_many)  # trainer/many/cli.py
+
+
+@main.command()
+@click.argument("adapter_dir", type=click.Path(exists=True, file_okay=False))
+@click.argument("repo_id")
+@click.option("--base-model", default=None, help="Hub id of the base (default: the adapter's base_model_name_or_path "
+              "when it is a Hub id).")
+@click.option("--private", is_flag=True, help="Create the repo private.")
+@click.option("--revision", default=None, help="Branch to upload to (created if missing).")
+@click.option("--dry-run", is_flag=True, help="Print the files and model card that would be uploaded; upload nothing.")
+@click.option("--token", envvar="HF_TOKEN", default=None, help="Hub token (default: $HF_TOKEN or the saved login).")
+@cli_errors
+def publish(adapter_dir, repo_id, base_model, private, revision, dry_run, token):
+    """Push the adapter in ADAPTER_DIR (qtrain train's --out) to REPO_ID with its own model card: base model link,
+    data summary, training settings, losses, eval loss and the loss curve."""
+    from .publish import plan, upload
+
+    p = plan(adapter_dir, repo_id, revision, private, base_model)
+    if dry_run:
+        click.echo(f"would upload to {repo_id} (revision {revision or 'main'}, {'private' if private else 'public'}):")
+        for name, size in p.files:
+            click.echo(f"  {name}\t{size}")
+        click.echo("--- README.md ---\n" + p.card)
+        return
+    Console().print(f"uploaded {len(p.files)} files: {upload(adapter_dir, p, token)}")

@@ -5,6 +5,7 @@ dropout 0.1, LoRA on all linear layers, lr 2e-4, constant schedule, 3% warmup, m
 paged AdamW, effective batch 16). A TOML/YAML file (`--config`) overrides them, and CLI flags, generated
 from these fields (trainer/cli.py), override the file. Keys are the field names (dashes allowed).
 """
+import importlib.util
 import json
 import math
 import os
@@ -25,6 +26,7 @@ OPTIMIZERS = ("adamw", "adamw8bit", "paged_adamw", "paged_adamw8bit")
 SCHEDULES = ("constant", "cosine", "linear")
 DTYPES = ("bfloat16", "float16", "float32")
 DEVICES = ("auto", "cpu", "cuda")
+REPORT_TO = ("none", "tensorboard")
 
 
 def _f(default, help: str, **extra):
@@ -36,7 +38,8 @@ class TrainConfig:
     """One qtrain run. Raises ConfigError (a ValueError) naming the field on an out-of-range value."""
 
     # what to train on and where to write
-    base: str = _f("", "4-bit checkpoint folder (qconvert convert) or a bf16 HF folder (quantized while loading)")
+    base: str = _f("", "4-bit checkpoint folder (qconvert convert), a bf16 HF folder (quantized while loading) "
+                   "or a Hub id of either (HF cache; HF_HUB_OFFLINE honoured)")
     data: str = _f("", "training JSONL: {\"text\"}, {\"prompt\",\"completion\"} or {\"messages\"} per line")
     out: str = _f("", "output folder (must not exist unless --resume): PEFT adapter, config, metrics, checkpoints")
     eval_data: str = _f("", "held-out JSONL for eval loss (empty = split --eval-fraction off --data)")
@@ -83,6 +86,8 @@ class TrainConfig:
     stop_after: int = _f(0, "stop with a resumable checkpoint after this many steps of this run (0 = run to the end)")
     resume: str = _f("", "checkpoint folder (or run folder: its latest checkpoint) to continue from")
     progress: bool = _f(True, "live progress display")
+    report_to: str = _f("none", "also log loss, lr and eval loss to: tensorboard (event files in OUT/runs/; the "
+                        "tensorboard extra)", choices=REPORT_TO)
 
     def __post_init__(self):
         for name in ("base", "data", "out"):
@@ -112,6 +117,9 @@ class TrainConfig:
                                   f"(--{_flag(f.name)})")
         if not self.target_modules or any(not t for t in self.target_modules):
             raise ConfigError(f"target_modules={list(self.target_modules)}: name at least one projection or all-linear")
+        if self.report_to == "tensorboard" and importlib.util.find_spec("tensorboard") is None:
+            raise ConfigError("report_to=tensorboard needs the tensorboard package: pip install 'qlora-kit[tensorboard]' "
+                              "(--report-to)")
 
     def to_json(self) -> dict:
         out = asdict(self)

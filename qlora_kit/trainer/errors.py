@@ -27,3 +27,7 @@ class ResumeError(TrainError):
 class NonFiniteTraining(TrainError):
     """A step whose loss or gradient norm is NaN or inf: training stops, the last good state is kept as a
     checkpoint (the same policy for train and each train-many job)."""
+
+
+class PublishError(TrainError):
+    """`qtrain publish`: a bad repo id, an unreadable train_config.json / metrics.jsonl, or a failed upload."""

@@ -55,8 +55,9 @@ def train(cfg: TrainConfig, on_step: Callable[[int, float], None] | None = None,
         resume_from = setup.check_output(cfg)
         D.barrier(env)  # every rank has checked OUT before rank 0 creates it
         job = JobRun(JobSpec(NAME, cfg), SLOT, writer=env.is_main)
-        job.setup(Tokenizer(cfg.base), resume=False)
-        job.attach(setup.load_base(cfg.base, cfg.compute_dtype, device))
+        base = setup.base_folder(cfg.base)
+        job.setup(Tokenizer(base), resume=False)
+        job.attach(setup.load_base(base, cfg.compute_dtype, device))
         job.resume_from = resume_from
         torch.manual_seed(cfg.seed + env.rank)  # ranks draw different dropout masks; a checkpoint overrides it
         job.restore()

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import torch
 
+from qlora_kit._cli.hub import resolve_checkpoint
 from qlora_kit.formats.peft import LoraConfig
 from qlora_kit.models import Llama, Tokenizer, adapter_params, add_adapter, load_model
 
@@ -64,7 +65,15 @@ def load_data(cfg: TrainConfig, tok: Tokenizer) -> Data:
     return Data(train, evals, tok.pad_token_id)
 
 
-def load_base(base: str, compute_dtype: str, device: torch.device) -> Llama:
+def base_folder(base: str) -> Path:
+    """--base as a local folder: the folder itself, or a Hub id's snapshot in the HF cache (HF_HUB_OFFLINE honoured).
+
+    The config keeps the id as given, so the adapter's base_model_name_or_path names the Hub repo.
+    """
+    return resolve_checkpoint(base)
+
+
+def load_base(base: str | Path, compute_dtype: str, device: torch.device) -> Llama:
     """The frozen 4-bit base every adapter of a run trains against (a bf16 folder is quantized at load)."""
     return load_model(base, quantize=True, compute_dtype=DTYPES[compute_dtype], device=device)
 

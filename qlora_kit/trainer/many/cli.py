@@ -6,6 +6,7 @@ from rich.console import Console
 
 from qlora_kit._cli import cli_errors, dataclass_options
 
+from .. import plot
 from ..distributed import from_env
 from .jobs import ManyConfig
 from .run import train_many as run_train_many
@@ -38,6 +39,8 @@ def _train_many(**flags):
     failed = [r["job"] for r in res.jobs if r["status"] == "failed"]
     Console().print(f"wrote {res.out}: {len(res.jobs) - len(failed)}/{len(res.jobs)} jobs trained, "
                     f"{res.tokens_per_s:,.0f} tok/s, peak memory {res.peak_memory_mb:,.0f} MiB; summary.json")
+    if not plot.HAS_MATPLOTLIB:
+        Console(stderr=True).print(plot.SKIPPED, markup=False, highlight=False, soft_wrap=True)
     if failed:
         Console(stderr=True).print(f"[red]failed jobs:[/red] {', '.join(failed)} (see summary.json)")
         sys.exit(1)

@@ -107,7 +107,7 @@ class JobRun:
             self.out.mkdir(parents=True, exist_ok=True)
             if not (self.out / CONFIG_USED).exists():
                 write_json(self.out / CONFIG_USED, self.cfg.to_json())
-            self.log = MetricsLog(self.out, self.pos.step)
+            self.log = MetricsLog(self.out, self.pos.step, tensorboard=self.cfg.report_to == "tensorboard")
         self.stream = micro_batches(self.cfg, self.data, self.pos, self.slot)
         if self.pos.step >= self.total:
             self.complete()
@@ -211,6 +211,8 @@ class JobRun:
         self._release()
 
     def _release(self) -> None:
+        if self.log is not None:
+            self.log.close()
         if self.model is not None:
             remove_adapter(self.model, self.slot)
         self.optimizer = self.params = None

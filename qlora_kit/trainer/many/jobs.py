@@ -36,7 +36,8 @@ _TD = defaults()
 class ManyConfig:
     """Run-wide settings of one train-many run. Raises ConfigError naming the field."""
 
-    base: str = _f("", "4-bit checkpoint folder (qconvert convert) or a bf16 HF folder, loaded once for all jobs")
+    base: str = _f("", "4-bit checkpoint folder (qconvert convert), a bf16 HF folder or a Hub id of either, loaded "
+                   "once for all jobs")
     jobs: str = _f("", "jobs file (.toml): [defaults] plus one [[jobs]] table per adapter")
     out: str = _f("", "output folder: OUT/<job>/ per adapter, summary.json (must not exist unless --resume)")
     resume: bool = _f(False, "continue a crashed or stopped run in OUT: finished jobs are kept, the others resume")

@@ -66,8 +66,9 @@ def train_many(run: ManyConfig, on_step: Callable[[int, dict], None] | None = No
         if env.is_main:
             out.mkdir(parents=True, exist_ok=True)
         D.barrier(env)
-        tok = Tokenizer(run.base)
-        model = setup.load_base(run.base, run.compute_dtype, device)
+        base = setup.base_folder(run.base)
+        tok = Tokenizer(base)
+        model = setup.load_base(base, run.compute_dtype, device)
         jobs = [JobRun(s, slot) for slot, s in D.shard(list(enumerate(specs)), env)]
         _start(jobs, model, tok, run.resume, specs[0].cfg.seed)
         pad = next((j.data.pad_id for j in jobs if j.status == RUNNING), tok.pad_token_id)

@@ -29,7 +29,8 @@ def test_hub_id_offline_uses_the_cache_and_honours_revision(tmp_path, monkeypatc
     monkeypatch.setattr(c, "HF_HUB_CACHE", str(tmp_path / "hub"))
     folder = resolve("org/tiny")
     assert folder == repo / "snapshots" / sha and (folder / "model.safetensors").exists()
-    with pytest.raises(SourceNotFound, match="org/tiny: not a local folder and could not be fetched"):
+    with pytest.raises(SourceNotFound, match="org/tiny: not a local folder, and HF_HUB_OFFLINE=1 but it is not in the "
+                                             r"Hugging Face cache .*, revision v2\); fetch it once online"):
         resolve("org/tiny", revision="v2")
     with pytest.raises(SourceNotFound, match="org/other"):
         resolve("org/other")

@@ -1,7 +1,8 @@
-"""trainer/plot.py: the loss curve is a valid PNG with or without matplotlib."""
+"""trainer/plot.py: the loss curve is a real matplotlib PNG with axes and labels, or a clear skip without it."""
 import struct
-import zlib
 
+import matplotlib.image
+import numpy as np
 import pytest
 
 from qlora_kit.trainer import plot
@@ -9,21 +10,41 @@ from qlora_kit.trainer import plot
 pytestmark = pytest.mark.unit
 
 
-def test_builtin_png_is_valid_and_draws_the_curve(tmp_path, monkeypatch):
-    monkeypatch.setattr(plot, "HAS_MATPLOTLIB", False)
+def test_png_has_the_stated_size_and_both_curves(tmp_path):
     path = tmp_path / "loss.png"
-    assert plot.write_loss_curve(path, ([1, 2, 3], [4.0, 2.0, 1.0]), ([3], [1.5])) == "builtin"
+    assert plot.write_loss_curve(path, ([1, 2, 3, 4], [4.0, 2.5, 1.8, 1.2]), ([2, 4], [2.9, 1.9]))
     data = path.read_bytes()
-    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR"
     width, height = struct.unpack(">II", data[16:24])
-    assert (width, height) == (plot.W, plot.H)
-    idat_len = struct.unpack(">I", data[33:37])[0]
-    raw = zlib.decompress(data[41:41 + idat_len])
-    assert len(raw) == height * (1 + 3 * width)
-    assert bytes(plot.TRAIN_RGB) in raw and bytes(plot.EVAL_RGB) in raw
+    assert (width, height) == (round(plot.SIZE_IN[0] * plot.DPI), round(plot.SIZE_IN[1] * plot.DPI))
+    pixels = matplotlib.image.imread(path)[..., :3]  # decoded back by matplotlib's own PNG reader
+    assert pixels.shape == (height, width, 3)
+    # tab:blue (train) and tab:red (eval) are both drawn; the rest is mostly white background
+    blue, red = np.array([31, 119, 180]) / 255, np.array([214, 39, 40]) / 255
+    assert (np.abs(pixels - blue).sum(-1) < 0.05).sum() > 50
+    assert (np.abs(pixels - red).sum(-1) < 0.05).sum() > 20
+    assert 0.5 < (pixels.min(-1) > 0.95).mean() < 0.99
 
 
-def test_empty_series_still_writes_a_png(tmp_path, monkeypatch):
+def test_labels_are_drawn(tmp_path, monkeypatch):
+    """The axes carry text: the figure's axis labels and title are set (read back from the Figure)."""
+    seen = {}
+    real = plot.Figure
+
+    def spy(*a, **k):
+        seen["fig"] = real(*a, **k)
+        return seen["fig"]
+
+    monkeypatch.setattr(plot, "Figure", spy)
+    plot.write_loss_curve(tmp_path / "loss.png", ([1, 2], [3.0, 2.0]), ([2], [2.5]))
+    ax = seen["fig"].axes[0]
+    assert ax.get_xlabel() == "optimizer step" and ax.get_ylabel().startswith("loss")
+    assert ax.get_title() == "loss (last: train 2.0000, eval 2.5000)"
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["train loss", "eval loss"]
+
+
+def test_without_matplotlib_nothing_is_written(tmp_path, monkeypatch):
     monkeypatch.setattr(plot, "HAS_MATPLOTLIB", False)
-    plot.write_loss_curve(tmp_path / "loss.png", ([], []), ([], []))
-    assert (tmp_path / "loss.png").read_bytes()[:4] == b"\x89PNG"
+    assert plot.write_loss_curve(tmp_path / "loss.png", ([1], [2.0]), ([], [])) is False
+    assert not (tmp_path / "loss.png").exists()
+    assert "pip install 'qlora-kit[plot]'" in plot.SKIPPED
