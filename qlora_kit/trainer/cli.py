@@ -15,6 +15,7 @@ from .config import TrainConfig, build_config
 from .distributed import from_env
 from .loop import train as run_train
 from .many.cli import train_many
+from .merge.cli import merge
 
 PRESET = """\b
 Defaults are the QLoRA paper's recipe (Dettmers et al. 2023):
@@ -75,3 +76,4 @@ def ask(base, adapter, max_tokens, questions):
 
 
 main.add_command(train_many)  # trainer/many/cli.py
+main.add_command(merge)  # trainer/merge/cli.py
