@@ -82,4 +82,4 @@ def merge(base, adapter, out, fmt, prompts, compare_dtype, no_compare, overwrite
     kwargs = {"prompts": tuple(prompts)} if prompts else {}
     result = run_merge(base, adapter, out, fmt, compare=not no_compare, compare_dtype=compare_dtype, overwrite=overwrite,
                        max_shard_size=parse_size(max_shard_size), progress=not quiet, **kwargs)
-    click.echo(as_json(result)) if as_json_ else render(Console(), result, show_all)
+    click.echo(as_json(result)) if as_json_ else render(Console(soft_wrap=True), result, show_all)

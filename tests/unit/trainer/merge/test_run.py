@@ -34,6 +34,7 @@ def nf4(tiny_chat, tmp_path_factory):
 @pytest.fixture(scope="module")
 def adapter(nf4, tmp_path_factory):
     out = tmp_path_factory.mktemp("merge") / "adapter"
+    torch.manual_seed(0)  # module fixtures are set up before the autouse per-test seed
     model = load_model(nf4)
     cfg = LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, base_model_name_or_path=str(nf4))
     add_adapter(model, 0, cfg)
@@ -131,3 +132,13 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(nf4, adapter, tiny_chat
         assert [p.name for p in out.iterdir()] == ["keep.txt"]
     else:  # refused before the temporary folder (or even OUT's parent) was made
         assert not out.parent.exists()
+
+
+def test_format_doc_lists_every_provenance_key():
+    import re
+    from pathlib import Path
+
+    doc = (Path(__file__).resolve().parents[4] / "FORMAT.md").read_text()
+    documented = set(re.findall(r"^\| `(qlora_kit\.merge\.[a-z0-9_]+)` \|", doc, re.M))
+    keys = {v for k, v in vars(spec).items() if k.startswith("MERGE_") and k.endswith("_KEY")}
+    assert documented == keys and len(keys) == 7
