@@ -156,10 +156,10 @@ def test_nf4_merge_prints_its_error_table_verifies_and_loads(nf4, adapter, merge
     ours = _run(load_model(out), prompt_ids)
     theirs = [bnb(x).logits.float()[0] for x in prompt_ids]
     diff = torch.cat([(o - t).abs().flatten() for o, t in zip(ours, theirs)])
-    agree = sum(int((o.argmax(-1) == t.argmax(-1)).sum()) for o, t in zip(ours, theirs)) / diff.numel() * ours[0].shape[1]
+    agree = sum(int((o.argmax(-1) == t.argmax(-1)).sum()) for o, t in zip(ours, theirs)) / sum(o.shape[0] for o in ours)
     print(f"nf4 merge, ours vs transformers + bitsandbytes (bf16 compute): max |diff| {diff.max():.3f} "
           f"mean {diff.mean():.4f}, top-1 agreement {agree:.3f}")
     # Same decoded weights; bitsandbytes' CPU 4-bit GEMM rounds differently from dequant + matmul in bf16 and its
     # kernels differ by CPU (tests/integration/test_qconvert_smollm2.py: mean 0.10-0.20 there), so the mean and the
-    # argmax are checked, not the max (1.91 measured here, on logits of magnitude ~40).
-    assert diff.mean() <= 0.25 and agree >= 0.95
+    # argmax are checked, not the max (1.91 measured here, on logits of magnitude ~40; AVX2-only CPUs differ more).
+    assert diff.mean() <= 0.35 and agree >= 0.95  # measured mean 0.213, top-1 1.000

@@ -134,18 +134,21 @@ def _write(ckpt: Checkpoint, payload: AdapterPayload, tmp: Path, fmt: str, metad
         task = bar.add_task(f"merging into {ckpt.folder.name} ({fmt})", total=sum(ckpt.nbytes(k) for k in ckpt.keys))
         writer = ShardWriter(tmp, max_shard_size, metadata)
         for name in sorted(ckpt.quantized + ckpt.plain_keys()):
-            entries = ckpt.entries_of(name) if name in quantized else [name]
-            packed = ckpt.packed(name) if name in quantized else None
+            is_4bit = name in quantized
+            entries = ckpt.entries_of(name) if is_4bit else [name]
             if name in adapted:
-                w_deq = dequant(packed, DECODE_DTYPE) if packed is not None else ckpt.get(name)
+                packed = ckpt.packed(name) if is_4bit else None
+                w_deq = dequant(packed, DECODE_DTYPE) if is_4bit else ckpt.get(name)
                 a, b, scale = adapted[name]
                 # a projection the base keeps dense (--skip-modules) stays dense in either format
-                group, cost = merge_weight(name, w_deq, a, b, scale, fmt if packed is not None else "bf16", packed)
+                group, cost = merge_weight(name, w_deq, a, b, scale, fmt if is_4bit else "bf16", packed)
                 costs.append(cost)
-            elif fmt == "nf4":  # untouched: the base's bytes as they are
+            elif fmt == "nf4":  # untouched: the base's bytes as they are, once their state passes a loader's checks
+                if is_4bit:
+                    ckpt.packed(name, codes=False)
                 group = {k: ckpt.get(k) for k in entries if k in ckpt.file_of}
-            elif packed is not None:
-                group = {name: dequant(packed, DECODE_DTYPE)}
+            elif is_4bit:
+                group = {name: dequant(ckpt.packed(name), DECODE_DTYPE)}
             else:
                 t = ckpt.get(name)
                 group = {name: t.to(DECODE_DTYPE) if t.is_floating_point() else t}
