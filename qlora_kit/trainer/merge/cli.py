@@ -72,7 +72,7 @@ def render(console: Console, r: MergeResult, show_all: bool) -> None:
               "adds the compute noise of serving.")
 @click.option("--no-compare", is_flag=True, help="Skip the logit comparison (it loads the model twice).")
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
-@click.option("--max-shard-size", default="5GB", show_default=True)
+@click.option("--max-shard-size", default="5GB", show_default=True, help="Largest shard file, e.g. 5GB or 500MiB.")
 @click.option("--all", "show_all", is_flag=True, help="List every merged tensor, not only the worst 10.")
 @click.option("--json", "as_json_", is_flag=True, help="Print the report as JSON instead of tables.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
