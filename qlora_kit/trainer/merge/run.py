@@ -87,8 +87,7 @@ def _read_inputs(ckpt: Checkpoint, base: Path, adapter: Path) -> AdapterPayload:
 
 def merge(base: str | os.PathLike, adapter: str | os.PathLike, out: str | os.PathLike, fmt: str = "bf16",
           prompts: tuple[str, ...] = DEFAULT_PROMPTS, compare: bool = True, compare_dtype: str = "float32",
-          overwrite: bool = False,
-          max_shard_size: int = 5 * 10**9, progress: bool = True) -> MergeResult:
+          overwrite: bool = False, max_shard_size: int = 5 * 10**9, progress: bool = True) -> MergeResult:
     """Merge ADAPTER into BASE and write OUT; return the per-tensor and logit costs.
 
     Args:

@@ -142,3 +142,18 @@ def test_format_doc_lists_every_provenance_key():
     documented = set(re.findall(r"^\| `(qlora_kit\.merge\.[a-z0-9_]+)` \|", doc, re.M))
     keys = {v for k, v in vars(spec).items() if k.startswith("MERGE_") and k.endswith("_KEY")}
     assert documented == keys and len(keys) == 7
+
+
+def test_a_failure_midway_leaves_nothing_behind(nf4, adapter, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    bad = tmp_path / "corrupt" / nf4.name  # the adapter's base name still matches
+    shutil.copytree(nf4, bad)
+    tensors = load_file(str(bad / "model.safetensors"))
+    name = "model.layers.1.mlp.up_proj.weight"  # sorted after every layer-0 tensor: written ones exist by then
+    tensors[f"{name}.quant_map"] = torch.zeros(16)
+    save_file(tensors, str(bad / "model.safetensors"), metadata=_metadata(nf4))
+    out = tmp_path / "out" / "merged"
+    result = _run(qtrain, "merge", "--base", bad, "--adapter", adapter, "--out", out, "--quiet")
+    assert result.exit_code == 2 and name in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert list(out.parent.iterdir()) == []  # neither OUT nor its temporary folder
