@@ -157,3 +157,11 @@ def test_a_failure_midway_leaves_nothing_behind(nf4, adapter, tmp_path):
     result = _run(qtrain, "merge", "--base", bad, "--adapter", adapter, "--out", out, "--quiet")
     assert result.exit_code == 2 and name in result.stderr and len(result.stderr.strip().splitlines()) == 1
     assert list(out.parent.iterdir()) == []  # neither OUT nor its temporary folder
+
+
+def test_prompts_compare_dtype_and_no_compare(nf4, adapter, tmp_path):
+    args = ("merge", "--base", nf4, "--adapter", adapter, "--json", "--quiet")
+    mine = json.loads(_run(qtrain, *args, "--out", tmp_path / "a", "--prompt", "Hello", "--prompt", "Bye",
+                           "--compare-dtype", "bfloat16").stdout)["logits"]
+    assert [p["prompt"] for p in mine["prompts"]] == ["Hello", "Bye"] and mine["compute_dtype"] == "bfloat16"
+    assert json.loads(_run(qtrain, *args, "--out", tmp_path / "b", "--no-compare").stdout)["logits"] is None
