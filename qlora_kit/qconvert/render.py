@@ -2,6 +2,7 @@
 import math
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from qlora_kit.formats import spec
@@ -29,7 +30,7 @@ def inspection(console: Console, ins: Inspection) -> None:
                   f"({ins.bf16_bytes / max(ins.nbytes, 1):.2f}x smaller)")
     merged = {k[len(spec.MERGE_PREFIX):]: v for k, v in ins.metadata.items() if k.startswith(spec.MERGE_PREFIX)}
     if merged:  # provenance written by `qtrain merge` (FORMAT.md §1)
-        console.print("merged: " + ", ".join(f"{k}={v}" for k, v in merged.items()), highlight=False)
+        console.print("merged: " + escape(", ".join(f"{k}={v}" for k, v in merged.items())), highlight=False)
 
 
 def verification(console: Console, result: VerifyResult, show: int = 10) -> None:

@@ -1,6 +1,7 @@
 """`qtrain merge`: parse, call merge.run.merge, print the cost tables (rich) or --json."""
 import click
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from qlora_kit._cli import cli_errors
@@ -51,12 +52,12 @@ def render(console: Console, r: MergeResult, show_all: bool) -> None:
         for col in ("prompt", "tokens", "max |diff|", "top-1 agree", "adapter effect"):
             table.add_column(col, justify="left" if col == "prompt" else "right")
         for p in lc.prompts:
-            table.add_row(p.prompt[:48], str(p.tokens), f"{p.max_abs_diff:.3f}", f"{p.top1_agreement:.1%}",
+            table.add_row(escape(p.prompt[:48]), str(p.tokens), f"{p.max_abs_diff:.3f}", f"{p.top1_agreement:.1%}",
                           f"{p.adapter_effect:.3f}")
         console.print(table)
         console.print(f"logits: max |diff| {lc.max_abs_diff:.3f} (the adapter itself moves them by up to "
                       f"{lc.adapter_effect:.3f}), top-1 agreement {lc.top1_agreement:.1%}")
-    console.print(f"wrote {r.out}: {r.format}, {len(r.files)} file(s)")
+    console.print(f"wrote {escape(str(r.out))}: {r.format}, {len(r.files)} file(s)", highlight=False)
 
 
 @click.command("merge", help=HELP, context_settings={"max_content_width": 110})

@@ -160,8 +160,11 @@ def test_a_failure_midway_leaves_nothing_behind(nf4, adapter, tmp_path):
 
 
 def test_prompts_compare_dtype_and_no_compare(nf4, adapter, tmp_path):
-    args = ("merge", "--base", nf4, "--adapter", adapter, "--json", "--quiet")
-    mine = json.loads(_run(qtrain, *args, "--out", tmp_path / "a", "--prompt", "Hello", "--prompt", "Bye",
-                           "--compare-dtype", "bfloat16").stdout)["logits"]
-    assert [p["prompt"] for p in mine["prompts"]] == ["Hello", "Bye"] and mine["compute_dtype"] == "bfloat16"
-    assert json.loads(_run(qtrain, *args, "--out", tmp_path / "b", "--no-compare").stdout)["logits"] is None
+    args = ("merge", "--base", nf4, "--adapter", adapter, "--quiet")
+    shown = _run(qtrain, *args, "--out", tmp_path / "a", "--prompt", "Hello", "--prompt", "[/b] Bye",
+                 "--compare-dtype", "bfloat16")
+    assert shown.exit_code == 0, shown.output
+    assert "[/b] Bye" in shown.stdout and "bfloat16 compute" in shown.stdout  # user text is not rich markup
+    mine = json.loads((tmp_path / "a" / "merge_report.json").read_text())["logits"]
+    assert [p["prompt"] for p in mine["prompts"]] == ["Hello", "[/b] Bye"] and mine["compute_dtype"] == "bfloat16"
+    assert json.loads(_run(qtrain, *args, "--json", "--out", tmp_path / "b", "--no-compare").stdout)["logits"] is None
