@@ -71,6 +71,13 @@ TOLERANCES = {
     # A qtrain-trained adapter on the NF4 SmolLM2, ours vs PEFT on transformers + bitsandbytes: the same
     # GEMM-order difference as smollm2_vs_peft_logits (run tests/integration/test_qtrain_smollm2.py -s).
     ("qtrain_adapter_vs_peft_logits", torch.bfloat16): (0.0, 2.0),
+    # qtrain merge (issue 15), fp32 compute: the bf16 merged model vs base + adapter differs only by the rounding
+    # of each merged weight to bf16. The floor is what one bf16 rounding of the base weights alone does to the
+    # logits (dense bf16-dequantized base vs the 4-bit base decoded in fp32); the merge adds a second, independent
+    # rounding, so ~sqrt(2) x the floor is expected. Measured on SmolLM2 with the test's seeded adapter: max 0.81 vs
+    # floor 0.59 (1.37x), mean 1.29x; with another random draw of it, 1.68x / 1.55x (run
+    # tests/integration/test_qtrain_merge_smollm2.py -s). atol here is the allowed multiple of the floor.
+    ("merge_vs_adapter_over_bf16_floor", torch.float32): (0.0, 2.0),
 }
 
 

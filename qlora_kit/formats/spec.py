@@ -59,6 +59,15 @@ MAX_STATE_JSON_BYTES = 4096
 METADATA_FORMAT = {"format": "pt"}
 METADATA_VERSION_KEY = "qlora_kit.format_version"
 FORMAT_VERSION = "1"
+# Provenance of a merged checkpoint (`qtrain merge`, FORMAT.md §1): what it was merged from, how and when.
+MERGE_BASE_KEY = "qlora_kit.merge.base"  # the 4-bit checkpoint the adapter was merged into, as given
+MERGE_BASE_SOURCE_KEY = "qlora_kit.merge.base_source"  # that checkpoint's own qlora_kit.source, when recorded
+MERGE_ADAPTER_KEY = "qlora_kit.merge.adapter"  # the adapter folder, as given
+MERGE_ADAPTER_CONFIG_KEY = "qlora_kit.merge.adapter_config_sha256"  # sha256 of its adapter_config.json bytes
+MERGE_ADAPTER_WEIGHTS_KEY = "qlora_kit.merge.adapter_weights_sha256"  # sha256 of its adapter_model.safetensors
+MERGE_FORMAT_KEY = "qlora_kit.merge.format"  # "bf16" or "nf4"
+MERGE_DATE_KEY = "qlora_kit.merge.date"  # UTC, ISO 8601 to the second
+MERGE_PREFIX = "qlora_kit.merge."
 
 # Modules never quantized (FORMAT.md §3): embeddings, the LM head and every norm stay in the compute dtype.
 NEVER_QUANTIZED = ("embed_tokens", "lm_head", "norm")

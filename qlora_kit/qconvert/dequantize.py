@@ -49,8 +49,13 @@ def dequantize(path: str | Path, out: str | Path, dtype: str | None = None, max_
         for name in aux_files(ckpt.folder):
             if name != "config.json":
                 shutil.copyfile(ckpt.folder / name, tmp / name)
-        config = {k: v for k, v in ckpt.config.items() if k != "quantization_config"}
-        if target is not None:
-            config["dtype"] = dtype
-        write_json(tmp / "config.json", config)
+        write_json(tmp / "config.json", plain_config(ckpt.config, dtype))
     return [out / f.name for f in files]
+
+
+def plain_config(config: dict, dtype: str | None = None) -> dict:
+    """config.json of a decoded checkpoint: `quantization_config` dropped, `dtype` set when given."""
+    out = {k: v for k, v in config.items() if k != "quantization_config"}
+    if dtype is not None:
+        out["dtype"] = dtype
+    return out

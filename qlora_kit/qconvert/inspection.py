@@ -7,7 +7,7 @@ would, formats.layout.from_entries); the packed codes are not.
 """
 import json
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from qlora_kit.formats import decode_state_json, spec
@@ -37,6 +37,7 @@ class Inspection:
     files: list[str]
     quantization_config: dict | None
     rows: list[TensorRow]
+    metadata: dict[str, str] = field(default_factory=dict)  # the first shard's __metadata__ (FORMAT.md §1)
 
     @property
     def params(self) -> int:
@@ -52,6 +53,7 @@ class Inspection:
 
     def as_dict(self) -> dict:
         return {"folder": self.folder, "files": self.files, "quantization_config": self.quantization_config,
+                "metadata": self.metadata,
                 "params": self.params, "bytes": self.nbytes, "bf16_bytes": self.bf16_bytes,
                 "bits_per_param": 8 * self.nbytes / max(self.params, 1),
                 "tensors": [asdict(r) | {"bits_per_param": r.bits_per_param} for r in self.rows]}
@@ -76,7 +78,7 @@ def inspect_checkpoint(folder: str | Path) -> Inspection:
             rows.append(TensorRow(key, tuple(h["shape"]), h["dtype"], math.prod(h["shape"]), ckpt.nbytes(key)))
         rows.sort(key=lambda r: r.name)
         return Inspection(str(ckpt.folder), [f.name for f in ckpt.files],
-                          ckpt.config.get("quantization_config"), rows)
+                          ckpt.config.get("quantization_config"), rows, dict(ckpt.metadata()))
 
 
 def as_json(inspection: Inspection) -> str:

@@ -2,7 +2,10 @@
 import math
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
+
+from qlora_kit.formats import spec
 
 from .inspection import Inspection
 from .report import TensorReport
@@ -25,6 +28,9 @@ def inspection(console: Console, ins: Inspection) -> None:
     console.print(f"total: {ins.params:,} params, {ins.nbytes / MIB:.1f} MiB "
                   f"({8 * ins.nbytes / max(ins.params, 1):.3f} bits/param) vs {ins.bf16_bytes / MIB:.1f} MiB in bf16 "
                   f"({ins.bf16_bytes / max(ins.nbytes, 1):.2f}x smaller)")
+    merged = {k[len(spec.MERGE_PREFIX):]: v for k, v in ins.metadata.items() if k.startswith(spec.MERGE_PREFIX)}
+    if merged:  # provenance written by `qtrain merge` (FORMAT.md §1)
+        console.print("merged: " + escape(", ".join(f"{k}={v}" for k, v in merged.items())), highlight=False)
 
 
 def verification(console: Console, result: VerifyResult, show: int = 10) -> None:

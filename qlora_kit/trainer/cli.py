@@ -16,6 +16,7 @@ from .config import TrainConfig, build_config
 from .distributed import from_env
 from .loop import train as run_train
 from .many.cli import train_many
+from .merge.cli import merge
 
 PRESET = """\b
 Defaults are the QLoRA paper's recipe (Dettmers et al. 2023):
@@ -104,3 +105,4 @@ def publish(adapter_dir, repo_id, base_model, private, revision, dry_run, token)
         click.echo("--- README.md ---\n" + p.card)
         return
     Console().print(f"uploaded {len(p.files)} files: {upload(adapter_dir, p, token)}")
+main.add_command(merge)  # trainer/merge/cli.py

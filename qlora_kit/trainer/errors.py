@@ -20,6 +20,11 @@ class OutputExists(TrainError):
     """The output folder already exists and this is not a --resume of it."""
 
 
+class MergeError(TrainError):
+    """`qtrain merge` input that cannot be merged: a base that is not a 4-bit checkpoint, an unknown --format,
+    an adapter module with no weight in the base."""
+
+
 class ResumeError(TrainError):
     """A --resume checkpoint that is missing, incomplete, or from a different configuration."""
 
