@@ -54,7 +54,7 @@ def server(smollm2, tmp_path_factory):
         {"key": ADMIN, "tenant": "ops", "admin": True},
         {"key": ACME, "tenant": "acme", "adapters": ["acme-*", "t*"]},
         {"key": GLOBEX, "tenant": "globex", "adapters": ["globex-*"], "base": False}]}))
-    config = ServeConfig(str(ckpt), api_keys=str(keys), allowed_root=str(allowed), dtype="float32", max_loras=8,
+    config = ServeConfig(str(ckpt), port=0, api_keys=str(keys), allowed_root=str(allowed), dtype="float32", max_loras=8,
                          dequantize_base=True,
                          max_num_seqs=32, max_num_batched_tokens=512, max_model_len=256, kv_cache_tokens=16384,
                          max_waiting=512, max_tokens_limit=64, max_body_bytes=65536)

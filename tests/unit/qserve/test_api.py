@@ -21,7 +21,7 @@ def server(tmp_path_factory):
     make_adapter(model, root / "allowed" / "a1", 4, 1)
     keys = root / "keys.json"
     keys.write_text(json.dumps({"keys": [{"key": ADMIN, "admin": True}, {"key": USER, "adapters": ["a*"]}]}))
-    cfg = ServeConfig(str(folder), api_keys=str(keys), allowed_root=str(root / "allowed"), max_model_len=64,
+    cfg = ServeConfig(str(folder), port=0, api_keys=str(keys), allowed_root=str(root / "allowed"), max_model_len=64,
                       kv_cache_tokens=512, block_size=4, max_tokens_limit=32, max_body_bytes=2048)
     handle = start(cfg, Engine(model, CharTokenizer(), cfg, base_names=("llama",)).start())
     yield handle

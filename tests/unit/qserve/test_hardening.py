@@ -50,7 +50,7 @@ def srv(tmp_path_factory):
         (allowed / name / "adapter_config.json").write_text(json.dumps({**cfg, **edit}))
     keys = root / "keys.json"
     keys.write_text(json.dumps(KEYS))
-    cfg = ServeConfig(str(folder), api_keys=str(keys), allowed_root=str(allowed), max_model_len=256,
+    cfg = ServeConfig(str(folder), port=0, api_keys=str(keys), allowed_root=str(allowed), max_model_len=256,
                       kv_cache_tokens=4096, block_size=4, max_tokens_limit=250, max_num_seqs=16,
                       max_num_batched_tokens=256)
     handle = start(cfg, Engine(model, CharTokenizer(), cfg, base_names=("llama",)).start())
