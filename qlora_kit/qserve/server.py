@@ -47,7 +47,7 @@ def dequantize_bases(model) -> tuple[int, int]:
 
 def preflight(config: ServeConfig) -> KeyStore:
     """Check what needs no model before loading it: the key file, the allowed root, the checkpoint's
-    config.json and tokenizer, the --chat-template, and the start-up adapter names. Returns the KeyStore.
+    --chat-template, the checkpoint's config.json and tokenizer, and the start-up adapter names. Returns the KeyStore.
 
     Raises:
         KeyFileError, ServeConfigError, models.ConfigError / UnsupportedArchitecture, TokenizerError,
@@ -58,10 +58,10 @@ def preflight(config: ServeConfig) -> KeyStore:
         raise ServeConfigError(f"allowed_root={config.allowed_root!r}: not an existing folder (flag --allowed-root)")
     for name, _ in config.adapters:
         check_adapter_name(name, config.served_name)
-    load_config(config.checkpoint)
-    Tokenizer(config.checkpoint)
     if config.chat_template is not None:
         load_chat_template(config.chat_template)
+    load_config(config.checkpoint)
+    Tokenizer(config.checkpoint)
     return keys
 
 
