@@ -64,7 +64,8 @@ class ServeConfig:
     device: str = field(default="cpu", metadata={"help": "torch device the model runs on (cpu, cuda, cuda:1)"})
     dtype: str = field(default="bfloat16", metadata={
         "help": "compute dtype of activations and dequantized weights", "choices": ("bfloat16", "float16", "float32")})
-    max_loras: int = field(default=8, metadata={"help": "adapters resident at once (slots in the batched LoRA weights)"})
+    max_loras: int = field(default=8, metadata={
+        "help": "adapters resident at once (slots in the batched LoRA weights)"})
     max_cpu_loras: int | None = field(default=None, metadata={
         "help": "adapters kept loaded in host memory (LRU beyond); None = no limit"})
     max_num_seqs: int = field(default=32, metadata={"help": "requests in one running batch"})
@@ -78,7 +79,8 @@ class ServeConfig:
         "help": "reuse the KV of shared prompt prefixes (per adapter and tenant)"})
     dequantize_base: bool = field(default=False, metadata={
         "help": "serve a dense copy of the base instead of the 4-bit weights (prints the extra memory it costs)"})
-    max_tokens_limit: int = field(default=1024, metadata={"help": "largest max_tokens a request may ask for (400 beyond)"})
+    max_tokens_limit: int = field(default=1024, metadata={
+        "help": "largest max_tokens a request may ask for (400 beyond)"})
     max_body_bytes: int = field(default=1 << 20, metadata={"help": "largest request body in bytes (413 beyond)"})
     threads: int = field(default=ENGINE_THREADS, metadata={
         "help": "intra-op CPU threads of the engine's step thread (1 measured fastest on a 2-core CPU: "
@@ -141,7 +143,8 @@ def load_chat_template(value: str) -> str:
         try:
             text = Path(value).read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as e:
-            raise ServeConfigError(f"chat_template={value!r}: cannot read the file ({e}) (flag --chat-template)") from None
+            raise ServeConfigError(f"chat_template={value!r}: cannot read the file ({e}) "
+                                   "(flag --chat-template)") from None
         where = f"chat_template file {value}"
     elif "{" in value:
         text, where = value, "chat_template"

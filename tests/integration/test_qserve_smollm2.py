@@ -231,9 +231,9 @@ def test_auth_and_error_statuses(server):
 def test_metrics_and_memory_report(server):
     assert httpx.get(server.url + "/metrics").status_code == 401  # keys on: operators only
     text = httpx.get(server.url + "/metrics", headers={"Authorization": f"Bearer {ADMIN}"}).text
-    for name in ("qserve_requests_total", "qserve_generation_tokens_total", "qserve_request_latency_seconds_bucket",
-                 "qserve_requests_waiting", "qserve_adapters_resident", "qserve_adapter_load_seconds_count",
-                 "qserve_prefix_cache_hit_tokens"):
+    for name in ("qserve:requests_total", "qserve:generation_tokens_total", "vllm:e2e_request_latency_seconds_bucket",
+                 "vllm:num_requests_waiting", "qserve:adapters_resident", "qserve:adapter_load_seconds_count",
+                 "vllm:prefix_cache_hits_total"):
         assert name in text
     rep = httpx.get(server.url + "/v1/adapters", headers={"Authorization": f"Bearer {ADMIN}"}).json()
     sizes = {a["name"]: a["bytes"] for a in rep["adapters"]}

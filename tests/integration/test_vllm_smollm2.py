@@ -70,7 +70,8 @@ def env(smollm2, tmp_path_factory):
         {"key": ADMIN, "tenant": "ops", "admin": True},
         {"key": ACME, "tenant": "acme", "adapters": ["acme-*"]},
         {"key": GLOBEX, "tenant": "globex", "adapters": ["globex-*"], "base": False}]}))
-    config = ServeConfig(str(ckpt), port=0, adapters=(("acme-a", str(acme)),), api_keys=str(keys), allowed_root=str(allowed),
+    config = ServeConfig(str(ckpt), port=0, adapters=(("acme-a", str(acme)),), api_keys=str(keys),
+                         allowed_root=str(allowed),
                          dtype="float32", max_loras=4, max_num_seqs=8, max_model_len=512, kv_cache_tokens=4096,
                          max_tokens_limit=64)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -171,7 +172,7 @@ def test_admin_load_unload_at_run_time(env):
     with pytest.raises(openai.NotFoundError):
         _complete(env, "acme-hot", PROMPTS[1], ACME)
     metrics = httpx.get(env.url + "/metrics", headers={"Authorization": f"Bearer {ADMIN}"}).text
-    assert "qserve_requests_total" in metrics and "qserve_time_to_first_token_seconds_count" in metrics
+    assert "qserve:requests_total" in metrics and "qserve:time_to_first_token_seconds_count" in metrics
     assert "vllm:" in metrics
 
 

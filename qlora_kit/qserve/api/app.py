@@ -8,7 +8,8 @@ vLLM's completions), whatever the backend; models.SamplingParams keeps the offli
 
 Metrics: each request to a known model gets a metrics.RequestRecord (labels: adapter, tenant) here, for both
 backends; the backend marks its first token and its finish (reason, prompt and completion tokens), and a request
-refused before it runs (queue full, bad prompt) is counted as `rejected`. /metrics renders the backend's registry.
+refused before it runs (max_tokens over the limit, queue full, prompt too long) is counted as `rejected`.
+/metrics renders the backend's registry.
 """
 import json
 import time
@@ -111,14 +112,14 @@ def create_app(backend: Backend, keys: KeyStore, served_name: str, max_body_byte
         if isinstance(body, CompletionRequest):
             body.prompt = check_prompt(body.prompt, backend.vocab_size)
         adapter = adapter_of(body.model, principal)
-        sampling = body.sampling(DEFAULT_MAX_TOKENS)
-        if sampling.max_tokens > max_tokens_limit:
-            key = "max_tokens" if body.max_tokens is not None else "max_completion_tokens"
-            raise InvalidRequest(f"{key}={sampling.max_tokens}: must be an integer <= {max_tokens_limit}")
-        raw.pop("max_completion_tokens", None)
-        raw["max_tokens"] = sampling.max_tokens  # the default applied here, not left to the backend
-        record = backend.metrics.record(adapter, principal.tenant)
+        record = backend.metrics.record(adapter, principal.tenant)  # counted from here on, refused or not
         try:
+            sampling = body.sampling(DEFAULT_MAX_TOKENS)
+            if sampling.max_tokens > max_tokens_limit:
+                key = "max_tokens" if body.max_tokens is not None else "max_completion_tokens"
+                raise InvalidRequest(f"{key}={sampling.max_tokens}: must be an integer <= {max_tokens_limit}")
+            raw.pop("max_completion_tokens", None)
+            raw["max_tokens"] = sampling.max_tokens  # the default applied here, not left to the backend
             return await backend.generate(request, body, raw, sampling, adapter, principal.tenant, record)
         except ServeError:
             record.finish("rejected")
