@@ -130,6 +130,31 @@ def test_base_and_three_adapters_concurrently_equal_offline(server):
     assert any(c[0] != base_text for c in comps[1:]), "adapters must change the output"
 
 
+def test_streamed_non_ascii_text_equals_the_full_decode(server):
+    """Incremental detokenization on real outputs: SmolLM2 asked for accents, CJK and emoji; each streamed chat
+    text equals the full decode of models.generate's greedy ids, and a stop string taken from the middle of a
+    non-ASCII output cuts the stream exactly before it."""
+    tok, served = server.engine.tokenizer, "smollm2-135m-instruct"
+    prompts = ["Translate to French: 'The green tea is very good, and the café is near the château.'",
+               "Write the Chinese word for tea, 茶, and the Japanese word, お茶, three times each:",
+               "Reply with five emoji about tea and cake, like ☕🍰:"]
+
+    def stream(prompt, **extra):
+        s = _client(server).chat.completions.create(model=served, messages=[{"role": "user", "content": prompt}],
+                                                    max_tokens=48, temperature=0, stream=True, **extra)
+        return "".join(c.delta.content or "" for ev in s for c in ev.choices)
+
+    outs = []
+    for prompt in prompts:
+        expected = _offline(server, None, tok.encode_chat([{"role": "user", "content": prompt}]), 48)
+        assert stream(prompt) == expected, prompt
+        outs.append((prompt, expected))
+    prompt, text = next((p, t) for p, t in outs if not t.isascii())  # at least one output is not ASCII
+    i = next(i for i, ch in enumerate(text) if not ch.isascii())
+    stop = text[i:i + 2]
+    assert stream(prompt, stop=[stop]) == text[:text.index(stop)]
+
+
 def test_hot_load_while_streaming_then_drain_and_404(server):
     results, errors = [], []
 
