@@ -31,4 +31,5 @@ run serve       -m bench.serve
 run serve_1thr  -m bench.serve --threads 1
 run serve_eng2  -m bench.serve --engine-threads 2 --no-peer   # the measurement behind ServeConfig.threads = 1
 run train_many  -m bench.train_many
+run stream      -m bench.stream       # issue 15: per-token time, first vs last 100 of a 2,000-token stream
 echo "logs in $LOG"

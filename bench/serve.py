@@ -218,7 +218,7 @@ def _load_test(n, concurrency, n_adapters, new_tokens, rank, device, dtype, dens
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = Path(tmp) / "smollm2-135m-instruct"
         convert(str(SRC), ckpt, progress=False)
-        config = ServeConfig(str(ckpt), device=device, dtype=dtype, dequantize_base=dense_base,
+        config = ServeConfig(str(ckpt), port=0, device=device, dtype=dtype, dequantize_base=dense_base,
                              max_loras=min(n_adapters, 32), max_num_seqs=concurrency, max_waiting=max(n, 256),
                              max_model_len=256, kv_cache_tokens=concurrency * 64, allowed_root=tmp)
         handle = start(config)

@@ -9,7 +9,8 @@ import typing
 import click
 
 
-def dataclass_options(cls, *, skip=(), plain_flags=(), default_text: str = "  [default: {!r}]") -> list[click.Option]:
+def dataclass_options(cls, *, skip=(), plain_flags=(), default_text: str = "  [default: {!r}]",
+                      require_help: bool = False) -> list[click.Option]:
     """One click.Option per field of the dataclass `cls`, in field order.
 
     A field `max_seq_len` becomes `--max-seq-len`; its help is `field.metadata["help"]` followed by
@@ -23,6 +24,8 @@ def dataclass_options(cls, *, skip=(), plain_flags=(), default_text: str = "  [d
         skip: field names that get no option (the command declares them itself).
         plain_flags: bool fields that are a plain on-switch.
         default_text: format of the help's default suffix.
+        require_help: a field without metadata["help"] is a TypeError (a programming error: the flag would show
+            only its default).
     """
     options = []
     for f in dataclasses.fields(cls):
@@ -31,6 +34,8 @@ def dataclass_options(cls, *, skip=(), plain_flags=(), default_text: str = "  [d
         name, default = "--" + f.name.replace("_", "-"), f.default
         shown = ",".join(default) if isinstance(default, tuple) else default
         help_ = f.metadata.get("help", "")
+        if require_help and not help_:
+            raise TypeError(f"{cls.__name__}.{f.name}: no metadata['help']; every {name} needs a description")
         if shown not in ("", dataclasses.MISSING):
             help_ = (help_ + default_text.format(shown)).strip()
         if isinstance(default, bool):

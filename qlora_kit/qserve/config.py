@@ -4,6 +4,7 @@ Defaults live here only; `qserve serve` generates its flags from these fields.
 """
 import os
 from dataclasses import dataclass, field
+from pathlib import Path
 
 # The engine's step loop runs in its own thread. With torch's OpenMP pool, a non-main thread using 2 intra-op
 # threads runs small ops ~30x slower than with 1 (index_add 128x576: ~900 us vs ~27 us on a 2-core CPU, and a
@@ -22,7 +23,11 @@ class ServeConfig:
         api_keys: JSON key file (see qserve.api.auth); None = no authentication.
         allowed_root: folder that adapters loaded through the admin API must live under; None refuses them.
         base_names: extra names of the served base accepted in adapters' base_model_name_or_path.
-        host: listening address; port: 0 = any free port (printed at start-up).
+        served_model_name: the base's name in /v1/models and requests (vLLM's --served-model-name); None = the
+            checkpoint folder's name.
+        chat_template: a jinja2 chat template file, or the template text itself (vLLM's --chat-template); None =
+            the checkpoint's. Read and compiled at start-up by `load_chat_template`.
+        host: listening address; port: 8000 as vLLM, 0 = any free port (printed at start-up).
         device, dtype: where and in which compute dtype the model runs.
         max_loras: resident adapter slots; max_cpu_loras: adapters kept in host memory (None = no limit).
         max_num_seqs, max_num_batched_tokens, max_model_len, max_waiting: scheduler limits (max_waiting -> 429).
@@ -42,26 +47,41 @@ class ServeConfig:
 
     checkpoint: str
     adapters: tuple[tuple[str, str], ...] = ()
-    api_keys: str | None = None
-    allowed_root: str | None = None
+    api_keys: str | None = field(default=None, metadata={
+        "help": "JSON file of API keys, tenants and their adapters (README: security model); None = auth OFF"})
+    allowed_root: str | None = field(default=None, metadata={
+        "help": "folder that adapters loaded through the admin API must live under; None refuses such loads"})
     base_names: tuple[str, ...] = ()
-    host: str = "127.0.0.1"
-    port: int = 0
-    device: str = "cpu"
-    dtype: str = "bfloat16"
-    max_loras: int = 8
-    max_cpu_loras: int | None = None
-    max_num_seqs: int = 32
-    max_num_batched_tokens: int = 1024
-    max_model_len: int = 2048
-    max_waiting: int = 256
-    block_size: int = 16
-    kv_cache_tokens: int = 65536
-    enable_prefix_caching: bool = True
+    served_model_name: str | None = field(default=None, metadata={
+        "help": "name of the base in /v1/models and requests' `model` (as vLLM); None = the checkpoint "
+                "folder's name"})
+    chat_template: str | None = field(default=None, metadata={
+        "help": "jinja2 chat template for /v1/chat/completions: a file, or the template itself (as vLLM); "
+                "None = the checkpoint's own"})
+    host: str = field(default="127.0.0.1", metadata={
+        "help": "listening address (vLLM listens on all interfaces; give 0.0.0.0 for that)"})
+    port: int = field(default=8000, metadata={"help": "listening port, as vLLM; 0 = any free port (printed)"})
+    device: str = field(default="cpu", metadata={"help": "torch device the model runs on (cpu, cuda, cuda:1)"})
+    dtype: str = field(default="bfloat16", metadata={
+        "help": "compute dtype of activations and dequantized weights", "choices": ("bfloat16", "float16", "float32")})
+    max_loras: int = field(default=8, metadata={
+        "help": "adapters resident at once (slots in the batched LoRA weights)"})
+    max_cpu_loras: int | None = field(default=None, metadata={
+        "help": "adapters kept loaded in host memory (LRU beyond); None = no limit"})
+    max_num_seqs: int = field(default=32, metadata={"help": "requests in one running batch"})
+    max_num_batched_tokens: int = field(default=1024, metadata={"help": "tokens one model step may process"})
+    max_model_len: int = field(default=2048, metadata={
+        "help": "prompt + output tokens of one request (capped at the model's max_position_embeddings)"})
+    max_waiting: int = field(default=256, metadata={"help": "queued requests before new ones get HTTP 429"})
+    block_size: int = field(default=16, metadata={"help": "tokens per paged KV-cache block"})
+    kv_cache_tokens: int = field(default=65536, metadata={"help": "KV-cache size in tokens (rounded up to blocks)"})
+    enable_prefix_caching: bool = field(default=True, metadata={
+        "help": "reuse the KV of shared prompt prefixes (per adapter and tenant)"})
     dequantize_base: bool = field(default=False, metadata={
         "help": "serve a dense copy of the base instead of the 4-bit weights (prints the extra memory it costs)"})
-    max_tokens_limit: int = 1024
-    max_body_bytes: int = 1 << 20
+    max_tokens_limit: int = field(default=1024, metadata={
+        "help": "largest max_tokens a request may ask for (400 beyond)"})
+    max_body_bytes: int = field(default=1 << 20, metadata={"help": "largest request body in bytes (413 beyond)"})
     threads: int = field(default=ENGINE_THREADS, metadata={
         "help": "intra-op CPU threads of the engine's step thread (1 measured fastest on a 2-core CPU: "
                 "with 2, small ops in that thread run ~30x slower)"})
@@ -85,15 +105,56 @@ class ServeConfig:
         if self.kv_cache_tokens < self.max_model_len:
             raise ValueError(f"kv_cache_tokens={self.kv_cache_tokens} < max_model_len={self.max_model_len}: "
                              "one full-length request must fit the KV cache")
+        if self.served_model_name is not None and not self.served_model_name.strip():
+            raise ValueError("served_model_name='': must be a non-empty name (flag --served-model-name)")
+        if self.chat_template is not None and not self.chat_template.strip():
+            raise ValueError("chat_template='': give a template file or the template text (flag --chat-template)")
         names = [n for n, _ in self.adapters]
         if len(set(names)) != len(names):
             raise ValueError(f"adapters: duplicate names in {names}")
 
     @property
     def served_name(self) -> str:
-        """The `model` name of the base in requests and /v1/models: the checkpoint folder's name."""
-        return os.path.basename(os.path.normpath(self.checkpoint))
+        """The `model` name of the base in requests and /v1/models: served_model_name, else the checkpoint folder's
+        name."""
+        return self.served_model_name or os.path.basename(os.path.normpath(self.checkpoint))
 
     @property
     def num_blocks(self) -> int:
         return -(-self.kv_cache_tokens // self.block_size)
+
+
+def load_chat_template(value: str) -> str:
+    """The chat template `--chat-template` names: the text of an existing file, else `value` itself when it holds
+    template syntax (`{`); compiled once here so a broken template fails at start-up, not at the first chat.
+
+    Compiled with the settings models.Tokenizer renders with (trim/lstrip blocks, the loopcontrols extension).
+
+    Raises:
+        ServeConfigError: a file that cannot be read, a value that is neither a file nor a template, or a template
+            jinja2 cannot compile.
+    """
+    from jinja2 import TemplateSyntaxError
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    from .errors import ServeConfigError
+
+    if "\n" not in value and os.path.exists(value):
+        try:
+            text = Path(value).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise ServeConfigError(f"chat_template={value!r}: cannot read the file ({e}) "
+                                   "(flag --chat-template)") from None
+        where = f"chat_template file {value}"
+    elif "{" in value:
+        text, where = value, "chat_template"
+    else:
+        raise ServeConfigError(f"chat_template={value!r}: no such file, and not a template (no '{{'); give a jinja2 "
+                               "file or the template text (flag --chat-template)")
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+    try:
+        env.parse(text)
+    except TemplateSyntaxError as e:
+        raise ServeConfigError(f"{where}: not a valid jinja2 template (line {e.lineno}: {e.message}) "
+                               "(flag --chat-template)") from None
+    return text

@@ -19,7 +19,7 @@ from .api import KeyStore, create_app
 from .api.app import check_adapter_name
 from .api.native import NativeBackend
 from ._socket import bind_listener, run_in_thread
-from .config import ServeConfig
+from .config import ServeConfig, load_chat_template
 from .engine.engine import Engine
 from .errors import ServeConfigError
 
@@ -47,7 +47,7 @@ def dequantize_bases(model) -> tuple[int, int]:
 
 def preflight(config: ServeConfig) -> KeyStore:
     """Check what needs no model before loading it: the key file, the allowed root, the checkpoint's
-    config.json and tokenizer, and the start-up adapter names. Returns the KeyStore.
+    --chat-template, the checkpoint's config.json and tokenizer, and the start-up adapter names. Returns the KeyStore.
 
     Raises:
         KeyFileError, ServeConfigError, models.ConfigError / UnsupportedArchitecture, TokenizerError,
@@ -58,6 +58,8 @@ def preflight(config: ServeConfig) -> KeyStore:
         raise ServeConfigError(f"allowed_root={config.allowed_root!r}: not an existing folder (flag --allowed-root)")
     for name, _ in config.adapters:
         check_adapter_name(name, config.served_name)
+    if config.chat_template is not None:
+        load_chat_template(config.chat_template)
     load_config(config.checkpoint)
     Tokenizer(config.checkpoint)
     return keys
@@ -71,7 +73,10 @@ def build_engine(config: ServeConfig, announce=print) -> Engine:
         n, extra = dequantize_bases(model)
         announce(f"qserve: --dequantize-base: {n} projections held dense in {config.dtype}, "
                  f"{extra / 2**20:,.1f} MiB more than the 4-bit base")
-    engine = Engine(model, Tokenizer(folder), config, base_names(folder)).start()
+    tokenizer = Tokenizer(folder)
+    if config.chat_template is not None:
+        tokenizer.chat_template = load_chat_template(config.chat_template)
+    engine = Engine(model, tokenizer, config, base_names(folder)).start()
     try:
         for name, path in config.adapters:
             check_adapter_name(name, config.served_name)

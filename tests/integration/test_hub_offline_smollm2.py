@@ -84,8 +84,8 @@ def test_qserve_serves_a_hub_id_from_the_offline_cache(hf_home, adapter):
         assert url, "".join(lines)
         assert f"/hub/models--me--smollm2-nf4/snapshots/{SHA} " in lines[-1]
         names = [m["id"] for m in httpx.get(f"{url}/v1/models", timeout=30).json()["data"]]
-        assert "pip" in names
-        for name in (names[0], "pip"):
+        assert names == ["me/smollm2-nf4", "pip"], names  # the Hub id is the base's served name
+        for name in names:
             reply = httpx.post(f"{url}/v1/completions", json={"model": name, "prompt": "The capital of France is",
                                                               "max_tokens": 4, "temperature": 0}, timeout=120)
             assert reply.status_code == 200, reply.text

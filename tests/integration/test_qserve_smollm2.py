@@ -54,7 +54,7 @@ def server(smollm2, tmp_path_factory):
         {"key": ADMIN, "tenant": "ops", "admin": True},
         {"key": ACME, "tenant": "acme", "adapters": ["acme-*", "t*"]},
         {"key": GLOBEX, "tenant": "globex", "adapters": ["globex-*"], "base": False}]}))
-    config = ServeConfig(str(ckpt), api_keys=str(keys), allowed_root=str(allowed), dtype="float32", max_loras=8,
+    config = ServeConfig(str(ckpt), port=0, api_keys=str(keys), allowed_root=str(allowed), dtype="float32", max_loras=8,
                          dequantize_base=True,
                          max_num_seqs=32, max_num_batched_tokens=512, max_model_len=256, kv_cache_tokens=16384,
                          max_waiting=512, max_tokens_limit=64, max_body_bytes=65536)
@@ -128,6 +128,31 @@ def test_base_and_three_adapters_concurrently_equal_offline(server):
         assert usage.prompt_tokens == len(tok.encode(prompt)) and 1 <= usage.completion_tokens <= 12
     base_text = comps[0][0]
     assert any(c[0] != base_text for c in comps[1:]), "adapters must change the output"
+
+
+def test_streamed_non_ascii_text_equals_the_full_decode(server):
+    """Incremental detokenization on real outputs: SmolLM2 asked for accents, CJK and emoji; each streamed chat
+    text equals the full decode of models.generate's greedy ids, and a stop string taken from the middle of a
+    non-ASCII output cuts the stream exactly before it."""
+    tok, served = server.engine.tokenizer, "smollm2-135m-instruct"
+    prompts = ["Translate to French: 'The green tea is very good, and the café is near the château.'",
+               "Write the Chinese word for tea, 茶, and the Japanese word, お茶, three times each:",
+               "Reply with five emoji about tea and cake, like ☕🍰:"]
+
+    def stream(prompt, **extra):
+        s = _client(server).chat.completions.create(model=served, messages=[{"role": "user", "content": prompt}],
+                                                    max_tokens=48, temperature=0, stream=True, **extra)
+        return "".join(c.delta.content or "" for ev in s for c in ev.choices)
+
+    outs = []
+    for prompt in prompts:
+        expected = _offline(server, None, tok.encode_chat([{"role": "user", "content": prompt}]), 48)
+        assert stream(prompt) == expected, prompt
+        outs.append((prompt, expected))
+    prompt, text = next((p, t) for p, t in outs if not t.isascii())  # at least one output is not ASCII
+    i = next(i for i, ch in enumerate(text) if not ch.isascii())
+    stop = text[i:i + 2]
+    assert stream(prompt, stop=[stop]) == text[:text.index(stop)]
 
 
 def test_hot_load_while_streaming_then_drain_and_404(server):
@@ -231,9 +256,9 @@ def test_auth_and_error_statuses(server):
 def test_metrics_and_memory_report(server):
     assert httpx.get(server.url + "/metrics").status_code == 401  # keys on: operators only
     text = httpx.get(server.url + "/metrics", headers={"Authorization": f"Bearer {ADMIN}"}).text
-    for name in ("qserve_requests_total", "qserve_generation_tokens_total", "qserve_request_latency_seconds_bucket",
-                 "qserve_requests_waiting", "qserve_adapters_resident", "qserve_adapter_load_seconds_count",
-                 "qserve_prefix_cache_hit_tokens"):
+    for name in ("qserve:requests_total", "qserve:generation_tokens_total", "vllm:e2e_request_latency_seconds_bucket",
+                 "vllm:num_requests_waiting", "qserve:adapters_resident", "qserve:adapter_load_seconds_count",
+                 "vllm:prefix_cache_hits_total"):
         assert name in text
     rep = httpx.get(server.url + "/v1/adapters", headers={"Authorization": f"Bearer {ADMIN}"}).json()
     sizes = {a["name"]: a["bytes"] for a in rep["adapters"]}

@@ -17,6 +17,7 @@ import httpx
 import openai
 import pytest
 import torch
+from prometheus_client.parser import text_string_to_metric_families
 
 from qlora_kit.formats import LoraConfig
 from qlora_kit.models import SamplingParams, Tokenizer, add_adapter, adapter_params, generate, load_model, load_peft_adapter
@@ -70,7 +71,8 @@ def env(smollm2, tmp_path_factory):
         {"key": ADMIN, "tenant": "ops", "admin": True},
         {"key": ACME, "tenant": "acme", "adapters": ["acme-*"]},
         {"key": GLOBEX, "tenant": "globex", "adapters": ["globex-*"], "base": False}]}))
-    config = ServeConfig(str(ckpt), adapters=(("acme-a", str(acme)),), api_keys=str(keys), allowed_root=str(allowed),
+    config = ServeConfig(str(ckpt), port=0, adapters=(("acme-a", str(acme)),), api_keys=str(keys),
+                         allowed_root=str(allowed),
                          dtype="float32", max_loras=4, max_num_seqs=8, max_model_len=512, kv_cache_tokens=4096,
                          max_tokens_limit=64)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -171,8 +173,12 @@ def test_admin_load_unload_at_run_time(env):
     with pytest.raises(openai.NotFoundError):
         _complete(env, "acme-hot", PROMPTS[1], ACME)
     metrics = httpx.get(env.url + "/metrics", headers={"Authorization": f"Bearer {ADMIN}"}).text
-    assert "qserve_requests_total" in metrics and "qserve_time_to_first_token_seconds_count" in metrics
-    assert "vllm:" in metrics
+    fam = {f.name: f.samples for f in text_string_to_metric_families(metrics)}  # the front's text + vLLM's, one parse
+    for name in ("vllm:num_requests_running", "vllm:prompt_tokens", "vllm:generation_tokens",
+                 "vllm:time_to_first_token_seconds", "vllm:e2e_request_latency_seconds", "qserve:requests",
+                 "qserve:time_to_first_token_seconds"):
+        assert SERVED in {s.labels.get("model_name") for s in fam[name]}, name
+    assert sum(s.value for s in fam["qserve:requests"] if s.labels["adapter"] == "acme-hot") >= 1
 
 
 @pytest.fixture(scope="module")

@@ -33,7 +33,7 @@ def env(smollm2, tmp_path_factory):
     adapter = _adapter(model, root / "all", 8, 5)
     keys = root / "keys.json"
     keys.write_text(json.dumps({"keys": [{"key": ADMIN, "tenant": "ops", "admin": True}]}))
-    config = ServeConfig(str(ckpt), adapters=(("all", str(adapter)),), api_keys=str(keys), dtype="float32",
+    config = ServeConfig(str(ckpt), port=0, adapters=(("all", str(adapter)),), api_keys=str(keys), dtype="float32",
                          max_loras=1, max_num_seqs=4, max_model_len=256, kv_cache_tokens=2048, max_tokens_limit=16)
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("HF_HUB_OFFLINE", "1")

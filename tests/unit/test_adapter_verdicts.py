@@ -70,7 +70,7 @@ def setup(smollm2, tmp_path_factory):
     base = write_tiny_chat_model(smollm2, root / "model")
     allowed = root / "allowed"
     adapters = _adapters(allowed)
-    config = ServeConfig(str(base), allowed_root=str(allowed), dtype="float32", max_model_len=64,
+    config = ServeConfig(str(base), port=0, allowed_root=str(allowed), dtype="float32", max_model_len=64,
                          kv_cache_tokens=256, max_body_bytes=4096)
     native = start(config)
 

@@ -169,7 +169,7 @@ def server(tmp_path_factory):
     folder, model = tiny_model(root)
     keys = root / "keys.json"
     keys.write_text(json.dumps({"keys": [{"key": "sk-fuzz-0001", "adapters": ["x*"]}]}))
-    cfg = ServeConfig(str(folder), api_keys=str(keys), max_model_len=64, kv_cache_tokens=1024, block_size=4,
+    cfg = ServeConfig(str(folder), port=0, api_keys=str(keys), max_model_len=64, kv_cache_tokens=1024, block_size=4,
                       max_tokens_limit=8, max_body_bytes=1 << 16)
     handle = start(cfg, Engine(model, CharTokenizer(), cfg, base_names=("llama",)).start())
     yield handle

@@ -5,6 +5,11 @@ Defined here once for both backends: the routes, API-key auth, tenants' adapter 
 max_tokens limits, request validation (api/protocol.py) and, through api/errors.py, every error body. The
 OpenAI-API defaults are applied here too: temperature 1.0 (protocol.py) and DEFAULT_MAX_TOKENS new tokens (as
 vLLM's completions), whatever the backend; models.SamplingParams keeps the offline defaults.
+
+Metrics: each request to a known model gets a metrics.RequestRecord (labels: adapter, tenant) here, for both
+backends; the backend marks its first token and its finish (reason, prompt and completion tokens), and a request
+refused before it runs (max_tokens over the limit, queue full, prompt too long) is counted as `rejected`.
+/metrics renders the backend's registry.
 """
 import json
 import time
@@ -12,7 +17,8 @@ import time
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse
 
-from ..errors import AdapterNotFound, AdapterRefused, BodyTooLarge, InvalidRequest
+from ..errors import AdapterNotFound, AdapterRefused, BodyTooLarge, InvalidRequest, ServeError
+from ..metrics import CONTENT_TYPE
 from . import errors
 from .auth import KeyStore, Principal
 from .backend import Backend
@@ -106,13 +112,18 @@ def create_app(backend: Backend, keys: KeyStore, served_name: str, max_body_byte
         if isinstance(body, CompletionRequest):
             body.prompt = check_prompt(body.prompt, backend.vocab_size)
         adapter = adapter_of(body.model, principal)
-        sampling = body.sampling(DEFAULT_MAX_TOKENS)
-        if sampling.max_tokens > max_tokens_limit:
-            key = "max_tokens" if body.max_tokens is not None else "max_completion_tokens"
-            raise InvalidRequest(f"{key}={sampling.max_tokens}: must be an integer <= {max_tokens_limit}")
-        raw.pop("max_completion_tokens", None)
-        raw["max_tokens"] = sampling.max_tokens  # the default applied here, not left to the backend
-        return await backend.generate(request, body, raw, sampling, adapter, principal.tenant)
+        record = backend.metrics.record(adapter, principal.tenant)  # counted from here on, refused or not
+        try:
+            sampling = body.sampling(DEFAULT_MAX_TOKENS)
+            if sampling.max_tokens > max_tokens_limit:
+                key = "max_tokens" if body.max_tokens is not None else "max_completion_tokens"
+                raise InvalidRequest(f"{key}={sampling.max_tokens}: must be an integer <= {max_tokens_limit}")
+            raw.pop("max_completion_tokens", None)
+            raw["max_tokens"] = sampling.max_tokens  # the default applied here, not left to the backend
+            return await backend.generate(request, body, raw, sampling, adapter, principal.tenant, record)
+        except ServeError:
+            record.finish("rejected")
+            raise
 
     @app.post("/v1/completions")
     async def completions(request: Request, principal: Principal = Depends(who)):
@@ -156,7 +167,7 @@ def create_app(backend: Backend, keys: KeyStore, served_name: str, max_body_byte
     @app.get("/metrics")
     async def metrics(principal: Principal = Depends(who)):
         KeyStore.check_metrics(principal)  # counters move with other tenants' requests (prefix hits, tokens)
-        return PlainTextResponse(await backend.metrics_text(), media_type="text/plain; version=0.0.4")
+        return PlainTextResponse(await backend.metrics_text(), media_type=CONTENT_TYPE)
 
     @app.on_event("shutdown")
     async def _close():

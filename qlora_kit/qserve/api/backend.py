@@ -10,22 +10,25 @@ from fastapi.responses import Response
 from qlora_kit.models.sampling_params import SamplingParams
 
 from ..adapters import AdapterInfo, AdapterRegistry
-from ..metrics import Metrics
+from ..metrics import Metrics, RequestRecord
 from .protocol import ChatRequest, CompletionRequest
 
 
 class Backend(Protocol):
     """A generation backend: `registry` (the adapters it serves; the app checks names and tenants against it),
-    `metrics` (qserve's counters) and `vocab_size` (token-id prompts are checked against it)."""
+    `metrics` (its metrics.Metrics registry; the app records per-request families on it) and `vocab_size`
+    (token-id prompts are checked against it)."""
 
     registry: AdapterRegistry
     metrics: Metrics
     vocab_size: int
 
     async def generate(self, request: Request, body: CompletionRequest | ChatRequest, raw: dict,
-                       sampling: SamplingParams, adapter: str | None, tenant: str | None) -> Response | dict:
+                       sampling: SamplingParams, adapter: str | None, tenant: str | None,
+                       record: RequestRecord) -> Response | dict:
         """The OpenAI response (JSON or SSE) to a validated request: `raw` is its JSON with max_tokens resolved,
-        `adapter` None for the base."""
+        `adapter` None for the base. Calls `record.first_token()` at the first token out and `record.finish()` once
+        it ends (also when the client goes away: "cancelled")."""
 
     async def load(self, name: str, path: str) -> AdapterInfo:
         """Register and load an adapter (checked by qserve.engine.lora.read_adapter); raises ServeError."""
@@ -40,7 +43,7 @@ class Backend(Protocol):
         """None when healthy, else why not (/health answers 503 with it)."""
 
     async def metrics_text(self) -> str:
-        """The /metrics body (Prometheus text)."""
+        """The /metrics body (Prometheus text): `metrics.render()`, plus what the backend exports itself."""
 
     async def aclose(self) -> None:
         """Release what the backend holds open (at app shutdown)."""

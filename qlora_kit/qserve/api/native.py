@@ -21,7 +21,7 @@ class NativeBackend:
         self.registry, self.metrics = engine.registry, engine.metrics
         self.vocab_size = engine.model.cfg.vocab_size
 
-    async def generate(self, request: Request, body, raw: dict, sampling, adapter, tenant):
+    async def generate(self, request: Request, body, raw: dict, sampling, adapter, tenant, record):
         chat = isinstance(body, ChatRequest)
         tok = self.engine.tokenizer
         if chat:
@@ -34,17 +34,19 @@ class NativeBackend:
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            return StreamingResponse(_sse(handle, rid, body.model, chat, include_usage),
+            return StreamingResponse(_sse(handle, rid, body.model, chat, include_usage, record),
                                      media_type="text/event-stream")
         text, last = [], None
         watcher = asyncio.create_task(_cancel_on_disconnect(request, handle))
         try:
             while last is None or last.finish_reason is None:
                 last = await handle.get()
+                _observe(record, last)
                 text.append(last.text)
         finally:  # done, or this handler cancelled: stop watching; a request not finished is cancelled
             watcher.cancel()
             handle.close()
+            _finish(record, last)
         if last.finish_reason == "cancelled":
             return JSONResponse({}, status_code=499)
         if last.finish_reason == "error":
@@ -68,7 +70,7 @@ class NativeBackend:
         return None if thread is not None and thread.is_alive() else "engine stopped"
 
     async def metrics_text(self) -> str:
-        return self.metrics.render(self.engine.gauges())
+        return self.metrics.render()
 
     async def aclose(self) -> None:
         pass  # the engine is stopped by whoever started it (server.ServerHandle / serve)
@@ -84,12 +86,25 @@ async def _cancel_on_disconnect(request: Request, handle) -> None:
         await asyncio.sleep(0.05)  # a stray body message: the body was already read
 
 
+def _observe(record, out) -> None:
+    """Mark the first token out, and the finish when `out` is the last Output."""
+    if out.token_ids:
+        record.first_token()
+    if out.finish_reason is not None:
+        record.finish(out.finish_reason, out.prompt_tokens, out.completion_tokens)
+
+
+def _finish(record, last) -> None:
+    """A request that ended without its last Output (client gone): cancelled, with the tokens seen so far."""
+    record.finish("cancelled", *((last.prompt_tokens, last.completion_tokens) if last is not None else ()))
+
+
 def _usage(out) -> dict:
     return {"prompt_tokens": out.prompt_tokens, "completion_tokens": out.completion_tokens,
             "total_tokens": out.prompt_tokens + out.completion_tokens}
 
 
-async def _sse(handle, rid: str, model: str, chat: bool, include_usage: bool):
+async def _sse(handle, rid: str, model: str, chat: bool, include_usage: bool, record):
     """Server-sent events: one chunk per Output, an optional usage chunk, then [DONE]."""
     obj = "chat.completion.chunk" if chat else "text_completion"
     created = int(time.time())
@@ -106,10 +121,11 @@ async def _sse(handle, rid: str, model: str, chat: bool, include_usage: bool):
             body["usage"] = usage
         return f"data: {json.dumps(body)}\n\n"
 
-    first = True
+    first, out = True, None
     try:
         while True:
             out = await handle.get()
+            _observe(record, out)
             if out.finish_reason == "error":
                 err = errors.error_body(out.error or "generation failed", "server_error", 500)
                 yield f"data: {json.dumps(err)}\n\n"
@@ -124,3 +140,4 @@ async def _sse(handle, rid: str, model: str, chat: bool, include_usage: bool):
         yield "data: [DONE]\n\n"
     finally:  # client gone (the response task is cancelled) or done: free the request's KV blocks now
         handle.close()
+        _finish(record, out)

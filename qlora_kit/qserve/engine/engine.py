@@ -17,8 +17,9 @@ import torch
 
 from ..adapters import AdapterRegistry, RegistryConfig
 from ..errors import InvalidRequest, SamplingFailed, ServeError
-from ..metrics import Metrics
+from ..metrics import EngineMetrics, Metrics
 from .block_manager import BlockManager
+from .detokenizer import Detokenizer
 from .lora import evict, install, read_adapter
 from .request import FinishReason, Request, SamplingParams  # models.SamplingParams
 from .runner import ModelRunner
@@ -74,31 +75,6 @@ class RequestHandle:
             self.close()
 
 
-class _Detokenizer:
-    """Incremental text of one request: holds back an incomplete UTF-8 character and any tail that could
-    still grow into a stop string; finds stop strings in the text."""
-
-    def __init__(self, stops: tuple[str, ...]):
-        self.stops, self.sent = stops, 0
-        self.hold = max((len(s) for s in stops), default=1) - 1
-
-    def step(self, text: str, final: bool) -> tuple[str, bool]:
-        """(new text to send, stop string seen); after a stop the text is cut before it."""
-        hit = None
-        for s in self.stops:
-            i = text.find(s, max(0, self.sent - len(s)))
-            if i >= 0 and (hit is None or i < hit):
-                hit = i
-        if hit is not None:
-            text, final = text[:hit], True
-        end = len(text) if final else max(self.sent, len(text) - self.hold)
-        if not final and text[self.sent:end].endswith("\ufffd"):
-            end = self.sent
-        delta = text[self.sent:end]
-        self.sent = end
-        return delta, hit is not None
-
-
 class Engine:
     """Scheduler + block manager + adapter registry + model runner, driven by one thread.
 
@@ -122,12 +98,14 @@ class Engine:
         self.scheduler = Scheduler(SchedulerConfig(
             max_num_seqs=config.max_num_seqs, max_num_batched_tokens=config.max_num_batched_tokens,
             max_model_len=self.max_model_len, max_waiting=config.max_waiting), self.blocks, self.registry)
-        self.metrics = Metrics()
+        self.metrics = Metrics(config.served_name)  # the app records per-request families on it too
+        self.engine_metrics = EngineMetrics(self.metrics, self.stats)
         self._lock = threading.Lock()  # the scheduler is single-threaded: add/schedule/update/finish under it
         self._wake = threading.Event()
         self._handles: dict[str, RequestHandle] = {}
-        self._text: dict[str, _Detokenizer] = {}
+        self._text: dict[str, Detokenizer] = {}
         self._t0: dict[str, float] = {}
+        self._tlast: dict[str, float] = {}  # when each request's last token was out (time per output token)
         self._loads: dict[str, object] = {}
         self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="qserve-load")
         self._thread: threading.Thread | None = None
@@ -140,9 +118,9 @@ class Engine:
         try:
             out = read_adapter(self.model, name, path, self.base_names, dtype=self.lora_dtype)
         except ServeError:
-            self.metrics.inc("adapter_load_failures_total")
+            self.metrics.adapter_load_failures.inc()
             raise
-        self.metrics.observe("adapter_load_seconds", time.perf_counter() - t0)
+        self.metrics.adapter_load_seconds.observe(time.perf_counter() - t0)
         return out
 
     def _install(self, name, payload, slot):
@@ -181,9 +159,8 @@ class Engine:
         with self._lock:
             self.scheduler.add(req)
             self._handles[req.request_id] = handle
-            self._text[req.request_id] = _Detokenizer(sp.stop)
+            self._text[req.request_id] = Detokenizer(self.tokenizer, sp.stop)
             self._t0[req.request_id] = time.perf_counter()
-        self.metrics.inc("prompt_tokens_total", len(prompt_ids))
         self._wake.set()
         return handle
 
@@ -230,10 +207,14 @@ class Engine:
         handle = self._handles.get(rid)
         if handle is None:
             return
-        if req.num_output_tokens == 1:
-            self.metrics.observe("time_to_first_token_seconds", time.perf_counter() - self._t0[rid])
-        text = self.tokenizer.decode(req.output_token_ids)
-        delta, stopped = self._text[rid].step(text, req.is_finished)
+        now, detok = time.perf_counter(), self._text[rid]
+        last = self._tlast.get(rid)
+        if last is None:
+            self.engine_metrics.ttft.observe(now - self._t0[rid])
+        else:
+            self.engine_metrics.tpot.observe(now - last)
+        self._tlast[rid] = now
+        delta, stopped = detok.step(req.output_token_ids[len(detok.ids):], req.is_finished)
         if stopped and not req.is_finished:
             self.scheduler.finish(req, FinishReason.STOP)
         if req.is_finished:
@@ -246,13 +227,12 @@ class Engine:
         rid = req.request_id
         handle = self._handles.pop(rid, None)
         self._text.pop(rid, None)
+        self._tlast.pop(rid, None)
         t0 = self._t0.pop(rid, None)
         self.runner.release(rid)
         reason = req.finish_reason.value if req.finish_reason is not None else "error"
-        self.metrics.inc("requests_total", finish_reason=reason)
-        self.metrics.inc("generation_tokens_total", req.num_output_tokens)
-        if t0 is not None:
-            self.metrics.observe("request_latency_seconds", time.perf_counter() - t0)
+        if t0 is not None:  # once per request that entered the engine
+            self.engine_metrics.finished(reason, req.num_prompt_tokens, req.num_output_tokens, time.perf_counter() - t0)
         if handle is not None:
             handle._push(Output(rid, delta, token_ids, req.num_prompt_tokens, req.num_output_tokens,
                                 reason, req.error))
@@ -277,22 +257,15 @@ class Engine:
             self._wake.set()
 
     # -- reporting ------------------------------------------------------------------------------------------
-    def gauges(self) -> dict[str, tuple[str, float]]:
+    def stats(self) -> dict:
+        """Counts read at each /metrics scrape (metrics.EngineMetrics.SCRAPED names them)."""
         s = self.scheduler.stats()
-        resident = sum(1 for a in self.registry.list() if a.state.value == "resident")
-        return {
-            "requests_waiting": ("Requests in the queue", s["waiting"]),
-            "requests_running": ("Requests in the running batch", s["running"]),
-            "preemptions_total": ("Requests preempted so far", s["preemptions"]),
-            "kv_cache_usage": ("Fraction of KV blocks in use", s["kv_usage"]),
-            "prefix_cache_query_tokens": ("Prompt tokens looked up in the prefix cache", s["kv_prefix_query_tokens"]),
-            "prefix_cache_hit_tokens": ("Prompt tokens served from the prefix cache", s["kv_prefix_hit_tokens"]),
-            "adapters_registered": ("Adapters registered", len(self.registry.list())),
-            "adapters_resident": ("Adapters in resident slots", resident),
-            "adapter_loads_total": ("Adapter loads completed", self.registry.loads),
-            "adapter_evictions_total": ("Adapter evictions from resident slots", self.registry.evictions),
-            "engine_steps_total": ("Model steps run", self.steps),
-        }
+        return {"running": s["running"], "waiting": s["waiting"], "kv_usage": s["kv_usage"],
+                "preemptions": s["preemptions"], "prefix_queries": s["kv_prefix_query_tokens"],
+                "prefix_hits": s["kv_prefix_hit_tokens"], "steps": self.steps,
+                "adapters_registered": len(self.registry.list()),
+                "adapters_resident": sum(1 for a in self.registry.list() if a.state.value == "resident"),
+                "adapter_loads": self.registry.loads, "adapter_evictions": self.registry.evictions}
 
     def memory_report(self) -> dict:
         """Registry memory report plus the KV cache and base weights."""

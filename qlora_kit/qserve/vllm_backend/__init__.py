@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from ..adapters import AdapterRegistry
 from .._socket import bind_listener, run_in_thread
-from ..config import ServeConfig
+from ..config import ServeConfig, load_chat_template
 from .launch import (VllmOptions, VllmProcess, adapter_rank, launch, lora_rank, pop_vllm_options, vllm_cli_options,
                      vllm_command)
 
@@ -47,6 +47,8 @@ def _build(config: ServeConfig, opts: VllmOptions, log):
     from .front import create_front, front_registry
 
     keys = KeyStore.from_file(config.api_keys)  # bad key files fail before vLLM spends a minute loading
+    if config.chat_template is not None:
+        load_chat_template(config.chat_template)  # vLLM reads it itself; refused here first, in one line
     rank = lora_rank(config, opts)
     registry = front_registry(config, rank)
     for name, path in config.adapters:

@@ -55,72 +55,70 @@ def _upstream_error(resp: httpx.Response) -> UpstreamError:
 
 
 class VllmBackend:
-    """api.backend.Backend over vLLM's OpenAI server at `upstream` (which requires `upstream_key`)."""
+    """api.backend.Backend over vLLM's OpenAI server at `upstream` (which requires `upstream_key`).
+
+    Its Metrics registry holds only qserve:* families (per adapter and tenant, recorded from vLLM's responses);
+    /metrics appends vLLM's own text, which has the engine's vllm:* families."""
 
     def __init__(self, upstream: str, upstream_key: str, registry: AdapterRegistry, vocab_size: int,
-                 metrics: Metrics | None = None):
-        self.registry, self.vocab_size, self.metrics = registry, vocab_size, metrics or Metrics()
+                 metrics: Metrics):
+        self.registry, self.vocab_size, self.metrics = registry, vocab_size, metrics
         self.client = httpx.AsyncClient(base_url=upstream, headers={"Authorization": f"Bearer {upstream_key}"},
                                         timeout=httpx.Timeout(None, connect=10.0))
 
-    def _record(self, start: float, finish: str | None, usage: dict | None) -> None:
-        self.metrics.inc("requests_total", finish_reason=finish or "unknown")
-        self.metrics.observe("request_latency_seconds", time.monotonic() - start)
-        if usage:
-            self.metrics.inc("prompt_tokens_total", usage.get("prompt_tokens") or 0)
-            self.metrics.inc("generation_tokens_total", usage.get("completion_tokens") or 0)
-
-    async def generate(self, request: Request, body, raw: dict, sampling, adapter, tenant):
+    async def generate(self, request: Request, body, raw: dict, sampling, adapter, tenant, record):
         path = "/v1/chat/completions" if isinstance(body, ChatRequest) else "/v1/completions"
-        start = time.monotonic()
         if not body.stream:
             resp = await self.client.post(path, json=raw)
             if resp.status_code != 200:
-                self._record(start, "error", None)
+                record.finish("error")
                 raise _upstream_error(resp)
             data = resp.json()
-            self.metrics.observe("time_to_first_token_seconds", time.monotonic() - start)
-            choices = data.get("choices") or [{}]
-            self._record(start, choices[0].get("finish_reason"), data.get("usage"))
+            record.first_token()
+            _finish(record, (data.get("choices") or [{}])[0].get("finish_reason"), data.get("usage"))
             return JSONResponse(data)
+        # usage is asked of vLLM always (token counts per adapter), and relayed only when the client asked
+        wants_usage = bool(body.stream_options and body.stream_options.include_usage)
+        raw = {**raw, "stream_options": {**(raw.get("stream_options") or {}), "include_usage": True}}
         resp = await self.client.send(self.client.build_request("POST", path, json=raw), stream=True)
         if resp.status_code != 200:
             await resp.aread()
             await resp.aclose()
-            self._record(start, "error", None)
+            record.finish("error")
             raise _upstream_error(resp)
-        return StreamingResponse(self._relay(resp, start), media_type="text/event-stream")
+        return StreamingResponse(self._relay(resp, record, wants_usage), media_type="text/event-stream")
 
-    async def _relay(self, resp: httpx.Response, start: float):
-        first, finish, usage = True, None, None
+    async def _relay(self, resp: httpx.Response, record, wants_usage: bool):
+        finish, usage = None, None
         try:
             async for line in resp.aiter_lines():
-                if first and line.startswith("data:"):
-                    self.metrics.observe("time_to_first_token_seconds", time.monotonic() - start)
-                    first = False
                 if line.startswith("data: {"):
                     chunk = json.loads(line[6:])
-                    for c in chunk.get("choices") or []:
+                    choices = chunk.get("choices") or []
+                    for c in choices:
+                        record.first_token()
                         finish = c.get("finish_reason") or finish
                     usage = chunk.get("usage") or usage
+                    if not choices and chunk.get("usage") and not wants_usage:
+                        continue  # the usage-only chunk the client did not ask for
                 yield line + "\n"
         finally:
             await resp.aclose()
-            self._record(start, finish, usage)
+            _finish(record, finish or "cancelled", usage)
 
     async def load(self, name: str, path: str):
         t0 = time.monotonic()
         try:
             info = await asyncio.to_thread(self.registry.add, name, path)
         except QloraKitError:
-            self.metrics.inc("adapter_load_failures_total")
+            self.metrics.adapter_load_failures.inc()
             raise
         resp = await self.client.post("/v1/load_lora_adapter", json={"lora_name": name, "lora_path": info.path})
         if resp.status_code != 200:
             self.registry.unload(name)
-            self.metrics.inc("adapter_load_failures_total")
+            self.metrics.adapter_load_failures.inc()
             raise _upstream_error(resp)
-        self.metrics.observe("adapter_load_seconds", time.monotonic() - t0)
+        self.metrics.adapter_load_seconds.observe(time.monotonic() - t0)
         return self.registry.get(name)
 
     async def unload(self, name: str) -> bool:
@@ -142,15 +140,19 @@ class VllmBackend:
         return None if ok else "vLLM not answering"
 
     async def metrics_text(self) -> str:
-        gauges = {"adapters_registered": ("Adapters registered with the vLLM backend", len(self.registry.list()))}
         try:
             theirs = (await self.client.get("/metrics", timeout=5.0)).text  # vLLM's own engine metrics (vllm:*)
         except httpx.HTTPError:
             theirs = ""
-        return self.metrics.render(gauges) + theirs
+        return self.metrics.render() + theirs
 
     async def aclose(self) -> None:
         await self.client.aclose()
+
+
+def _finish(record, finish: str | None, usage: dict | None) -> None:
+    usage = usage or {}
+    record.finish(finish or "unknown", usage.get("prompt_tokens") or 0, usage.get("completion_tokens") or 0)
 
 
 def front_registry(config: ServeConfig, max_rank: int) -> AdapterRegistry:
@@ -165,5 +167,8 @@ def front_registry(config: ServeConfig, max_rank: int) -> AdapterRegistry:
 def create_front(config: ServeConfig, registry: AdapterRegistry, upstream: str, upstream_key: str,
                  keys: KeyStore) -> FastAPI:
     """qserve's HTTP app over the vLLM OpenAI server at `upstream` serving `config`'s checkpoint."""
-    backend = VllmBackend(upstream, upstream_key, registry, load_config(config.checkpoint).vocab_size)
+    metrics = Metrics(config.served_name)
+    metrics.on_scrape(lambda: [metrics.family("gauge", "qserve:adapters_registered", "Adapters registered with the "
+                                              "vLLM backend", len(registry.list()))])
+    backend = VllmBackend(upstream, upstream_key, registry, load_config(config.checkpoint).vocab_size, metrics)
     return create_app(backend, keys, config.served_name, config.max_body_bytes, config.max_tokens_limit)

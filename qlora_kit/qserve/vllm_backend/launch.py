@@ -68,6 +68,17 @@ class VllmOptions:
 
 
 _FLAG_NAMES = {"python": "--vllm-python", "startup_timeout_s": "--vllm-startup-timeout", "extra_args": "--vllm-arg"}
+_HELP = {
+    "python": "interpreter with vLLM and qlora-kit installed (env QSERVE_VLLM_PYTHON, else this one)",
+    "tensor_parallel_size": "vLLM tensor-parallel workers",
+    "pipeline_parallel_size": "vLLM pipeline-parallel stages",
+    "data_parallel_size": "vLLM data-parallel replicas",
+    "max_lora_rank": "vLLM's --max-lora-rank (auto: the largest start-up / allowed-root adapter rank, rounded up "
+                     "to one vLLM accepts)",
+    "enforce_eager": "vLLM without CUDA graphs (auto: eager on CPU only)",
+    "startup_timeout_s": "seconds vLLM may take to load before start-up fails",
+    "extra_args": "one extra vLLM server argument, passed verbatim, last (repeatable)",
+}
 
 
 def vllm_cli_options(fn):
@@ -75,11 +86,12 @@ def vllm_cli_options(fn):
     for f in reversed(fields(VllmOptions)):
         flag = _FLAG_NAMES.get(f.name, "--" + f.name.replace("_", "-"))
         kw = "vllm_" + f.name
-        help_ = f"[--backend vllm; default: {f.default if f.default is not None else 'auto'}]"
+        default = "" if f.name == "extra_args" else f"; default: {f.default if f.default is not None else 'auto'}"
+        help_ = f"{_HELP[f.name]} [--backend vllm{default}]"
         if f.name == "enforce_eager":
             fn = click.option(f"{flag}/--no-enforce-eager", kw, default=None, help=help_)(fn)
         elif f.name == "extra_args":
-            fn = click.option(flag, kw, multiple=True, help="[--backend vllm] one extra vLLM argument (repeatable)")(fn)
+            fn = click.option(flag, kw, multiple=True, help=help_)(fn)
         else:
             kind = {"python": str, "startup_timeout_s": float}.get(f.name, int)
             fn = click.option(flag, kw, type=kind, default=None, help=help_)(fn)
@@ -164,6 +176,8 @@ def vllm_command(config: ServeConfig, opts: VllmOptions, port: int, key: str, se
         argv += ["--lora-dtype", config.lora_dtype]
     if config.adapters:
         argv += ["--lora-modules", *(f"{n}={p}" for n, p in config.adapters)]
+    if config.chat_template is not None:  # a file path or the template text: vLLM's --chat-template takes both
+        argv += ["--chat-template", config.chat_template]
     if opts.enforce_eager if opts.enforce_eager is not None else config.device == "cpu":
         argv.append("--enforce-eager")
     argv += list(opts.extra_args)

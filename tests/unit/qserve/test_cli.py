@@ -1,8 +1,11 @@
 """`qserve serve` start-up checks (issue 13 items 2, 7, 9): a bad key file, allowed root or config.json is one
-red line and exit code 2 before the model loads; serving without keys says loudly that everyone is admin."""
+red line and exit code 2 before the model loads; serving without keys says loudly that everyone is admin.
+Issue 15: vllm serve's spelling (--port 8000, --served-model-name, --lora-modules, --chat-template) and a
+description on every option."""
 import json
 import shutil
 
+import click
 import pytest
 from click.testing import CliRunner
 
@@ -77,3 +80,50 @@ def test_item7_no_keys_warns_that_everyone_is_admin(no_weights):
 
 def test_item7_startup_adapter_may_not_take_the_base_name(no_weights, tmp_path):
     _one_error(_serve(no_weights, "--adapter", f"ckpt={tmp_path}"), "adapter name 'ckpt': is the served base")
+
+
+# -- issue 15: vllm serve's spelling ---------------------------------------------------------------------
+def test_every_serve_option_has_a_description_and_port_is_8000():
+    import re
+
+    from qlora_kit.qserve.cli import serve
+    from qlora_kit.qserve.config import ServeConfig
+
+    for p in serve.params:
+        if isinstance(p, click.Option) and p.name != "help":
+            text = re.sub(r"\[[^\]]*\]", "", p.help or "").strip()  # drop "[default: ..]", "[--backend vllm ..]"
+            assert len(text) > 10, f"{p.opts}: {p.help!r}"
+    assert ServeConfig("x").port == 8000
+    out = CliRunner().invoke(main, ["serve", "--help"]).output
+    assert "--served-model-name" in out and "--chat-template" in out and "--lora-modules" in out
+    assert "[default: 8000]" in " ".join(out.split())
+
+
+def test_lora_modules_json_and_name_path_are_read(no_weights, tmp_path):
+    ok = json.dumps({"name": "a", "path": str(tmp_path), "base_model_name": "ckpt"})
+    # accepted: the run goes on to the tokenizer check (the tiny checkpoint has no tokenizer.json)
+    _one_error(_serve(no_weights, "--lora-modules", ok, "--lora-modules", f"b={tmp_path}"), "tokenizer.json: missing")
+    bad_base = json.dumps({"name": "a", "path": str(tmp_path), "base_model_name": "meta-llama/Llama-3-8B"})
+    _one_error(_serve(no_weights, "--lora-modules", bad_base), "--lora-modules 'a'",
+               "base_model_name 'meta-llama/Llama-3-8B' is not the served base ('ckpt')", "--base-name")
+    res = _serve(no_weights, "--lora-modules", json.dumps({"name": "a", "path": "p", "rank": 8}))
+    assert res.exit_code == 2 and "unknown keys ['rank']" in res.output
+    res = _serve(no_weights, "--lora-modules", "no-equals-sign")
+    assert res.exit_code == 2 and "expected NAME=PATH" in res.output
+    res = _serve(no_weights, "--adapter", f"a={tmp_path}", "--lora-modules", f"a={tmp_path}")
+    assert res.exit_code == 2 and "duplicate names" in res.output
+
+
+def test_served_model_name_is_the_base_name(no_weights, tmp_path):
+    _one_error(_serve(no_weights, "--served-model-name", "tea", "--adapter", f"tea={tmp_path}"),
+               "adapter name 'tea': is the served base model's name")
+
+
+def test_chat_template_unreadable_or_invalid_is_one_line_at_startup(no_weights, tmp_path):
+    _one_error(_serve(no_weights, "--chat-template", tmp_path), f"chat_template={str(tmp_path)!r}: cannot read the file")
+    _one_error(_serve(no_weights, "--chat-template", tmp_path / "nope.jinja"), "no such file, and not a template")
+    bad = tmp_path / "bad.jinja"
+    bad.write_text("{% for m in messages %}{{ m.content }}\n{% endif %}")
+    _one_error(_serve(no_weights, "--chat-template", bad), f"chat_template file {bad}: not a valid jinja2 template",
+               "line 2")
+    _one_error(_serve(no_weights, "--chat-template", "{{ messages[0].content "), "chat_template: not a valid jinja2")

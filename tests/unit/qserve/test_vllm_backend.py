@@ -53,6 +53,17 @@ def test_command_has_plugin_lora_and_parallel_flags(tmp_path, monkeypatch):
     assert " --lora-dtype float16" in " ".join(vllm_command(fp16, opts, 8123, "k", "tiny-nf4", 8)[0])
 
 
+def test_served_model_name_and_chat_template_are_passed_on(tmp_path):
+    ckpt = _ckpt(tmp_path)
+    template = tmp_path / "t.jinja"
+    template.write_text("{% for m in messages %}{{ m.content }}{% endfor %}")
+    config = ServeConfig(str(ckpt), served_model_name="tea-base", chat_template=str(template))
+    argv, _ = vllm_command(config, VllmOptions(), 8123, "k", config.served_name, 8)
+    line = " ".join(argv)
+    assert "--served-model-name tea-base" in line and f"--chat-template {template}" in line
+    assert "--chat-template" not in vllm_command(ServeConfig(str(ckpt)), VllmOptions(), 8123, "k", "x", 8)[0]
+
+
 def test_max_lora_rank_from_adapters_rounded_to_vllm_ranks(tmp_path):
     ckpt = _ckpt(tmp_path)
     root = tmp_path / "root"
