@@ -37,9 +37,15 @@ class TrainConfig:
 
     # what to train on and where to write
     base: str = _f("", "4-bit checkpoint folder (qconvert convert) or a bf16 HF folder (quantized while loading)")
-    data: str = _f("", "training JSONL: {\"text\"}, {\"prompt\",\"completion\"} or {\"messages\"} per line")
+    data: str = _f("", "training data: a JSONL file (rows {\"text\"}, {\"prompt\",\"completion\"}, {\"messages\"} or "
+                   "{\"conversations\"}), or with the data extra a .parquet/.json/.csv file, a dataset folder or a "
+                   "Hub dataset id (README: Data formats)")
     out: str = _f("", "output folder (must not exist unless --resume): PEFT adapter, config, metrics, checkpoints")
-    eval_data: str = _f("", "held-out JSONL for eval loss (empty = split --eval-fraction off --data)")
+    data_split: str = _f("train", "split of --data when it is a dataset folder or Hub id")
+    data_config: str = _f("", "configuration (subset) name of a Hub --data / --eval-data ('' = its default)")
+    eval_data: str = _f("", "held-out data for eval loss, same kinds as --data (empty = split --eval-fraction off "
+                        "--data)")
+    eval_split: str = _f("test", "split of --eval-data when it is a dataset folder or Hub id")
     eval_fraction: float = _f(0.0, "fraction of --data held out for eval loss when --eval-data is not given")
     # data shaping
     max_seq_len: int = _f(512, "tokens per row; a longer example is an error unless --truncate")

@@ -1,7 +1,7 @@
 """Everything a run needs before its first step, checked in the order that fails fastest:
 config -> output folder -> tokenizer and data (every line) -> model -> context length, adapter targets -> optimizer."""
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
@@ -11,7 +11,7 @@ from qlora_kit.models import Llama, Tokenizer, adapter_params, add_adapter, load
 
 from .batching import plan_epoch
 from .checkpoint import find_checkpoint
-from .config import TrainConfig
+from .config import TrainConfig, json_value
 from .data import Example, load_examples, split_eval
 from .errors import ConfigError, OutputExists, ResumeError
 from .optim import AdamW
@@ -20,7 +20,9 @@ ALL_LINEAR = "all-linear"
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 # fields that must match between a checkpoint and the run resuming it (they fix the data stream or shapes)
 RESUME_KEYS = ("data", "seed", "batch_size", "grad_accum", "max_seq_len", "packing", "group_by_length", "truncate",
-               "epochs", "max_steps", "r", "lora_alpha", "target_modules", "optimizer", "eval_fraction", "eval_data")
+               "epochs", "max_steps", "r", "lora_alpha", "target_modules", "optimizer", "eval_fraction", "eval_data",
+               "data_split", "data_config", "eval_split", "exclude_modules", "layers_to_transform", "layers_pattern",
+               "use_rslora")
 
 
 @dataclass
@@ -49,16 +51,18 @@ def check_output(cfg: TrainConfig) -> Path | None:
 
 def check_resume_config(saved: dict, cfg: TrainConfig, where: Path) -> None:
     now = cfg.to_json()
+    # a key an older checkpoint lacks had its default then
+    unset = {f.name: json_value(f.default) for f in fields(TrainConfig)}
     for key in RESUME_KEYS:
-        if saved.get(key) != now.get(key):
+        if saved.get(key, unset[key]) != now.get(key):
             raise ResumeError(f"{where}: {key}={saved.get(key)!r} in the checkpoint but {now.get(key)!r} now; "
                               "resume with the same setting")
 
 
 def load_data(cfg: TrainConfig, tok: Tokenizer) -> Data:
-    train = load_examples(cfg.data, tok, cfg.max_seq_len, cfg.truncate)
+    train = load_examples(cfg.data, tok, cfg.max_seq_len, cfg.truncate, cfg.data_split, cfg.data_config)
     if cfg.eval_data:
-        evals = load_examples(cfg.eval_data, tok, cfg.max_seq_len, cfg.truncate)
+        evals = load_examples(cfg.eval_data, tok, cfg.max_seq_len, cfg.truncate, cfg.eval_split, cfg.data_config)
     else:
         train, evals = split_eval(train, cfg.eval_fraction, cfg.seed)
     return Data(train, evals, tok.pad_token_id)
