@@ -40,11 +40,17 @@ UNSUPPORTED_PEFT_FIELDS = {
 }
 
 
+# and, when training (qtrain writes one rank and alpha for every module), these; loading honours them
+UNTRAINABLE_PEFT_FIELDS = {**UNSUPPORTED_PEFT_FIELDS, "rank_pattern": {}, "alpha_pattern": {}}
+
+
 def unsupported_peft_field(key: str, value, loading: bool = False) -> str | None:
-    """Why PEFT field `key` = `value` cannot be honoured (None when it is a PEFT field at its default)."""
-    if key not in UNSUPPORTED_PEFT_FIELDS:
+    """Why PEFT field `key` = `value` cannot be honoured when loading an adapter or (not `loading`) training one;
+    None when `key` is not such a field or holds PEFT's default."""
+    table = UNSUPPORTED_PEFT_FIELDS if loading else UNTRAINABLE_PEFT_FIELDS
+    if key not in table:
         return None
-    default = UNSUPPORTED_PEFT_FIELDS[key]
+    default = table[key]
     if value == default or (value in (None, [], {}) and default in (None, [], {})):
         return None
     if loading and key == "init_lora_weights" and (value is True or value is False or value == "gaussian"):

@@ -12,6 +12,9 @@ import tomllib
 from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from pathlib import Path
 
+from qlora_kit.formats._pattern import FullMatch, PatternError
+from qlora_kit.formats.peft import UNTRAINABLE_PEFT_FIELDS, unsupported_peft_field
+
 from .errors import ConfigError
 
 try:
@@ -56,8 +59,17 @@ class TrainConfig:
     r: int = _f(64, "LoRA rank")
     lora_alpha: float = _f(16.0, "LoRA alpha (scale = alpha / r)")
     lora_dropout: float = _f(0.1, "dropout on the LoRA input")
-    target_modules: tuple[str, ...] = _f(("all-linear",), "projections to adapt, comma-separated "
-                                         "(q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj) or all-linear")
+    target_modules: str | tuple[str, ...] = _f(
+        ("all-linear",), "projections to adapt, comma-separated (q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,"
+        "down_proj; each matches a module path's end) or all-linear; in a config file a string is a regular "
+        "expression matched against the whole module path, as in PEFT")
+    exclude_modules: str | tuple[str, ...] = _f((), "modules never adapted: comma-separated names (matching a path's "
+                                                "end); in a config file a string is a regular expression (full match)")
+    layers_to_transform: tuple[int, ...] = _f((), "adapt only these decoder layers, comma-separated indices (empty = "
+                                              "all); needs names, not a regular expression, in target_modules")
+    layers_pattern: tuple[str, ...] = _f((), "name of the layer list in module paths for --layers-to-transform "
+                                         "(empty = the first numbered path part, e.g. layers)")
+    use_rslora: bool = _f(False, "rank-stabilised LoRA: scale = lora_alpha / sqrt(r) instead of lora_alpha / r")
     # optimisation
     learning_rate: float = _f(2e-4, "peak learning rate")
     lr_scheduler: str = _f("constant", "learning-rate schedule after warmup", choices=SCHEDULES)
@@ -118,11 +130,29 @@ class TrainConfig:
                                   f"(--{_flag(f.name)})")
         if not self.target_modules or any(not t for t in self.target_modules):
             raise ConfigError(f"target_modules={list(self.target_modules)}: name at least one projection or all-linear")
+        if isinstance(self.target_modules, str) and (self.layers_to_transform or self.layers_pattern):
+            raise ConfigError(f"target_modules={self.target_modules!r}: a regular expression cannot be combined with "
+                              "layers_to_transform/layers_pattern (as in PEFT); give a list of names")
+        if self.layers_pattern and not self.layers_to_transform:
+            raise ConfigError(f"layers_pattern={list(self.layers_pattern)}: needs --layers-to-transform (as in PEFT)")
+        if any(not isinstance(i, int) or isinstance(i, bool) or i < 0 for i in self.layers_to_transform):
+            raise ConfigError(f"layers_to_transform={list(self.layers_to_transform)}: layer indices must be "
+                              "integers >= 0 (--layers-to-transform)")
+        patterns = [("layers_pattern", p) for p in self.layers_pattern]
+        patterns += [(n, getattr(self, n)) for n in ("target_modules", "exclude_modules") if isinstance(getattr(self, n), str)]
+        for name, pattern in patterns:
+            try:
+                FullMatch(pattern)
+            except PatternError as e:
+                raise ConfigError(f"{name}={pattern!r}: {e} (a regular expression, as in PEFT)") from None
 
     def to_json(self) -> dict:
-        out = asdict(self)
-        out["target_modules"] = list(self.target_modules)
-        return out
+        return {k: json_value(v) for k, v in asdict(self).items()}
+
+
+def json_value(value):
+    """A field value as train_config.json holds it (tuples as lists)."""
+    return list(value) if isinstance(value, tuple) else value
 
 
 def _flag(name: str) -> str:
@@ -173,9 +203,23 @@ def _normalise(raw: dict, where: str) -> dict:
     out = {}
     for key, value in raw.items():
         name = str(key).replace("-", "_")
+        if name not in known and name in UNTRAINABLE_PEFT_FIELDS:
+            why = unsupported_peft_field(name, value)
+            if why:
+                raise ConfigError(f"{where}: {why}")
+            continue  # a PEFT field at PEFT's default asks for what qtrain does anyway
         if name not in known:
             raise ConfigError(f"{where}: unknown key {key!r}; known keys: {', '.join(sorted(known))}")
         default = known[name].default
+        if name in ("target_modules", "exclude_modules") and isinstance(value, str):
+            # PEFT: a string is a regular expression (full match); "all-linear" is its shorthand
+            out[name] = (value,) if value == "all-linear" else value
+            continue
+        if name == "layers_to_transform":
+            out[name] = _layers(value, key, where)
+            continue
+        if name == "layers_pattern" and isinstance(value, str):
+            value = [value]
         if isinstance(default, tuple):
             if not isinstance(value, (str, list, tuple)) or not all(isinstance(v, str) for v in value):
                 raise ConfigError(f"{where}: {key}={value!r}: expected a comma-separated string or a list of strings")
@@ -191,6 +235,21 @@ def _normalise(raw: dict, where: str) -> dict:
             raise ConfigError(f"{where}: {key}={value!r}: expected a {type(default).__name__}")
         out[name] = value
     return out
+
+
+def _layers(value, key: str, where: str) -> tuple[int, ...]:
+    """layers_to_transform: an int, a list of ints, or (command line) comma-separated digit strings."""
+    items = [value] if isinstance(value, (int, str)) and not isinstance(value, bool) else value
+    if not isinstance(items, (list, tuple)):
+        raise ConfigError(f"{where}: {key}={value!r}: expected a layer index or a list of layer indices")
+    out = []
+    for v in items:
+        if isinstance(v, str) and v.strip().isdecimal() and v.strip().isascii():
+            v = int(v.strip())
+        if not isinstance(v, int) or isinstance(v, bool):
+            raise ConfigError(f"{where}: {key}={value!r}: expected a layer index or a list of layer indices")
+        out.append(v)
+    return tuple(out)
 
 
 def build_config(file: str | os.PathLike | None = None, **overrides) -> TrainConfig:

@@ -115,7 +115,7 @@ def _tools(value, where: str) -> list | None:
 def normalise(row, where: str) -> Record:
     """One row -> Record (see the module docstring). Raises DataError naming `where` and the field."""
     if not isinstance(row, dict):
-        raise DataError(f"{where}: expected an object, got {type(row).__name__}")
+        raise DataError(f"{where}: expected a JSON object, got {type(row).__name__}")
     present = [k for k in FORMAT_KEYS if row.get(k) is not None]
     if len(present) > 1:
         raise DataError(f"{where}: holds both {present[0]!r} and {present[1]!r}; a row has exactly one of "

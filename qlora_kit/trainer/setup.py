@@ -6,8 +6,9 @@ from pathlib import Path
 
 import torch
 
+from qlora_kit.formats.errors import AdapterFormatError
 from qlora_kit.formats.peft import LoraConfig
-from qlora_kit.models import Llama, Tokenizer, adapter_params, add_adapter, load_model
+from qlora_kit.models import AdapterError, Llama, Tokenizer, adapter_params, add_adapter, load_model
 
 from .batching import plan_epoch
 from .checkpoint import find_checkpoint
@@ -80,14 +81,18 @@ def check_context(model: Llama, cfg: TrainConfig) -> None:
                           f"({cfg.base}/config.json max_position_embeddings); lower --max-seq-len")
 
 
-def target_names(model: Llama, targets: tuple[str, ...]) -> tuple[str, ...]:
-    """Projection names to adapt; every requested name must exist in the model."""
+def target_names(model: Llama, targets: str | tuple[str, ...]) -> str | tuple[str, ...]:
+    """Projection names to adapt (every requested name must exist in the model; all-linear becomes every
+    projection's name), or a regular expression (a string), kept as given for PEFT-style full matching."""
+    if isinstance(targets, str):
+        return targets
     known = sorted({p.rsplit(".", 1)[-1] for p in model.lora_layers()})
     if ALL_LINEAR in targets:
         if len(targets) > 1:
             raise ConfigError(f"target_modules={list(targets)}: all-linear cannot be combined with names")
         return tuple(known)
-    missing = [t for t in targets if t not in known]
+    paths = model.lora_layers()
+    missing = [t for t in targets if not any(p == t or p.endswith("." + t) for p in paths)]
     if missing:
         raise ConfigError(f"target_modules: {', '.join(missing)} not in this model; its projections are "
                           f"{', '.join(known)} (or all-linear)")
@@ -96,10 +101,15 @@ def target_names(model: Llama, targets: tuple[str, ...]) -> tuple[str, ...]:
 
 def attach_adapter(model: Llama, cfg: TrainConfig, slot: int) -> tuple[LoraConfig, list[torch.nn.Parameter]]:
     """A fresh adapter in `slot`: seeded Kaiming A / zero B on the configured targets, fp32, trainable."""
-    lora = LoraConfig(r=cfg.r, lora_alpha=cfg.lora_alpha, target_modules=target_names(model, cfg.target_modules),
-                      lora_dropout=cfg.lora_dropout, base_model_name_or_path=cfg.base)
-    torch.manual_seed(cfg.seed)  # adapter init (Kaiming A) is part of the seeded run
-    add_adapter(model, slot, lora, dtype=torch.float32)
+    try:
+        lora = LoraConfig(r=cfg.r, lora_alpha=cfg.lora_alpha, target_modules=target_names(model, cfg.target_modules),
+                          lora_dropout=cfg.lora_dropout, use_rslora=cfg.use_rslora, base_model_name_or_path=cfg.base,
+                          exclude_modules=cfg.exclude_modules, layers_to_transform=cfg.layers_to_transform,
+                          layers_pattern=cfg.layers_pattern)
+        torch.manual_seed(cfg.seed)  # adapter init (Kaiming A) is part of the seeded run
+        add_adapter(model, slot, lora, dtype=torch.float32)
+    except (AdapterError, AdapterFormatError) as e:
+        raise ConfigError(str(e).replace(" (adapter_config.json)", "")) from None
     params = list(adapter_params(model, slot).values())
     for p in params:
         p.requires_grad_(True)

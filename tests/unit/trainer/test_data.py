@@ -33,11 +33,26 @@ def test_prompt_completion_and_text(tiny_tok):
 
 @pytest.mark.parametrize("line, message", [
     ('{"messages": [{"role": "user", "content": "hi"}', "data.jsonl:3: not valid JSON"),
-    ('{"question": "hi"}', "data.jsonl:3: expected {\"text\"}, {\"prompt\", \"completion\"} or {\"messages\"}"),
-    ('{"messages": [{"role": "user", "content": "only a question"}]}', "data.jsonl:3: no assistant message"),
-    ('{"messages": [{"role": "robot", "content": "x"}]}', "data.jsonl:3: messages[0] must be"),
-    ('[1, 2]', "data.jsonl:3: expected a JSON object"),
-    ('{"text": 5}', "data.jsonl:3: expected {\"text\"}"),
+    ('{"question": "hi"}', "data.jsonl:3: expected {\"text\"}, {\"prompt\", \"completion\"}, {\"messages\"} or "
+                           "{\"conversations\"} with values; got keys question"),
+    ('{"messages": [{"role": "user", "content": "only a question"}]}', "data.jsonl:3: field messages: no assistant"),
+    ('{"messages": [{"role": "robot", "content": "x"}]}', "data.jsonl:3: field messages[0].role: must be one of"),
+    ('[1, 2]', "data.jsonl:3: expected a JSON object, got list"),
+    ('{"text": 5}', "data.jsonl:3: field text: must be a string, got 5"),
+    ('{"text": "a", "messages": []}', "data.jsonl:3: holds both 'messages' and 'text'"),
+    ('{"prompt": "a"}', "data.jsonl:3: field completion: missing"),
+    ('{"prompt": "a", "completion": [{"role": "assistant", "content": "b"}]}',
+     "data.jsonl:3: fields prompt/completion: both strings or both lists of messages, got str and list"),
+    ('{"conversations": [{"from": "bot", "value": "x"}]}',
+     "data.jsonl:3: field conversations[0].from: must be one of human, gpt, system"),
+    ('{"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}',
+     "data.jsonl:3: field messages[0].content[0]: content part of type 'image_url' is not supported"),
+    ('{"messages": [{"role": "user", "content": [{"type": "text", "text": 3}]}]}',
+     "data.jsonl:3: field messages[0].content[0].text: must be a string"),
+    ('{"messages": [{"role": "assistant", "content": "x"}], "tools": {"name": "f"}}',
+     "data.jsonl:3: field tools: must be a list"),
+    ('{"messages": [' + ", ".join(['{"role": "user", "content": "x"}'] * 513) + ']}',
+     "data.jsonl:3: field messages: 513 messages; at most 512"),
 ])
 def test_malformed_line_names_file_and_line(tiny_tok, tmp_path, line, message):
     path = write_jsonl(tmp_path / "data.jsonl", [chat("a", "b"), "", line, chat("c", "d")])
