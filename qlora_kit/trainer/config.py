@@ -57,7 +57,7 @@ class TrainConfig:
     group_by_length: bool = _f(True, "batch examples of similar length together (less padding)")
     # adapter
     r: int = _f(64, "LoRA rank")
-    lora_alpha: float = _f(16.0, "LoRA alpha (scale = alpha / r)")
+    lora_alpha: float = _f(16.0, "LoRA alpha (scale = alpha / r, or alpha / sqrt(r) with --use-rslora)")
     lora_dropout: float = _f(0.1, "dropout on the LoRA input")
     target_modules: str | tuple[str, ...] = _f(
         ("all-linear",), "projections to adapt, comma-separated (q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,"
