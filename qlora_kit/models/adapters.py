@@ -42,7 +42,9 @@ def select_modules(paths, config: LoraConfig) -> list[str]:
         others = {".".join(p.split(".")[:k]) for p in paths for k in range(1, p.count(".") + 1)}
         layers = {p.split(".mlp.")[0].split(".self_attn.")[0] for p in paths}
         others |= {f"{layer}.{o}" for layer in layers for o in _LAYER_OTHERS} | set(_MODEL_OTHERS)
-        wrong = sorted(o for o in others - set(paths) if config.selects(o))
+        # all-linear is PEFT's "every linear layer but the output layer": exactly the projections here
+        wrong = [] if config.target_modules == ("all-linear",) else sorted(o for o in others - set(paths)
+                                                                          if config.selects(o))
     except QloraKitError as e:
         raise AdapterError(str(e)) from None
     shown = _shown_targets(config)
