@@ -12,9 +12,9 @@ template as `tools`. A message's "content" is a string or a list of parts [{"typ
 parts are joined with "\\n" (as vLLM does for text-only models); any other part type is refused by name. Keys of a
 message other than role/content (e.g. tool_calls, name) are passed to the template unchanged.
 
-Work per row is bounded: at most MAX_MESSAGES messages, MAX_PARTS parts per content, MAX_TOOLS tools, and
-MAX_ROW_CHARS characters of message text, so one hostile row cannot make masking (one template render per
-assistant turn) quadratic in an unbounded size.
+Work per row is bounded: at most MAX_MESSAGES messages, MAX_PARTS parts per content, MAX_TOOLS tools,
+MAX_ROW_CHARS characters of message text, tools and other message keys, and MAX_RENDER_CHARS for assistant turns x
+those characters, so one hostile row cannot make masking (one template render per assistant turn) unbounded.
 """
 import json
 from dataclasses import dataclass
@@ -28,6 +28,7 @@ MAX_MESSAGES = 512
 MAX_PARTS = 256
 MAX_TOOLS = 128
 MAX_ROW_CHARS = 1 << 20
+MAX_RENDER_CHARS = 1 << 26  # assistant turns x row characters: masking renders the template once per turn
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,10 +75,21 @@ def _content(value, where: str, field: str, budget: list[int]) -> str:
         text = "\n".join(texts)
     else:
         raise DataError(f"{where}: field {field}: must be a string or a list of text parts, got {_shown(value)}")
-    budget[0] -= len(text)
+    _charge(budget, len(text), where, field)
+    return text
+
+
+def _charge(budget: list[int], n: int, where: str, field: str) -> None:
+    budget[0] -= n
     if budget[0] < 0:
         raise DataError(f"{where}: field {field}: the row's messages hold more than {MAX_ROW_CHARS} characters")
-    return text
+
+
+def _shown_full(value, where: str, field: str) -> str:
+    try:
+        return json.dumps(value, ensure_ascii=False, default=str)
+    except (TypeError, ValueError, RecursionError):
+        raise DataError(f"{where}: field {field}: not JSON-like data ({type(value).__name__})") from None
 
 
 def _messages(value, where: str, field: str, budget: list[int], sharegpt: bool = False) -> tuple[dict, ...]:
@@ -97,19 +109,29 @@ def _messages(value, where: str, field: str, budget: list[int], sharegpt: bool =
             raise DataError(f"{where}: field {field}[{j}].{role_key}: must be one of {', '.join(allowed)}, "
                             f"got {_shown(role)}")
         msg = {k: v for k, v in m.items() if v is not None and k not in (role_key, text_key)}
+        if msg:  # keys passed to the template (tool_calls, name, ...) count against the row's budget too
+            _charge(budget, len(_shown_full(msg, where, f"{field}[{j}]")), where, f"{field}[{j}]")
         msg["role"] = SHAREGPT_ROLES[role] if sharegpt else role
         msg["content"] = _content(m.get(text_key), where, f"{field}[{j}].{text_key}", budget)
         out.append(msg)
     return tuple(out)
 
 
-def _tools(value, where: str) -> list | None:
+def _tools(value, where: str, budget: list[int]) -> list | None:
     if value is None:
         return None
     if not isinstance(value, list) or len(value) > MAX_TOOLS or not all(isinstance(t, dict) for t in value):
         raise DataError(f"{where}: field tools: must be a list of at most {MAX_TOOLS} objects (JSON schemas), "
                         f"got {_shown(value)}")
+    _charge(budget, len(_shown_full(value, where, "tools")), where, "tools")
     return value
+
+
+def _check_render_cost(msgs, budget: list[int], where: str, field: str) -> None:
+    turns = sum(m["role"] == "assistant" for m in msgs)
+    if turns * (MAX_ROW_CHARS - budget[0]) > MAX_RENDER_CHARS:
+        raise DataError(f"{where}: field {field}: {turns} assistant turns over {MAX_ROW_CHARS - budget[0]} characters "
+                        f"is too much to mask (turns x characters at most {MAX_RENDER_CHARS}); split the conversation")
 
 
 def normalise(row, where: str) -> Record:
@@ -129,11 +151,12 @@ def normalise(row, where: str) -> Record:
         if not isinstance(row["text"], str):
             raise DataError(f"{where}: field text: must be a string, got {_shown(row['text'])}")
         return Record("text", text=row["text"])
-    tools = _tools(row.get("tools"), where)
+    tools = _tools(row.get("tools"), where, budget)
     if key in ("messages", "conversations"):
         msgs = _messages(row[key], where, key, budget, sharegpt=key == "conversations")
         if not any(m["role"] == "assistant" for m in msgs):
             raise DataError(f"{where}: field {key}: no assistant message, so nothing to train on")
+        _check_render_cost(msgs, budget, where, key)
         return Record("chat", messages=msgs, tools=tools)
     prompt, completion = row["prompt"], row.get("completion")
     if completion is None:

@@ -85,3 +85,20 @@ def test_split_eval_is_seeded_and_disjoint(tiny_tok, chat_data):
     assert [e.line for e in split_eval(ex, 0.25, seed=3)[1]] == [e.line for e in held]
     with pytest.raises(DataError, match="leaves no training examples"):
         split_eval(ex[:1], 0.5, seed=0)
+
+
+def test_row_work_is_bounded_before_any_rendering(tiny_tok):
+    """records.py's budgets: characters per row, and assistant turns x characters (one render per turn)."""
+    from qlora_kit.trainer.records import MAX_RENDER_CHARS, MAX_ROW_CHARS
+
+    big = {"messages": [{"role": "user", "content": "x" * (MAX_ROW_CHARS // 2)},
+                        {"role": "assistant", "content": "y" * (MAX_ROW_CHARS // 2 + 1)}]}
+    with pytest.raises(DataError, match=rf"x:1: field messages\[1\].content: the row's messages hold more than "
+                                        rf"{MAX_ROW_CHARS} characters"):
+        tokenize_record(tiny_tok, big, "x:1")
+    turns = 100
+    size = MAX_RENDER_CHARS // turns // (2 * turns) + 1
+    many = {"messages": [{"role": r, "content": "z" * size} for _ in range(turns) for r in ("user", "assistant")]}
+    assert turns * size * 2 * turns > MAX_RENDER_CHARS and size * 2 * turns <= MAX_ROW_CHARS
+    with pytest.raises(DataError, match="x:1: field messages: 100 assistant turns over .* is too much to mask"):
+        tokenize_record(tiny_tok, many, "x:1")

@@ -62,3 +62,17 @@ def test_missing_file_and_missing_extra_are_one_line_errors(tiny_tok, tmp_path, 
                                         r"pip install 'qlora-kit\[data\]'"):
         load_examples(path, tiny_tok, 256)
     assert len(load_examples(SAMPLES / "text.jsonl", tiny_tok, 256)) == 4  # JSONL needs nothing
+
+
+def test_dataset_folder_with_splits(tiny_tok, tmp_path):
+    import datasets
+
+    rows = _rows("messages_trl")
+    (tmp_path / "ds" / "data").mkdir(parents=True)
+    datasets.Dataset.from_list(rows[:3]).to_parquet(str(tmp_path / "ds" / "data" / "train-00000-of-00001.parquet"))
+    datasets.Dataset.from_list(rows[3:]).to_parquet(str(tmp_path / "ds" / "data" / "test-00000-of-00001.parquet"))
+    jsonl = load_examples(SAMPLES / "messages_trl.jsonl", tiny_tok, 256)
+    assert _same(load_examples(tmp_path / "ds", tiny_tok, 256, split="train"), jsonl[:3])
+    assert _same(load_examples(tmp_path / "ds", tiny_tok, 256, split="test"), jsonl[3:])
+    with pytest.raises(DataError, match=r"ds: cannot load the dataset.*validation"):
+        load_examples(tmp_path / "ds", tiny_tok, 256, split="validation")
