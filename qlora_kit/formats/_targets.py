@@ -7,7 +7,7 @@ check_target_module_exists, PEFT 0.17-0.21), for LoRA-capable module paths such 
 2. target_modules: a string is a regular expression matched against the whole path ("all-linear" is PEFT's
    shorthand for every linear layer but the output layer); a list selects a path equal to an entry or ending with
    "." + entry.
-3. layers_to_transform (list targets only): the path's layer index must be one of them. The index is the first
+3. layers_to_transform (list targets only, and not for a path equal to an entry): the path's layer index must be one of them. The index is the first
    all-digit path part that follows `<layers_pattern>.` (the pattern matching whole dotted parts, starting at the
    beginning or after a dot), or, without layers_pattern, the first all-digit part preceded by at least two parts;
    both are followed by a further part. A path with no index is not selected.
@@ -51,10 +51,9 @@ class Targets:
             return False
         if self.target is not None:
             return self.target(path)
-        if self.names == (ALL_LINEAR,):
-            found = True
-        else:
-            found = _suffix_match(path, self.names)
+        if path in self.names:  # PEFT: a path named exactly is selected before any layer filter
+            return True
+        found = self.names == (ALL_LINEAR,) or _suffix_match(path, self.names)
         if found and self.layers:
             index = self.layer_index(path)
             return index is not None and index in self.layers
