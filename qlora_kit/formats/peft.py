@@ -83,6 +83,10 @@ class LoraConfig:
             bad("r", "must be an integer >= 1")
         if not _is_number(self.lora_alpha):
             bad("lora_alpha", "must be a finite number")
+        for key in ("target_modules", "exclude_modules", "layers_to_transform", "layers_pattern"):
+            value = getattr(self, key)
+            if isinstance(value, list) or value == ALL_LINEAR:  # PEFT's spellings of the same settings
+                object.__setattr__(self, key, _str_or_tuple(value))
         for key in ("target_modules", "exclude_modules"):
             value = getattr(self, key)
             if not (isinstance(value, str) and value) and not (
