@@ -67,11 +67,14 @@ def _chat_pieces(tok: Tokenizer, msgs: list[dict], tools, where: str) -> list[tu
     for i, m in enumerate(msgs):
         if m["role"] != "assistant":
             continue
-        prompt = _render(tok, msgs[:i], True, tools) if i else ""
+        # the empty prefix too: a template may open with text of its own (a default system prompt, the tools)
+        prompt = _render(tok, msgs[:i], True, tools)
         full = _render(tok, msgs[:i + 1], False, tools)
         if not prompt.startswith(done) or not full.startswith(prompt):
+            first = " (the conversation opens with an assistant message; start it with a user or system one)" \
+                if i == 0 else ""
             raise DataError(f"{where}: the chat template does not render this conversation prefix by prefix, "
-                            "so assistant turns cannot be located")
+                            f"so assistant turns cannot be located{first}")
         pieces += [(prompt[len(done):], False), (full[len(prompt):], True)]
         done = full
     tail = _render(tok, msgs, False, tools)[len(done):]

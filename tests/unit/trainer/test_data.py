@@ -102,3 +102,12 @@ def test_row_work_is_bounded_before_any_rendering(tiny_tok):
     assert turns * size * 2 * turns > MAX_RENDER_CHARS and size * 2 * turns <= MAX_ROW_CHARS
     with pytest.raises(DataError, match="x:1: field messages: 100 assistant turns over .* is too much to mask"):
         tokenize_record(tiny_tok, many, "x:1")
+
+
+def test_assistant_first_conversation_is_refused_not_mis_masked(tiny_tok):
+    """SmolLM2's template writes a default system prompt before the first message: with an assistant message first,
+    that text would sit inside the first turn, so the row is refused (it used to train on the system prompt)."""
+    rec = {"messages": [{"role": "assistant", "content": "Hi."}, {"role": "user", "content": "Q?"},
+                        {"role": "assistant", "content": "A."}]}
+    with pytest.raises(DataError, match="x:1: .*opens with an assistant message"):
+        tokenize_record(tiny_tok, rec, "x:1")
