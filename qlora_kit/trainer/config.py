@@ -51,6 +51,10 @@ class TrainConfig:
     eval_split: str = _f("test", "split of --eval-data when it is a dataset folder or Hub id")
     eval_fraction: float = _f(0.0, "fraction of --data held out for eval loss when --eval-data is not given")
     # data shaping
+    assistant_only_loss: bool = _f(True, "conversations: loss only on assistant turns (off: on every token of the "
+                                   "rendered conversation)")
+    completion_only_loss: bool = _f(True, "prompt/completion rows: loss only on the completion (off: on the prompt "
+                                    "too)")
     max_seq_len: int = _f(512, "tokens per row; a longer example is an error unless --truncate")
     truncate: bool = _f(False, "cut examples longer than --max-seq-len instead of failing")
     packing: bool = _f(True, "pack several examples per row (positions reset, attention kept within each example)")

@@ -8,6 +8,8 @@ ShareGPT conversations, content as text parts, an optional tools column; other c
     messages / conversations           assistant turns only (their end-of-turn text included)
     prompt/completion (messages)       the completion messages, i.e. what the conversation adds after the
                                        prompt rendered with the generation prompt
+With assistant_only_loss / completion_only_loss off (LossMask), conversations / prompt-completion rows carry loss
+on every token.
 
 Chat masking renders the template for messages[:i] with the generation prompt and for messages[:i+1]
 without it; the text between the two is assistant turn i (its end-of-turn token included) and is the
@@ -43,19 +45,31 @@ class Example:
         return len(self.input_ids)
 
 
-def _pieces(tok: Tokenizer, rec: Record, where: str) -> list[tuple[str, bool]]:
+@dataclass(frozen=True, slots=True)
+class LossMask:
+    """Which tokens carry loss: TrainConfig.assistant_only_loss / completion_only_loss (off: every token)."""
+
+    assistant_only: bool = True
+    completion_only: bool = True
+
+
+def _pieces(tok: Tokenizer, rec: Record, where: str, mask: LossMask) -> list[tuple[str, bool]]:
     """(text, carries_loss) pieces of one record, in order."""
     eos = tok.eos_token or ""
     if rec.kind == "text":
         return [(rec.text + eos, True)]
     if rec.kind == "prompt_completion":
-        return [(rec.prompt, False), (rec.completion + eos, True)]
+        return [(rec.prompt, not mask.completion_only), (rec.completion + eos, True)]
     try:
         if rec.kind == "chat":
-            return _chat_pieces(tok, list(rec.messages), rec.tools, where)
-        return _completion_pieces(tok, list(rec.prompt), list(rec.completion), rec.tools, where)
+            pieces = _chat_pieces(tok, list(rec.messages), rec.tools, where)
+            everything = not mask.assistant_only
+        else:
+            pieces = _completion_pieces(tok, list(rec.prompt), list(rec.completion), rec.tools, where)
+            everything = not mask.completion_only
     except TokenizerError as e:
         raise DataError(f"{where}: {e}") from None
+    return [(text, carries or everything) for text, carries in pieces]
 
 
 def _render(tok: Tokenizer, msgs: list[dict], gen: bool, tools) -> str:
@@ -93,11 +107,11 @@ def _completion_pieces(tok: Tokenizer, prompt: list[dict], completion: list[dict
     return [(head, False), (full[len(head):], True)]
 
 
-def tokenize_record(tok: Tokenizer, row: dict, where: str, line: int = 0) -> Example:
+def tokenize_record(tok: Tokenizer, row: dict, where: str, line: int = 0, mask: LossMask = LossMask()) -> Example:
     """Tokenize one row (any shape records.normalise accepts) into an Example (module docstring: masking)."""
     rec = normalise(row, where)
     ids, loss = [], []
-    for k, (text, carries) in enumerate(_pieces(tok, rec, where)):
+    for k, (text, carries) in enumerate(_pieces(tok, rec, where, mask)):
         # plain records get the tokenizer's own specials (e.g. BOS) once; chat templates write theirs as text
         special = k == 0 and rec.kind in ("text", "prompt_completion")
         piece = tok.encode(text, add_special_tokens=special) if text else []
@@ -110,12 +124,13 @@ def tokenize_record(tok: Tokenizer, row: dict, where: str, line: int = 0) -> Exa
 
 
 def load_examples(path: str | os.PathLike, tok: Tokenizer, max_seq_len: int, truncate: bool = False,
-                  split: str = "train", config: str = "") -> list[Example]:
+                  split: str = "train", config: str = "", mask: LossMask = LossMask()) -> list[Example]:
     """Read (trainer/sources.py), check and tokenize every row of a dataset; blank JSONL lines are skipped.
 
     Args:
         path: a JSONL / JSON / parquet / CSV file, a dataset folder or a Hub dataset id.
         split, config: the split and configuration of a folder or Hub id.
+        mask: which tokens carry loss (default: assistant turns / the completion only).
 
     Raises:
         DataError: unreadable source, bad JSON or row shape (naming the file and line or row, and the field), an
@@ -123,7 +138,7 @@ def load_examples(path: str | os.PathLike, tok: Tokenizer, max_seq_len: int, tru
     """
     out = []
     for n, (where, row) in enumerate(rows(str(path), split, config), 1):
-        ex = tokenize_record(tok, row, where, n)
+        ex = tokenize_record(tok, row, where, n, mask)
         if len(ex) > max_seq_len:
             if not truncate:
                 raise DataError(f"{where}: {len(ex)} tokens exceed max_seq_len={max_seq_len}; raise --max-seq-len "

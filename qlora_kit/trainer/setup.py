@@ -13,7 +13,7 @@ from qlora_kit.models import AdapterError, Llama, Tokenizer, adapter_params, add
 from .batching import plan_epoch
 from .checkpoint import find_checkpoint
 from .config import TrainConfig, json_value
-from .data import Example, load_examples, split_eval
+from .data import Example, LossMask, load_examples, split_eval
 from .errors import ConfigError, OutputExists, ResumeError
 from .optim import AdamW
 
@@ -22,8 +22,8 @@ DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch
 # fields that must match between a checkpoint and the run resuming it (they fix the data stream or shapes)
 RESUME_KEYS = ("data", "seed", "batch_size", "grad_accum", "max_seq_len", "packing", "group_by_length", "truncate",
                "epochs", "max_steps", "r", "lora_alpha", "target_modules", "optimizer", "eval_fraction", "eval_data",
-               "data_split", "data_config", "eval_split", "exclude_modules", "layers_to_transform", "layers_pattern",
-               "use_rslora")
+               "data_split", "data_config", "eval_split", "assistant_only_loss", "completion_only_loss",
+               "exclude_modules", "layers_to_transform", "layers_pattern", "use_rslora")
 
 
 @dataclass
@@ -61,9 +61,11 @@ def check_resume_config(saved: dict, cfg: TrainConfig, where: Path) -> None:
 
 
 def load_data(cfg: TrainConfig, tok: Tokenizer) -> Data:
-    train = load_examples(cfg.data, tok, cfg.max_seq_len, cfg.truncate, cfg.data_split, cfg.data_config)
+    mask = LossMask(cfg.assistant_only_loss, cfg.completion_only_loss)
+    train = load_examples(cfg.data, tok, cfg.max_seq_len, cfg.truncate, cfg.data_split, cfg.data_config, mask)
     if cfg.eval_data:
-        evals = load_examples(cfg.eval_data, tok, cfg.max_seq_len, cfg.truncate, cfg.eval_split, cfg.data_config)
+        evals = load_examples(cfg.eval_data, tok, cfg.max_seq_len, cfg.truncate, cfg.eval_split, cfg.data_config,
+                              mask)
     else:
         train, evals = split_eval(train, cfg.eval_fraction, cfg.seed)
     return Data(train, evals, tok.pad_token_id)

@@ -111,3 +111,17 @@ def test_assistant_first_conversation_is_refused_not_mis_masked(tiny_tok):
                         {"role": "assistant", "content": "A."}]}
     with pytest.raises(DataError, match="x:1: .*opens with an assistant message"):
         tokenize_record(tiny_tok, rec, "x:1")
+
+
+def test_loss_mask_options_put_loss_on_every_token(tiny_tok):
+    """--no-assistant-only-loss / --no-completion-only-loss: the same ids, loss on every token after the first."""
+    from qlora_kit.trainer.data import LossMask
+
+    everything = LossMask(assistant_only=False, completion_only=False)
+    rows = [chat("Hi?", "Hello."), {"prompt": "Q: two plus two? A:", "completion": " four"},
+            {"prompt": [{"role": "user", "content": "Hi?"}], "completion": [{"role": "assistant", "content": "Yo."}]}]
+    for row in rows:
+        masked, full = tokenize_record(tiny_tok, row, "x:1"), tokenize_record(tiny_tok, row, "x:1", 1, everything)
+        assert full.input_ids == masked.input_ids
+        assert list(full.labels) == list(full.input_ids[1:]) + [IGNORE]
+        assert sum(y != IGNORE for y in masked.labels) < len(masked) - 1
