@@ -7,6 +7,7 @@ must carry loss are those whose first character lies in an assistant turn's cont
 ("<|im_end|>\\n"), in the completion, or (plain text) anywhere. Our Example must have the same ids, and labels
 (shifted: label t-1 is token t) not IGNORE exactly at those positions.
 """
+import json
 import shutil
 from pathlib import Path
 
@@ -79,7 +80,7 @@ def test_format_masks_exactly_the_trained_tokens_and_trains(name, tiny_chat, too
     path = SAMPLES / f"{name}.jsonl"
     examples = load_examples(path, Tokenizer(base), 256)
     assert len(examples) == 4
-    row = __import__("json").loads(path.read_text().splitlines()[0])
+    row = json.loads(path.read_text().splitlines()[0])
     ids, loss = _oracle(AutoTokenizer.from_pretrained(base), row)
     ex = examples[0]
     assert list(ex.input_ids) == ids
