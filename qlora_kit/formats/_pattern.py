@@ -271,3 +271,24 @@ class PatternTable:
             if self._budget[0] < 0:
                 raise PatternError(f"over the budget of {STEP_BUDGET} matching steps (module {name})")
         return default
+
+
+class FullMatch:
+    """One pattern matched like Python's `re.fullmatch(pattern, name)` (PEFT's string target_modules and
+    exclude_modules), on the same backtracking-free engine and syntax; each call has its own step budget.
+
+    Raises:
+        PatternError naming what is wrong with the pattern.
+    """
+
+    def __init__(self, pattern: str):
+        self.pattern = pattern
+        self._key = _Key(pattern)
+        self._key.anchored = True  # only the match starting at character 0, ending at the end
+
+    def __call__(self, name: str) -> bool:
+        budget = [STEP_BUDGET]
+        found = self._key.match(name, budget)
+        if budget[0] < 0:
+            raise PatternError(f"over the budget of {STEP_BUDGET} matching steps (module {name})")
+        return found

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from ._pattern import PatternError, PatternTable
+from ._targets import ALL_LINEAR, Targets
 from .errors import AdapterFormatError
 from .io import atomic_dir, load_safetensors, save_safetensors, write_json
 
@@ -25,6 +26,36 @@ CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 KEY_PREFIX = "base_model.model."
 LORA_A, LORA_B = "lora_A.weight", "lora_B.weight"
+# PEFT LoraConfig fields (PEFT 0.21) qlora-kit does not implement, with PEFT's default. A config that sets one to
+# anything else is refused by name, never ignored (None, [] and {} count as the same empty default).
+# init_lora_weights only shapes a fresh adapter's start, so a loaded adapter may carry the init modes that leave the
+# base weights untouched (true, false, "gaussian"); PiSSA/OLoRA/LoftQ/CorDA-style inits change the base and are refused.
+UNSUPPORTED_PEFT_FIELDS = {
+    "fan_in_fan_out": False, "bias": "none", "modules_to_save": None, "init_lora_weights": True,
+    "megatron_config": None, "trainable_token_indices": None, "loftq_config": {}, "eva_config": None,
+    "corda_config": None, "lora_ga_config": None, "use_dora": False, "velora_config": None,
+    "alora_invocation_tokens": None, "use_qalora": False, "monteclora_config": None, "layer_replication": None,
+    "lora_bias": False, "target_parameters": None, "use_bdlora": None, "arrow_config": None, "kasa_config": None,
+    "ensure_weight_tying": False,
+}
+
+
+# and, when training (qtrain writes one rank and alpha for every module), these; loading honours them
+UNTRAINABLE_PEFT_FIELDS = {**UNSUPPORTED_PEFT_FIELDS, "rank_pattern": {}, "alpha_pattern": {}}
+
+
+def unsupported_peft_field(key: str, value, loading: bool = False) -> str | None:
+    """Why PEFT field `key` = `value` cannot be honoured when loading an adapter or (not `loading`) training one;
+    None when `key` is not such a field or holds PEFT's default."""
+    table = UNSUPPORTED_PEFT_FIELDS if loading else UNTRAINABLE_PEFT_FIELDS
+    if key not in table:
+        return None
+    default = table[key]
+    if value == default or (value in (None, [], {}) and default in (None, [], {})):
+        return None
+    if loading and key == "init_lora_weights" and (value is True or value is False or value == "gaussian"):
+        return None
+    return f"{key}={value!r} is not supported by qlora-kit (PEFT's default {default!r} is the only value accepted)"
 
 
 @dataclass(frozen=True)
@@ -33,12 +64,15 @@ class LoraConfig:
 
     r: int
     lora_alpha: float
-    target_modules: tuple[str, ...]
+    target_modules: str | tuple[str, ...]  # a str is a regex (full match); a tuple holds names (suffix match)
     lora_dropout: float = 0.0
     use_rslora: bool = False
     base_model_name_or_path: str | None = None
     rank_pattern: dict = field(default_factory=dict)
     alpha_pattern: dict = field(default_factory=dict)
+    exclude_modules: str | tuple[str, ...] = ()
+    layers_to_transform: tuple[int, ...] = ()
+    layers_pattern: tuple[str, ...] = ()
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
@@ -49,10 +83,32 @@ class LoraConfig:
             bad("r", "must be an integer >= 1")
         if not _is_number(self.lora_alpha):
             bad("lora_alpha", "must be a finite number")
-        if not isinstance(self.target_modules, tuple) or not all(isinstance(t, str) and t for t in self.target_modules):
-            bad("target_modules", "must be a module name or a list of module names")
+        for key in ("target_modules", "exclude_modules", "layers_to_transform", "layers_pattern"):
+            value = getattr(self, key)
+            if isinstance(value, list) or value == ALL_LINEAR:  # PEFT's spellings of the same settings
+                object.__setattr__(self, key, _str_or_tuple(value))
+        for key in ("target_modules", "exclude_modules"):
+            value = getattr(self, key)
+            if not (isinstance(value, str) and value) and not (
+                    isinstance(value, tuple) and all(isinstance(t, str) and t for t in value)):
+                bad(key, "must be a module name or a list of module names (a string is a regular expression, as in PEFT)")
         if not self.target_modules:
             raise AdapterFormatError("target_modules is empty (adapter_config.json key target_modules)")
+        if not isinstance(self.layers_to_transform, tuple) or not all(_is_int(i) and i >= 0
+                                                                      for i in self.layers_to_transform):
+            bad("layers_to_transform", "must be a layer index or a list of layer indices >= 0")
+        if not isinstance(self.layers_pattern, tuple) or not all(isinstance(p, str) and p for p in self.layers_pattern):
+            bad("layers_pattern", "must be a name or a list of names")
+        if isinstance(self.target_modules, str) and (self.layers_to_transform or self.layers_pattern):
+            bad("target_modules", "a regular expression cannot be combined with layers_to_transform/layers_pattern "
+                "(as in PEFT); give a list of names")
+        if self.layers_pattern and not self.layers_to_transform:
+            bad("layers_pattern", "needs layers_to_transform (as in PEFT)")
+        try:
+            object.__setattr__(self, "_targets", Targets(self.target_modules, self.exclude_modules,
+                                                         self.layers_to_transform, self.layers_pattern))
+        except PatternError as e:
+            raise AdapterFormatError(f"{e} (adapter_config.json)") from None
         if not _is_number(self.lora_dropout) or not 0.0 <= self.lora_dropout < 1.0:
             bad("lora_dropout", "must be in [0, 1)")
         if not isinstance(self.use_rslora, bool):
@@ -72,11 +128,18 @@ class LoraConfig:
         object.__setattr__(self, "_tables", tables)
 
     def __getstate__(self):  # the compiled pattern tables hold closures: pickle the fields, rebuild on load
-        return {k: v for k, v in self.__dict__.items() if k != "_tables"}
+        return {k: v for k, v in self.__dict__.items() if k not in ("_tables", "_targets")}
 
     def __setstate__(self, state):
         self.__dict__.update(state)
         self.__post_init__()
+
+    def selects(self, module_path: str) -> bool:
+        """Whether this adapter goes on `module_path`, PEFT's way (formats/_targets.py)."""
+        try:
+            return self._targets.selects(module_path)
+        except PatternError as e:
+            raise AdapterFormatError(f"{e} (adapter_config.json)") from None
 
     def scale(self, rank: int | None = None) -> float:
         """s = alpha / r, or alpha / sqrt(r) with rsLoRA (Kalajdzievski 2023)."""
@@ -111,7 +174,10 @@ class LoraConfig:
             "lora_alpha": self.lora_alpha,
             "lora_dropout": self.lora_dropout,
             # PEFT reads the list ["all-linear"] as a module named "all-linear"; its shorthand is the string
-            "target_modules": "all-linear" if self.target_modules == ("all-linear",) else sorted(self.target_modules),
+            "target_modules": _list_or_str(self.target_modules),
+            "exclude_modules": _list_or_str(self.exclude_modules) if self.exclude_modules else None,
+            "layers_to_transform": list(self.layers_to_transform) or None,
+            "layers_pattern": list(self.layers_pattern) or None,
             "use_rslora": self.use_rslora,
             "bias": "none",
             "fan_in_fan_out": False,
@@ -133,25 +199,43 @@ class LoraConfig:
         for key in ("r", "lora_alpha", "target_modules"):
             if key not in obj:
                 raise AdapterFormatError(f"{where}: missing key {key!r}")
-        for key, bad in (("use_dora", True), ("fan_in_fan_out", True)):
-            if obj.get(key) is bad:
-                raise AdapterFormatError(f"{where}: {key}=true is not supported")
-        if obj.get("bias", "none") != "none":
-            raise AdapterFormatError(f"{where}: bias={obj['bias']!r} is not supported (only 'none')")
-        targets = obj["target_modules"]
-        targets = (targets,) if isinstance(targets, str) else tuple(targets) if isinstance(targets, list) else targets
+        for key, value in obj.items():
+            why = unsupported_peft_field(key, value, loading=True)
+            if why:
+                raise AdapterFormatError(f"{where}: {why}")
         known = {"r", "lora_alpha", "target_modules", "lora_dropout", "use_rslora", "base_model_name_or_path",
-                 "rank_pattern", "alpha_pattern"}
+                 "rank_pattern", "alpha_pattern", "exclude_modules", "layers_to_transform", "layers_pattern"}
+        layers = _or(obj.get("layers_to_transform"), ())
         try:
             return cls(
-                r=obj["r"], lora_alpha=obj["lora_alpha"], target_modules=targets,
+                r=obj["r"], lora_alpha=obj["lora_alpha"], target_modules=_str_or_tuple(obj["target_modules"]),
                 lora_dropout=_or(obj.get("lora_dropout"), 0.0), use_rslora=_or(obj.get("use_rslora"), False),
                 base_model_name_or_path=obj.get("base_model_name_or_path"),
                 rank_pattern=_or(obj.get("rank_pattern"), {}), alpha_pattern=_or(obj.get("alpha_pattern"), {}),
+                exclude_modules=_str_or_tuple(_or(obj.get("exclude_modules"), ())),
+                layers_to_transform=(layers,) if _is_int(layers) else tuple(layers) if isinstance(layers, list) else layers,
+                layers_pattern=_tuple(_or(obj.get("layers_pattern"), ())),
                 extra={k: v for k, v in obj.items() if k not in known},
             )
         except AdapterFormatError as e:
             raise AdapterFormatError(f"{where}: {e}") from None
+
+
+def _str_or_tuple(value):
+    """PEFT's str-or-list fields: "all-linear" and lists become tuples; any other string stays a regex."""
+    if value == ALL_LINEAR:
+        return (ALL_LINEAR,)
+    return tuple(value) if isinstance(value, list) else value
+
+
+def _tuple(value):
+    return (value,) if isinstance(value, str) else tuple(value) if isinstance(value, list) else value
+
+
+def _list_or_str(value):
+    if value == (ALL_LINEAR,):
+        return ALL_LINEAR
+    return value if isinstance(value, str) else sorted(value)
 
 
 def _or(value, default):

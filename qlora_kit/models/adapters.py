@@ -24,26 +24,65 @@ from .llama import Llama
 MAX_RANK = 256  # the largest rank read_peft_adapter accepts
 
 
-def _targets(model: Llama, config: LoraConfig) -> dict:
-    layers = model.lora_layers()
-    names = set(config.target_modules)
-    if names == {"all-linear"}:
-        return layers
-    chosen = {p: m for p, m in layers.items() if p.rsplit(".", 1)[-1] in names}
+# modules of a Hugging Face Llama-family model that are not LoRA projections here, per decoder layer and once
+_LAYER_OTHERS = ("input_layernorm", "post_attention_layernorm", "mlp.act_fn")
+_MODEL_OTHERS = ("model.embed_tokens", "model.norm", "model.rotary_emb", "lm_head")
+
+
+def select_modules(paths, config: LoraConfig) -> list[str]:
+    """The projection paths `config` selects, PEFT's way (LoraConfig.selects: regex or names, exclude_modules,
+    layers_to_transform).
+
+    Raises AdapterError when it selects nothing, or selects a module that is not a LoRA projection here (an
+    embedding, the LM head, a norm, a whole layer: PEFT would adapt or reject those; qlora-kit cannot adapt them).
+    """
+    paths = list(paths)
+    try:
+        chosen = [p for p in paths if config.selects(p)]
+        others = {".".join(p.split(".")[:k]) for p in paths for k in range(1, p.count(".") + 1)}
+        layers = {p.split(".mlp.")[0].split(".self_attn.")[0] for p in paths}
+        others |= {f"{layer}.{o}" for layer in layers for o in _LAYER_OTHERS} | set(_MODEL_OTHERS)
+        # all-linear is PEFT's "every linear layer but the output layer": exactly the projections here
+        wrong = [] if config.target_modules == ("all-linear",) else sorted(o for o in others - set(paths)
+                                                                          if config.selects(o))
+    except QloraKitError as e:
+        raise AdapterError(str(e)) from None
+    shown = _shown_targets(config)
+    names = config.target_modules
+    if not isinstance(names, str) and names != ("all-linear",):
+        unknown = sorted(n for n in names if not any(p == n or p.endswith("." + n) for p in paths))
+        if unknown:
+            known = sorted({p.rsplit(".", 1)[-1] for p in paths})
+            raise AdapterError(f"target_modules {unknown} are not projections of the base; known: {known}")
+    if wrong:
+        raise AdapterError(f"{shown} selects {', '.join(wrong[:4])}, which qlora-kit cannot adapt (only the "
+                           f"projections {', '.join(sorted({p.rsplit('.', 1)[-1] for p in paths}))})")
     if not chosen:
-        known = sorted({p.rsplit(".", 1)[-1] for p in layers})
-        raise AdapterError(f"target_modules={sorted(names)} matches no projection; known: {known}")
+        known = sorted({p.rsplit(".", 1)[-1] for p in paths})
+        raise AdapterError(f"{shown} matches no projection; known: {known}")
     return chosen
 
 
-def add_adapter(model: Llama, adapter_id: int, config: LoraConfig, dtype: torch.dtype = torch.float32) -> None:
-    """Create adapter `adapter_id` on config.target_modules (A Kaiming-uniform, B zero).
+def _shown_targets(config: LoraConfig) -> str:
+    t = config.target_modules
+    out = f"target_modules={t!r}" if isinstance(t, str) else f"target_modules={sorted(t)}"
+    if config.exclude_modules:
+        out += f" exclude_modules={config.exclude_modules!r}"
+    if config.layers_to_transform:
+        out += f" layers_to_transform={list(config.layers_to_transform)}"
+    return out
 
-    Raises AdapterError if the id is taken or no module matches.
+
+def add_adapter(model: Llama, adapter_id: int, config: LoraConfig, dtype: torch.dtype = torch.float32) -> None:
+    """Create adapter `adapter_id` on the modules config selects (select_modules; A Kaiming-uniform, B zero).
+
+    Raises AdapterError if the id is taken or the selection is refused.
     """
     if adapter_id in adapter_ids(model):
         raise AdapterError(f"adapter id {adapter_id} is already loaded; remove it first")
-    for path, layer in _targets(model, config).items():
+    layers = model.lora_layers()
+    for path in select_modules(layers, config):
+        layer = layers[path]
         rank = config.rank_for(path)
         layer.add_adapter(adapter_id, rank, config.scale_for(path, rank), config.lora_dropout, dtype)
 
@@ -146,19 +185,17 @@ def read_peft_adapter(folder: str | os.PathLike, shapes: dict[str, tuple[int, in
     if wanted and _norm_name(config.base_model_name_or_path) not in wanted:
         refuse(f"trained for base model {config.base_model_name_or_path!r}, but the base is {sorted(wanted)}; "
                "load it on its own base (or, in qserve, add an alias with --base-name)")
-    targets = set(config.target_modules)
-    if shapes is not None and targets != {"all-linear"}:
-        known = sorted({p.rsplit(".", 1)[-1] for p in shapes})
-        unknown = sorted(t for t in targets if t not in known and not any(p.endswith("." + t) for p in shapes))
-        if unknown:
-            refuse(f"target_modules {unknown} are not projections of the base; known: {known}")
+    try:
+        chosen = set(select_modules(shapes, config)) if shapes is not None else None
+    except AdapterError as e:
+        refuse(e.reason)
     layers, nbytes = {}, 0
     for module, (a, b) in pairs.items():
         if shapes is not None:
             if module not in shapes:
                 refuse(f"module {module} is not a projection of the base")
-            if targets != {"all-linear"} and module.rsplit(".", 1)[-1] not in targets and module not in targets:
-                refuse(f"module {module} has weights but is not in target_modules {sorted(targets)}")
+            if module not in chosen:
+                refuse(f"module {module} has weights but is not in target_modules ({_shown_targets(config)})")
             in_f, out_f = shapes[module]
             if a.shape[1] != in_f or b.shape[0] != out_f:
                 refuse(f"{module}: lora_A {tuple(a.shape)} / lora_B {tuple(b.shape)} do not fit the base's "

@@ -13,6 +13,9 @@ import tomllib
 from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from pathlib import Path
 
+from qlora_kit.formats._pattern import FullMatch, PatternError
+from qlora_kit.formats.peft import UNTRAINABLE_PEFT_FIELDS, unsupported_peft_field
+
 from .errors import ConfigError
 
 try:
@@ -40,21 +43,40 @@ class TrainConfig:
     # what to train on and where to write
     base: str = _f("", "4-bit checkpoint folder (qconvert convert), a bf16 HF folder (quantized while loading) "
                    "or a Hub id of either (HF cache; HF_HUB_OFFLINE honoured)")
-    data: str = _f("", "training JSONL: {\"text\"}, {\"prompt\",\"completion\"} or {\"messages\"} per line")
+    data: str = _f("", "training data: a JSONL file (rows {\"text\"}, {\"prompt\",\"completion\"}, {\"messages\"} or "
+                   "{\"conversations\"}), or with the data extra a .parquet/.json/.csv file, a dataset folder or a "
+                   "Hub dataset id (README: Data formats)")
     out: str = _f("", "output folder (must not exist unless --resume): PEFT adapter, config, metrics, checkpoints")
-    eval_data: str = _f("", "held-out JSONL for eval loss (empty = split --eval-fraction off --data)")
+    data_split: str = _f("train", "split of --data when it is a dataset folder or Hub id")
+    data_config: str = _f("", "configuration (subset) name of a Hub --data / --eval-data ('' = its default)")
+    eval_data: str = _f("", "held-out data for eval loss, same kinds as --data (empty = split --eval-fraction off "
+                        "--data)")
+    eval_split: str = _f("test", "split of --eval-data when it is a dataset folder or Hub id")
     eval_fraction: float = _f(0.0, "fraction of --data held out for eval loss when --eval-data is not given")
     # data shaping
+    assistant_only_loss: bool = _f(True, "conversations: loss only on assistant turns (off: on every token of the "
+                                   "rendered conversation)")
+    completion_only_loss: bool = _f(True, "prompt/completion rows: loss only on the completion (off: on the prompt "
+                                    "too)")
     max_seq_len: int = _f(512, "tokens per row; a longer example is an error unless --truncate")
     truncate: bool = _f(False, "cut examples longer than --max-seq-len instead of failing")
     packing: bool = _f(True, "pack several examples per row (positions reset, attention kept within each example)")
     group_by_length: bool = _f(True, "batch examples of similar length together (less padding)")
     # adapter
     r: int = _f(64, "LoRA rank")
-    lora_alpha: float = _f(16.0, "LoRA alpha (scale = alpha / r)")
+    lora_alpha: float = _f(16.0, "LoRA alpha (scale = alpha / r, or alpha / sqrt(r) with --use-rslora)")
     lora_dropout: float = _f(0.1, "dropout on the LoRA input")
-    target_modules: tuple[str, ...] = _f(("all-linear",), "projections to adapt, comma-separated "
-                                         "(q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj) or all-linear")
+    target_modules: str | tuple[str, ...] = _f(
+        ("all-linear",), "projections to adapt, comma-separated (q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,"
+        "down_proj; each matches a module path's end) or all-linear; in a config file a string is a regular "
+        "expression matched against the whole module path, as in PEFT")
+    exclude_modules: str | tuple[str, ...] = _f((), "modules never adapted: comma-separated names (matching a path's "
+                                                "end); in a config file a string is a regular expression (full match)")
+    layers_to_transform: tuple[int, ...] = _f((), "adapt only these decoder layers, comma-separated indices (empty = "
+                                              "all); needs names, not a regular expression, in target_modules")
+    layers_pattern: tuple[str, ...] = _f((), "name of the layer list in module paths for --layers-to-transform "
+                                         "(empty = the first numbered path part, e.g. layers)")
+    use_rslora: bool = _f(False, "rank-stabilised LoRA: scale = lora_alpha / sqrt(r) instead of lora_alpha / r")
     # optimisation
     learning_rate: float = _f(2e-4, "peak learning rate")
     lr_scheduler: str = _f("constant", "learning-rate schedule after warmup", choices=SCHEDULES)
@@ -120,11 +142,29 @@ class TrainConfig:
         if self.report_to == "tensorboard" and importlib.util.find_spec("tensorboard") is None:
             raise ConfigError("report_to=tensorboard needs the tensorboard package: pip install 'qlora-kit[tensorboard]' "
                               "(--report-to)")
+        if isinstance(self.target_modules, str) and (self.layers_to_transform or self.layers_pattern):
+            raise ConfigError(f"target_modules={self.target_modules!r}: a regular expression cannot be combined with "
+                              "layers_to_transform/layers_pattern (as in PEFT); give a list of names")
+        if self.layers_pattern and not self.layers_to_transform:
+            raise ConfigError(f"layers_pattern={list(self.layers_pattern)}: needs --layers-to-transform (as in PEFT)")
+        if any(not isinstance(i, int) or isinstance(i, bool) or i < 0 for i in self.layers_to_transform):
+            raise ConfigError(f"layers_to_transform={list(self.layers_to_transform)}: layer indices must be "
+                              "integers >= 0 (--layers-to-transform)")
+        patterns = [("layers_pattern", p) for p in self.layers_pattern]
+        patterns += [(n, getattr(self, n)) for n in ("target_modules", "exclude_modules") if isinstance(getattr(self, n), str)]
+        for name, pattern in patterns:
+            try:
+                FullMatch(pattern)
+            except PatternError as e:
+                raise ConfigError(f"{name}={pattern!r}: {e} (a regular expression, as in PEFT)") from None
 
     def to_json(self) -> dict:
-        out = asdict(self)
-        out["target_modules"] = list(self.target_modules)
-        return out
+        return {k: json_value(v) for k, v in asdict(self).items()}
+
+
+def json_value(value):
+    """A field value as train_config.json holds it (tuples as lists)."""
+    return list(value) if isinstance(value, tuple) else value
 
 
 def _flag(name: str) -> str:
@@ -175,9 +215,23 @@ def _normalise(raw: dict, where: str) -> dict:
     out = {}
     for key, value in raw.items():
         name = str(key).replace("-", "_")
+        if name not in known and name in UNTRAINABLE_PEFT_FIELDS:
+            why = unsupported_peft_field(name, value)
+            if why:
+                raise ConfigError(f"{where}: {why}")
+            continue  # a PEFT field at PEFT's default asks for what qtrain does anyway
         if name not in known:
             raise ConfigError(f"{where}: unknown key {key!r}; known keys: {', '.join(sorted(known))}")
         default = known[name].default
+        if name in ("target_modules", "exclude_modules") and isinstance(value, str):
+            # PEFT: a string is a regular expression (full match); "all-linear" is its shorthand
+            out[name] = (value,) if value == "all-linear" else value
+            continue
+        if name == "layers_to_transform":
+            out[name] = _layers(value, key, where)
+            continue
+        if name == "layers_pattern" and isinstance(value, str):
+            value = [value]
         if isinstance(default, tuple):
             if not isinstance(value, (str, list, tuple)) or not all(isinstance(v, str) for v in value):
                 raise ConfigError(f"{where}: {key}={value!r}: expected a comma-separated string or a list of strings")
@@ -193,6 +247,21 @@ def _normalise(raw: dict, where: str) -> dict:
             raise ConfigError(f"{where}: {key}={value!r}: expected a {type(default).__name__}")
         out[name] = value
     return out
+
+
+def _layers(value, key: str, where: str) -> tuple[int, ...]:
+    """layers_to_transform: an int, a list of ints, or (command line) comma-separated digit strings."""
+    items = [value] if isinstance(value, (int, str)) and not isinstance(value, bool) else value
+    if not isinstance(items, (list, tuple)):
+        raise ConfigError(f"{where}: {key}={value!r}: expected a layer index or a list of layer indices")
+    out = []
+    for v in items:
+        if isinstance(v, str) and v.strip().isdecimal() and v.strip().isascii():
+            v = int(v.strip())
+        if not isinstance(v, int) or isinstance(v, bool):
+            raise ConfigError(f"{where}: {key}={value!r}: expected a layer index or a list of layer indices")
+        out.append(v)
+    return tuple(out)
 
 
 def build_config(file: str | os.PathLike | None = None, **overrides) -> TrainConfig:

@@ -1,19 +1,20 @@
 """Everything a run needs before its first step, checked in the order that fails fastest:
 config -> output folder -> tokenizer and data (every line) -> model -> context length, adapter targets -> optimizer."""
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
 
 from qlora_kit._cli.hub import resolve_checkpoint
+from qlora_kit.formats.errors import AdapterFormatError
 from qlora_kit.formats.peft import LoraConfig
-from qlora_kit.models import Llama, Tokenizer, adapter_params, add_adapter, load_model
+from qlora_kit.models import AdapterError, Llama, Tokenizer, adapter_params, add_adapter, load_model
 
 from .batching import plan_epoch
 from .checkpoint import find_checkpoint
-from .config import TrainConfig
-from .data import Example, load_examples, split_eval
+from .config import TrainConfig, json_value
+from .data import Example, LossMask, load_examples, split_eval
 from .errors import ConfigError, OutputExists, ResumeError
 from .optim import AdamW
 
@@ -21,7 +22,9 @@ ALL_LINEAR = "all-linear"
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 # fields that must match between a checkpoint and the run resuming it (they fix the data stream or shapes)
 RESUME_KEYS = ("data", "seed", "batch_size", "grad_accum", "max_seq_len", "packing", "group_by_length", "truncate",
-               "epochs", "max_steps", "r", "lora_alpha", "target_modules", "optimizer", "eval_fraction", "eval_data")
+               "epochs", "max_steps", "r", "lora_alpha", "target_modules", "optimizer", "eval_fraction", "eval_data",
+               "data_split", "data_config", "eval_split", "assistant_only_loss", "completion_only_loss",
+               "exclude_modules", "layers_to_transform", "layers_pattern", "use_rslora")
 
 
 @dataclass
@@ -50,16 +53,20 @@ def check_output(cfg: TrainConfig) -> Path | None:
 
 def check_resume_config(saved: dict, cfg: TrainConfig, where: Path) -> None:
     now = cfg.to_json()
+    # a key an older checkpoint lacks had its default then
+    unset = {f.name: json_value(f.default) for f in fields(TrainConfig)}
     for key in RESUME_KEYS:
-        if saved.get(key) != now.get(key):
+        if saved.get(key, unset[key]) != now.get(key):
             raise ResumeError(f"{where}: {key}={saved.get(key)!r} in the checkpoint but {now.get(key)!r} now; "
                               "resume with the same setting")
 
 
 def load_data(cfg: TrainConfig, tok: Tokenizer) -> Data:
-    train = load_examples(cfg.data, tok, cfg.max_seq_len, cfg.truncate)
+    mask = LossMask(cfg.assistant_only_loss, cfg.completion_only_loss)
+    train = load_examples(cfg.data, tok, cfg.max_seq_len, cfg.truncate, cfg.data_split, cfg.data_config, mask)
     if cfg.eval_data:
-        evals = load_examples(cfg.eval_data, tok, cfg.max_seq_len, cfg.truncate)
+        evals = load_examples(cfg.eval_data, tok, cfg.max_seq_len, cfg.truncate, cfg.eval_split, cfg.data_config,
+                              mask)
     else:
         train, evals = split_eval(train, cfg.eval_fraction, cfg.seed)
     return Data(train, evals, tok.pad_token_id)
@@ -85,14 +92,18 @@ def check_context(model: Llama, cfg: TrainConfig) -> None:
                           f"({cfg.base}/config.json max_position_embeddings); lower --max-seq-len")
 
 
-def target_names(model: Llama, targets: tuple[str, ...]) -> tuple[str, ...]:
-    """Projection names to adapt; every requested name must exist in the model."""
+def target_names(model: Llama, targets: str | tuple[str, ...]) -> str | tuple[str, ...]:
+    """Projection names to adapt (every requested name must exist in the model; all-linear becomes every
+    projection's name), or a regular expression (a string), kept as given for PEFT-style full matching."""
+    if isinstance(targets, str):
+        return targets
     known = sorted({p.rsplit(".", 1)[-1] for p in model.lora_layers()})
     if ALL_LINEAR in targets:
         if len(targets) > 1:
             raise ConfigError(f"target_modules={list(targets)}: all-linear cannot be combined with names")
         return tuple(known)
-    missing = [t for t in targets if t not in known]
+    paths = model.lora_layers()
+    missing = [t for t in targets if not any(p == t or p.endswith("." + t) for p in paths)]
     if missing:
         raise ConfigError(f"target_modules: {', '.join(missing)} not in this model; its projections are "
                           f"{', '.join(known)} (or all-linear)")
@@ -101,10 +112,15 @@ def target_names(model: Llama, targets: tuple[str, ...]) -> tuple[str, ...]:
 
 def attach_adapter(model: Llama, cfg: TrainConfig, slot: int) -> tuple[LoraConfig, list[torch.nn.Parameter]]:
     """A fresh adapter in `slot`: seeded Kaiming A / zero B on the configured targets, fp32, trainable."""
-    lora = LoraConfig(r=cfg.r, lora_alpha=cfg.lora_alpha, target_modules=target_names(model, cfg.target_modules),
-                      lora_dropout=cfg.lora_dropout, base_model_name_or_path=cfg.base)
-    torch.manual_seed(cfg.seed)  # adapter init (Kaiming A) is part of the seeded run
-    add_adapter(model, slot, lora, dtype=torch.float32)
+    try:
+        lora = LoraConfig(r=cfg.r, lora_alpha=cfg.lora_alpha, target_modules=target_names(model, cfg.target_modules),
+                          lora_dropout=cfg.lora_dropout, use_rslora=cfg.use_rslora, base_model_name_or_path=cfg.base,
+                          exclude_modules=cfg.exclude_modules, layers_to_transform=cfg.layers_to_transform,
+                          layers_pattern=cfg.layers_pattern)
+        torch.manual_seed(cfg.seed)  # adapter init (Kaiming A) is part of the seeded run
+        add_adapter(model, slot, lora, dtype=torch.float32)
+    except (AdapterError, AdapterFormatError) as e:
+        raise ConfigError(str(e).replace(" (adapter_config.json)", "")) from None
     params = list(adapter_params(model, slot).values())
     for p in params:
         p.requires_grad_(True)

@@ -85,7 +85,7 @@ def test_bad_adapters_are_refused_with_the_file_named(tmp_path):
         load_adapter(tmp_path / "nowhere")
     with pytest.raises(AdapterFormatError, match=r"r=0: must be an integer >= 1"):
         LoraConfig(r=0, lora_alpha=1, target_modules=("q_proj",))
-    with pytest.raises(AdapterFormatError, match="use_dora=true is not supported"):
+    with pytest.raises(AdapterFormatError, match="use_dora=True is not supported"):
         LoraConfig.from_json({"r": 4, "lora_alpha": 8, "target_modules": ["q_proj"], "use_dora": True})
     unpaired = {k: v for k, v in tensors.items() if "layers.0.self_attn.q_proj.lora_B" not in k}
     with pytest.raises(AdapterFormatError, match="model.layers.0.self_attn.q_proj has \\['lora_A'\\] but needs both"):

@@ -29,7 +29,7 @@ def test_file_overrides_defaults_and_flags_override_the_file(tmp_path):
     cfg = build_config(toml, r=16, packing=None)
     assert (cfg.r, cfg.learning_rate, cfg.target_modules, cfg.packing) == (16, 1.0, ("q_proj", "v_proj"), True)
     yml = tmp_path / "run.yaml"
-    yml.write_text("base: m\ndata: d.jsonl\nout: o\ntarget_modules: q_proj,k_proj\npacking: false\n")
+    yml.write_text("base: m\ndata: d.jsonl\nout: o\ntarget_modules: [q_proj, k_proj]\npacking: false\n")
     cfg = build_config(yml)
     assert cfg.target_modules == ("q_proj", "k_proj") and cfg.packing is False
 
@@ -85,3 +85,40 @@ def test_threads_pins_intra_op_threads_and_zero_keeps_the_default():
         assert torch.get_num_threads() == before + 1
     finally:
         torch.set_num_threads(before)
+
+
+def test_peft_style_target_fields(tmp_path):
+    """PEFT's LoraConfig spelling: a string target_modules / exclude_modules is a regex, a list holds names,
+    layers_to_transform takes an int or a list; the CLI spelling (comma-separated strings) gives the same."""
+    toml = tmp_path / "peft.toml"
+    toml.write_text('base = "m"\ndata = "d.jsonl"\nout = "o"\ntarget_modules = ".*\\\\.(q|v)_proj"\n'
+                    'exclude_modules = ["layers.0.self_attn.q_proj"]\nuse_rslora = true\nuse_dora = false\n'
+                    'bias = "none"\nmodules_to_save = []\n')
+    cfg = build_config(toml)
+    assert cfg.target_modules == r".*\.(q|v)_proj" and cfg.exclude_modules == ("layers.0.self_attn.q_proj",)
+    assert cfg.use_rslora and cfg.to_json()["target_modules"] == r".*\.(q|v)_proj"
+    cfg = build_config(None, **REQUIRED, target_modules=("q_proj",), layers_to_transform=("0", "2"),
+                       layers_pattern=("layers",))
+    assert cfg.layers_to_transform == (0, 2) and cfg.layers_pattern == ("layers",)
+    assert build_config(None, **REQUIRED, layers_to_transform=1).layers_to_transform == (1,)
+    assert build_config(None, **REQUIRED, target_modules="all-linear").target_modules == ("all-linear",)
+
+
+@pytest.mark.parametrize("extra, message", [
+    ('use_dora = true\n', "use_dora=True is not supported by qlora-kit (PEFT's default False"),
+    ('target_parameters = ["experts.down_proj"]\n', "target_parameters=['experts.down_proj'] is not supported"),
+    ('modules_to_save = ["lm_head"]\n', "modules_to_save=['lm_head'] is not supported"),
+    ('rank_pattern = {q_proj = 8}\n', "rank_pattern={'q_proj': 8} is not supported"),
+    ('init_lora_weights = "pissa"\n', "init_lora_weights='pissa' is not supported"),
+    ('bias = "all"\n', "bias='all' is not supported"),
+    ('target_modules = "q_proj"\nlayers_to_transform = [0]\n', "cannot be combined with layers_to_transform"),
+    ('layers_pattern = "layers"\n', "layers_pattern=['layers']: needs --layers-to-transform"),
+    ('target_modules = "q_proj("\n', "target_modules='q_proj(': an unclosed '('"),
+    ('layers_to_transform = ["a"]\n', "layers_to_transform=['a']: expected a layer index"),
+])
+def test_unsupported_peft_fields_are_refused_by_name(tmp_path, extra, message):
+    toml = tmp_path / "peft.toml"
+    toml.write_text('base = "m"\ndata = "d.jsonl"\nout = "o"\n' + extra)
+    with pytest.raises(ConfigError) as e:
+        build_config(toml)
+    assert message in str(e.value)
