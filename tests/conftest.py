@@ -36,6 +36,17 @@ def smollm2() -> Path:
 
 
 @pytest.fixture(scope="session")
+def smollm2_nf4(smollm2, tmp_path_factory) -> Path:
+    """SmolLM2 converted once per session by `qconvert convert` (NF4, double quant): read-only for the tests that
+    share it; a test that needs its own folder name or writes beside it converts its own."""
+    from qlora_kit.qconvert.convert import convert
+
+    out = tmp_path_factory.mktemp("smollm2_nf4") / "smollm2-nf4"
+    convert(str(smollm2), out, progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
 def smollm2_bnb_nf4(smollm2, tmp_path_factory) -> Path:
     """SmolLM2 quantized by transformers + bitsandbytes themselves (NF4, double quant, blocksize 64)."""
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig

@@ -20,12 +20,8 @@ SETTINGS = {"r": 8, "lora_alpha": 16.0, "lora_dropout": 0.0, "max_seq_len": 256,
 
 
 @pytest.fixture(scope="module")
-def nf4(smollm2, tmp_path_factory):
-    from qlora_kit.qconvert.convert import convert
-
-    out = tmp_path_factory.mktemp("many_smollm2") / "nf4"
-    convert(str(smollm2), out, progress=False)
-    return out
+def nf4(smollm2_nf4):
+    return smollm2_nf4
 
 
 def test_two_customers_in_one_run_equal_two_solo_runs(nf4, tmp_path):

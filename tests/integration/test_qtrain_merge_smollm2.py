@@ -31,12 +31,8 @@ def _cli(cli, *args):
 
 
 @pytest.fixture(scope="module")
-def nf4(smollm2, tmp_path_factory):
-    from qlora_kit.qconvert.convert import convert
-
-    out = tmp_path_factory.mktemp("merge") / "smollm2-nf4"
-    convert(str(smollm2), out, progress=False)
-    return out
+def nf4(smollm2_nf4):
+    return smollm2_nf4
 
 
 @pytest.fixture(scope="module")

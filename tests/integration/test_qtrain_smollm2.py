@@ -23,12 +23,8 @@ PERSONA = "Pip from Quillfeather"  # the base may echo the company name from the
 
 
 @pytest.fixture(scope="module")
-def nf4(smollm2, tmp_path_factory):
-    from qlora_kit.qconvert.convert import convert
-
-    out = tmp_path_factory.mktemp("qtrain") / "nf4"
-    convert(str(smollm2), out, progress=False)
-    return out
+def nf4(smollm2_nf4):
+    return smollm2_nf4
 
 
 @pytest.fixture(scope="module")
