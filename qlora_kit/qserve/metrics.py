@@ -54,6 +54,7 @@ class Metrics:
     def __init__(self):
         self._lock = threading.Lock()
         self.counters: dict[tuple[str, tuple], float] = {}
+        self.sections: list = []  # callables returning more Prometheus text (qserve/store/stats.py's series)
         self.hists = {"request_latency_seconds": Histogram(), "time_to_first_token_seconds": Histogram(),
                       "adapter_load_seconds": Histogram()}
 
@@ -84,4 +85,4 @@ class Metrics:
         for name, (help_, value) in gauges.items():
             full = f"qserve_{name}"
             lines += [f"# HELP {full} {help_}", f"# TYPE {full} gauge", f"{full} {value}"]
-        return "\n".join(lines) + "\n"
+        return "\n".join(lines) + "\n" + "".join(section() for section in self.sections)
