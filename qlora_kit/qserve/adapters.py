@@ -161,9 +161,9 @@ class AdapterRegistry:
         raw = os.fspath(path)
         if not raw or "\x00" in raw:
             raise AdapterPathRefused(f"adapter path {raw!r}: empty or contains NUL")
-        root = None
+        root, given = None, root
         if not trusted:
-            root = root or self.config.allowed_root
+            root = given or self.config.allowed_root
             if root is None:
                 raise AdapterPathRefused(f"adapter path {raw!r}: loading by path is disabled "
                                          "(no allowed adapter root configured)")
