@@ -473,7 +473,7 @@ class AdapterRegistry:
             if victim.state is AdapterState.RESIDENT:
                 self._evict(victim)
             victim.payload, victim.state = None, AdapterState.DISK
-            self.stats.evicted("host")
+            self.stats.evicted("host", victim.name)
 
 
 def _under(path: str, root: str) -> bool:

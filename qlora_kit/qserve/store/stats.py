@@ -13,6 +13,7 @@ bounded by --cpu-adapter-budget) and `store` (only on disk). Series:
 - qserve:adapter_requests_waiting: queued requests whose adapter is not resident (sampled at scrape time).
 """
 import threading
+from collections import Counter
 
 from ..metrics import Histogram, _labels
 
@@ -27,6 +28,7 @@ class FleetStats:
         self.requests = dict.fromkeys(TIERS, 0)
         self.loads = {"host": 0, "resident": 0}
         self.evictions = {"host": 0, "resident": 0}
+        self.host_drops: Counter[str] = Counter()  # host -> store evictions per adapter name
         self.load_seconds = Histogram()
         self.host_bytes = self.host_peak_bytes = 0
         self.host_budget_bytes: int | None = None
@@ -41,9 +43,11 @@ class FleetStats:
             if seconds is not None:
                 self.load_seconds.observe(seconds)
 
-    def evicted(self, tier: str) -> None:
+    def evicted(self, tier: str, name: str | None = None) -> None:
         with self._lock:
             self.evictions[tier] += 1
+            if tier == "host" and name is not None:
+                self.host_drops[name] += 1
 
     def host(self, used: int) -> None:
         """Record the host tier's bytes after a change (the peak is what tests hold against the budget)."""
