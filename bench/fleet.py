@@ -17,7 +17,7 @@ k), `8 adapters` (adapter k mod 8, the same trace), `base` (no adapter). Each si
 `concurrency` requests, then `reps` timed rounds, sides interleaved (bench._timing.interleave). Throughput =
 generated tokens / wall time of a round; TTFT = request start to its first streamed token, p50/p99 over all
 timed requests of a side. Loads and evictions are counted over the timed fleet rounds (the registry's
-FleetStats: qserve:adapter_loads_total / qserve:adapter_evictions_total).
+FleetStats: qserve:adapter_loads_total / qserve:adapter_evictions_total), per side.
 """
 import asyncio
 import json
@@ -142,27 +142,29 @@ def main(n_adapters, n_requests, concurrency, zipf, slots, host_adapters, new_to
                      "base": [None] * n_requests}
         for name, models in workloads.items():  # warm-up: untimed
             asyncio.run(_round(handle.url, models[:concurrency], prompts[:concurrency], base, concurrency, new_tokens))
-        before = reg.stats.snapshot()
         results: dict[str, list[dict]] = {k: [] for k in workloads}
+        delta = {k: {"loads": {}, "evictions": {}, "requests": {}} for k in workloads}
 
         def side(name):
             def run():
+                before = reg.stats.snapshot()
                 r = asyncio.run(_round(handle.url, workloads[name], prompts, base, concurrency, new_tokens))
+                after = reg.stats.snapshot()
+                for key, d in delta[name].items():  # this side's own loads, evictions and tier hits
+                    for t in after[key]:
+                        d[t] = d.get(t, 0) + after[key][t] - before[key][t]
                 results[name].append(r)
                 return r["tok_s"]
             return run
 
         runs = interleave({k: side(k) for k in workloads}, reps)
-        after = reg.stats.snapshot()
         handle.stop()
-    loads = {t: after["loads"][t] - before["loads"][t] for t in after["loads"]}
-    evictions = {t: after["evictions"][t] - before["evictions"][t] for t in after["evictions"]}
-    hits = {t: after["requests"][t] - before["requests"][t] for t in after["requests"]}
+    loads, evictions, hits = (delta["fleet"][k] for k in ("loads", "evictions", "requests"))
     med = {k: Stats.of(runs.samples[k]).median for k in workloads}
     head = (f"{n_adapters} adapters (Zipf {zipf}), {n_requests} requests, concurrency {concurrency}, {slots} slots, "
             f"host budget {host_adapters} adapters ({host_adapters * nbytes} B), prompt {prompt_tokens}, "
             f"{new_tokens} new tokens, {dtype}, {'dense base (--dense-base)' if dense_base else '4-bit base'}")
-    summary = {"config": head, "tok_s": runs.samples, "loads": loads, "evictions": evictions, "requests_by_tier": hits,
+    summary = {"config": head, "tok_s": runs.samples, "per_side": delta,
                "ttft_p50_s": {k: _q([t for r in v for t in r["ttft"]], 50) for k, v in results.items()},
                "ttft_p99_s": {k: _q([t for r in v for t in r["ttft"]], 99) for k, v in results.items()},
                "fleet_vs_8": med["fleet"] / med["8 adapters"], "fleet_vs_base": med["fleet"] / med["base"]}
@@ -176,6 +178,7 @@ def main(n_adapters, n_requests, concurrency, zipf, slots, host_adapters, new_to
                   f"{med[k] / med['base']:8.2f} {summary['ttft_p50_s'][k]:8.2f}s {summary['ttft_p99_s'][k]:7.2f}s")
         print(f"fleet rounds: loads {loads} (host = reads from the store), evictions {evictions}, "
               f"requests by the tier their adapter was in {hits}")
+        print(f"8-adapter rounds: loads {delta['8 adapters']['loads']}, evictions {delta['8 adapters']['evictions']}")
         print(f"goal: fleet >= 0.80 of the 8-adapter throughput: {summary['fleet_vs_8']:.2f} "
               f"({'met' if summary['fleet_vs_8'] >= 0.8 else 'NOT met'})")
     end()
