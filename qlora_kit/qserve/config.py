@@ -61,7 +61,7 @@ class ServeConfig:
     adapter_store: str | None = field(default=None, metadata={
         "help": "folder of adapters (DIR/NAME/) loaded on a request's first use of NAME"})
     cpu_adapter_budget: str | None = field(default=None, metadata={
-        "help": "host bytes for adapter weights, e.g. 512MiB or 2GB (LRU eviction beyond) [default: no limit]"})
+        "help": "host bytes for adapter weights, e.g. 512MiB or 2GB; LRU eviction beyond (None: no limit)"})
     adapter_age_cap_s: float = field(default=2.0, metadata={
         "help": "seconds a queued request may be passed over by requests whose adapter is resident"})
     max_num_seqs: int = 32
