@@ -3,6 +3,8 @@ adapter read it once; a tenant's forbidden name is 403 before any disk access; /
 tiers, loads and last use."""
 import asyncio
 import json
+import threading
+import time
 
 import httpx
 import pytest
@@ -22,7 +24,7 @@ def server(tmp_path_factory):
     root = tmp_path_factory.mktemp("fleet")
     folder, model = tiny_model(root)
     store = root / "store"
-    for i, name in enumerate(["acme-cold", "acme-x", "globex-y"]):
+    for i, name in enumerate(["acme-cold", "acme-x", "globex-y", "acme-slow"]):
         make_adapter(model, store / name, 4, 10 + i)
     keys = root / "keys.json"
     keys.write_text(json.dumps({"keys": [{"key": ADMIN, "admin": True}, {"key": ACME, "adapters": ["acme-*"]},
@@ -85,3 +87,35 @@ def test_adapters_listing_and_metrics(server):
     assert 'qserve:adapter_loads_total{tier="host"} ' in text and "qserve:adapter_load_seconds_count" in text
     assert "qserve:adapter_requests_waiting 0" in text and 'qserve:adapter_evictions_total{tier="resident"}' in text
     assert "qserve:adapter_host_budget_bytes 1048576" in text
+
+
+def test_a_request_waiting_for_its_adapter_does_not_block_the_batch(server):
+    """While one adapter's read is held up (its loader waits on a gate), base and resident-adapter requests are
+    served; the waiting request is served once the read finishes."""
+    reg = server.engine.registry
+    gate, inner = threading.Event(), reg._loader
+
+    def held(name, path):
+        if name == "acme-slow":
+            gate.wait(60)
+        return inner(name, path)
+
+    reg._loader = held
+    try:
+        slow = {}
+        t = threading.Thread(target=lambda: slow.update(r=_post(server, {"model": "acme-slow", "prompt": [1, 2],
+                                                                         "max_tokens": 3}, ACME)))
+        t.start()
+        deadline = time.monotonic() + 30
+        while reg.tier("acme-slow") != "loading" and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert reg.tier("acme-slow") == "loading"
+        for model in ("llama", "acme-cold", "llama"):
+            assert _post(server, {"model": model, "prompt": [5, 6], "max_tokens": 3}, ACME).status_code == 200
+        assert reg.tier("acme-slow") == "loading" and t.is_alive()
+        gate.set()
+        t.join(60)
+        assert slow["r"].status_code == 200 and len(slow["r"].json()["choices"][0]["text"]) == 3
+    finally:
+        gate.set()
+        reg._loader = inner
