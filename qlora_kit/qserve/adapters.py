@@ -379,6 +379,12 @@ class AdapterRegistry:
             e = self._entries.get(name)
             return None if e is None else e.info().tier
 
+    def slot_to_free(self) -> str | None:
+        """The resident adapter whose slot frees soonest if it takes no new requests: fewest running, then LRU."""
+        with self._lock:
+            held = [self._entries[n] for n in self._slots if n is not None]
+            return min(held, key=lambda e: (e.pins, e.last_used)).name if held else None
+
     def pending_loads(self) -> list[str]:
         """Adapters with requests in flight but not in memory: the engine should `load` them off-loop."""
         with self._lock:

@@ -13,8 +13,9 @@ call `Request.cancel()`. Each step:
    without evicting an adapter of a running request) waits; requests behind it may go ahead.
    Adapter-aware order (with a registry that has `tier`): requests preempted or queued longer than
    `adapter_age_cap_s` come first, then requests for the base or a resident adapter, then the rest, each group
-   in queue order. An aged request whose adapter is in host memory but finds every slot held by running
-   requests stops admission for the step, so slots free up for it: nothing waits much past the cap for a slot.
+   in queue order. When an aged request's adapter is in host memory but every slot is held by running requests,
+   the slot with the fewest running requests (`registry.slot_to_free`) takes no new requests until it frees, and
+   the aged request, first in line, gets it: nothing waits much past the cap, and the other slots keep running.
 
 The output is a ScheduledBatch for the model runner, which turns it into tensors.
 """
@@ -225,15 +226,16 @@ class Scheduler:
     def _admit(self, batch: ScheduledBatch, budget: int) -> None:
         aged = self._order_waiting()
         skipped: list[Request] = []
+        draining: str | None = None  # a resident adapter taking no new requests this step (its slot is wanted)
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             req = self.waiting.popleft()
             slot = -1
             if req.adapter is not None:
-                slot = self.registry.ensure_resident(req.adapter)
+                slot = None if req.adapter == draining else self.registry.ensure_resident(req.adapter)
                 if slot is None:
                     skipped.append(req)
-                    if id(req) in aged and self.registry.tier(req.adapter) == "host":
-                        break  # slots all held by running requests: admit nobody until one frees for it
+                    if draining is None and id(req) in aged and self.registry.tier(req.adapter) == "host":
+                        draining = self.registry.slot_to_free()  # every slot runs: let one drain for it
                     continue
             cached = self.blocks.lookup_prefix(req)
             pending = req.num_tokens - len(cached) * self.blocks.block_size
