@@ -126,6 +126,7 @@ class Scheduler:
         self.running: list[Request] = []
         self._by_id: dict[str, Request] = {}
         self.num_preemptions = 0
+        self._draining: str | None = None
 
     # -- intake ---------------------------------------------------------------------------------------------
     def add(self, request: Request) -> None:
@@ -226,7 +227,10 @@ class Scheduler:
     def _admit(self, batch: ScheduledBatch, budget: int) -> None:
         aged = self._order_waiting()
         skipped: list[Request] = []
-        draining: str | None = None  # a resident adapter taking no new requests this step (its slot is wanted)
+        # a resident adapter taking no new requests (its slot is wanted by an aged request); kept across steps
+        # until that request gets a slot, so one slot really drains
+        draining = self._draining if self._draining and self.registry.tier(self._draining) == "resident" else None
+        wanted = False
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             req = self.waiting.popleft()
             slot = -1
@@ -234,8 +238,10 @@ class Scheduler:
                 slot = None if req.adapter == draining else self.registry.ensure_resident(req.adapter)
                 if slot is None:
                     skipped.append(req)
-                    if draining is None and id(req) in aged and self.registry.tier(req.adapter) == "host":
-                        draining = self.registry.slot_to_free()  # every slot runs: let one drain for it
+                    if id(req) in aged and self.registry.tier(req.adapter) == "host":
+                        wanted = True
+                        if draining is None:
+                            draining = self.registry.slot_to_free()  # every slot runs: let one drain for it
                     continue
             cached = self.blocks.lookup_prefix(req)
             pending = req.num_tokens - len(cached) * self.blocks.block_size
@@ -250,6 +256,7 @@ class Scheduler:
             budget -= want
             self._emit(batch, req, want)
         self.waiting.extendleft(reversed(skipped))
+        self._draining = draining if wanted else None
 
     def _emit(self, batch: ScheduledBatch, req: Request, n: int) -> None:
         start = req.num_computed_tokens
