@@ -15,6 +15,11 @@ resident. An adapter with only queued requests may lose its slot (its KV is drop
 `unload` of an adapter in use marks it draining: its requests finish, new ones get AdapterNotFound, and it
 disappears when the last one releases it.
 
+Fleets (qserve/store/): with an AdapterStore attached, `lookup` registers an adapter the first time a request
+names it, confined to the store's folder; the host tier is held to `cpu_budget_bytes` *before* each insertion
+(least recently used adapters without running requests are dropped first: idle ones, then ones whose requests
+only wait), so its bytes never exceed the budget; FleetStats counts hits per tier, loads and evictions.
+
 Each load gets a fresh `uid` (never reused); the KV prefix cache is salted with it, so re-registering a
 different adapter under an old name can never hit the old adapter's cached KV.
 """
@@ -29,6 +34,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .errors import AdapterExists, AdapterNotFound, AdapterPathRefused, AdapterRefused, QloraKitError
+from .store.stats import FleetStats
 
 CONFIG_NAME = "adapter_config.json"  # PEFT's names, as formats/peft.py (not imported: it pulls in torch)
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -91,21 +97,30 @@ class AdapterInfo:
     slot: int
     draining: bool
     load_time_s: float | None
+    last_use: float | None = None  # wall-clock time (time.time()) of the last request or residency
+
+    @property
+    def tier(self) -> str:
+        """resident, host, loading or store (qserve/store/stats.py's tiers)."""
+        return {"resident": "resident", "cpu": "host", "loading": "loading", "disk": "store"}[self.state.value]
 
 
 class _Entry:
-    __slots__ = ("name", "path", "trusted", "uid", "state", "payload", "nbytes", "refs", "pins", "slot",
-                 "last_used", "draining", "load_time_s")
+    __slots__ = ("name", "path", "trusted", "root", "uid", "state", "payload", "nbytes", "refs", "pins", "slot",
+                 "last_used", "last_use", "draining", "load_time_s")
 
-    def __init__(self, name, path, trusted, uid):
-        self.name, self.path, self.trusted, self.uid = name, path, trusted, uid
+    def __init__(self, name, path, trusted, uid, root=None):
+        self.name, self.path, self.trusted, self.root, self.uid = name, path, trusted, root, uid
         self.state, self.payload, self.nbytes, self.load_time_s = AdapterState.DISK, None, None, None
         self.refs = self.pins = 0
-        self.slot, self.last_used, self.draining = -1, 0, False
+        self.slot, self.last_used, self.last_use, self.draining = -1, 0, None, False
+
+    def touch(self, clock) -> None:
+        self.last_used, self.last_use = next(clock), time.time()
 
     def info(self) -> AdapterInfo:
         return AdapterInfo(self.name, self.path, self.uid, self.state, self.nbytes, self.refs, self.pins,
-                           self.slot, self.draining, self.load_time_s)
+                           self.slot, self.draining, self.load_time_s, self.last_use)
 
 
 class AdapterRegistry:
@@ -113,8 +128,10 @@ class AdapterRegistry:
 
     def __init__(self, config: RegistryConfig, loader: Loader,
                  on_resident: Callable[[str, Any, int], None] | None = None,
-                 on_evict: Callable[[str, int], None] | None = None):
-        self.config = config
+                 on_evict: Callable[[str, int], None] | None = None, store=None):
+        self.config, self.store = config, store  # store: a qserve.store.AdapterStore, or None
+        self.stats = FleetStats()
+        self.stats.host_budget_bytes = config.cpu_budget_bytes
         self._loader, self._on_resident, self._on_evict = loader, on_resident, on_evict
         self._lock = threading.RLock()
         self._loaded = threading.Condition(self._lock)
@@ -129,13 +146,14 @@ class AdapterRegistry:
         return self.config.max_loras
 
     # -- paths ----------------------------------------------------------------------------------------------
-    def resolve_path(self, path: str | os.PathLike, trusted: bool = False) -> Path:
+    def resolve_path(self, path: str | os.PathLike, trusted: bool = False, root: str | None = None) -> Path:
         """Check an adapter folder and return its real path.
 
         Untrusted paths (the admin API) must resolve, symlinks followed, under `allowed_root`; relative paths
         are taken from the root and may not contain `..`. The folder must hold adapter_config.json and
         adapter_model.safetensors (pickled adapter_model.bin is refused), neither linking out of the root.
-        Trusted paths (operator flags at start-up) skip the root check only.
+        Trusted paths (operator flags at start-up) skip the root check only. `root` (the adapter store's)
+        replaces allowed_root.
 
         Raises:
             AdapterPathRefused naming the path and the rule it breaks.
@@ -143,12 +161,13 @@ class AdapterRegistry:
         raw = os.fspath(path)
         if not raw or "\x00" in raw:
             raise AdapterPathRefused(f"adapter path {raw!r}: empty or contains NUL")
-        root = None
+        root, given = None, root
         if not trusted:
-            if self.config.allowed_root is None:
+            root = given or self.config.allowed_root
+            if root is None:
                 raise AdapterPathRefused(f"adapter path {raw!r}: loading by path is disabled "
                                          "(no allowed adapter root configured)")
-            root = os.path.realpath(self.config.allowed_root)
+            root = os.path.realpath(root)
             if ".." in Path(raw).parts:
                 raise AdapterPathRefused(f"adapter path {raw!r}: '..' is not allowed")
         full = raw if os.path.isabs(raw) or root is None else os.path.join(root, raw)
@@ -168,18 +187,39 @@ class AdapterRegistry:
         return Path(real)
 
     # -- registration ---------------------------------------------------------------------------------------
-    def register(self, name: str, path: str | os.PathLike, trusted: bool = False) -> AdapterInfo:
-        """Add an adapter on disk (not loaded yet). Raises AdapterExists, AdapterPathRefused, AdapterRefused."""
+    def register(self, name: str, path: str | os.PathLike, trusted: bool = False,
+                 root: str | None = None) -> AdapterInfo:
+        """Add an adapter on disk (not loaded yet), confined to `root` (default allowed_root) unless trusted.
+
+        Raises AdapterExists, AdapterPathRefused, AdapterRefused."""
         if not isinstance(name, str) or not _NAME.fullmatch(name):
             raise AdapterRefused(f"adapter name {name!r}: use 1-128 letters, digits or ._:@/- "
                                  "starting with a letter or digit")
-        real = self.resolve_path(path, trusted)
+        real = self.resolve_path(path, trusted, root)
         with self._lock:
             if name in self._entries:
                 state = "being unloaded" if self._entries[name].draining else "registered"
                 raise AdapterExists(f"adapter {name!r}: already {state}; unload it first")
-            e = self._entries[name] = _Entry(name, str(real), trusted, next(self._uids))
+            e = self._entries[name] = _Entry(name, str(real), trusted, next(self._uids), root)
             return e.info()
+
+    def lookup(self, name: str) -> bool:
+        """Whether `name` is served: registered and not draining, or (with a store) found in the store, which
+        registers it (not loaded yet). Call only for names the caller may use (no disk access for others).
+
+        Raises AdapterPathRefused (a store entry linking out of the store, or without safetensors weights)."""
+        if name in self:
+            return True
+        if self.store is None:
+            return False
+        folder = self.store.resolve(name)
+        if folder is None:
+            return False
+        try:
+            self.register(name, folder, root=self.store.root)
+        except AdapterExists:
+            pass  # registered by a concurrent request, or draining: acquire decides
+        return True
 
     def add(self, name: str, path: str | os.PathLike, trusted: bool = False) -> AdapterInfo:
         """Register and load (vLLM's load_lora_adapter). On a failed load nothing stays registered."""
@@ -211,11 +251,13 @@ class AdapterRegistry:
                 raise AdapterNotFound(f"adapter {name!r}: was unloaded while loading")
             if e.state is not AdapterState.DISK:
                 return e.info()
-            e.state, path, trusted = AdapterState.LOADING, e.path, e.trusted
+            e.state, path, trusted, root = AdapterState.LOADING, e.path, e.trusted, e.root
         t0 = time.perf_counter()
         loaded = False
         try:
-            real = str(self.resolve_path(path, trusted))  # again: the folder may have changed since register
+            real = str(self.resolve_path(path, trusted, root))  # again: the folder may have changed since register
+            if self.store is not None and root == self.store.root:
+                self.store.count_read(name)
             payload, nbytes = self._loader(name, real)
             if not isinstance(nbytes, int) or nbytes < 0:
                 raise AdapterRefused(f"adapter {name!r}: loader reported nbytes={nbytes!r}")
@@ -233,18 +275,21 @@ class AdapterRegistry:
                     e.state = AdapterState.DISK
                     self._loaded.notify_all()
         with self._lock:
-            e.state, e.payload, e.nbytes = AdapterState.CPU, payload, nbytes
-            e.load_time_s, e.last_used = time.perf_counter() - t0, next(self._clock)
-            self.loads += 1
-            self._loaded.notify_all()
-            if self._entries.get(name) is not e:
-                e.payload = None
-                raise AdapterNotFound(f"adapter {name!r}: was unloaded while loading")
             try:
-                self._fit_cpu_tier(e)
-            except AdapterRefused:
-                e.state, e.payload = AdapterState.DISK, None
+                if self._entries.get(name) is not e:
+                    raise AdapterNotFound(f"adapter {name!r}: was unloaded while loading")
+                self._fit_cpu_tier(e, nbytes)  # room first: the tier never holds more than its budget
+            except (AdapterNotFound, AdapterRefused):
+                e.state = AdapterState.DISK
+                self._loaded.notify_all()
                 raise
+            e.state, e.payload, e.nbytes = AdapterState.CPU, payload, nbytes
+            e.load_time_s = time.perf_counter() - t0
+            e.touch(self._clock)
+            self.loads += 1
+            self.stats.loaded("host", e.load_time_s)
+            self.stats.host(self._host_bytes())
+            self._loaded.notify_all()
             return e.info()
 
     def unload(self, name: str) -> bool:
@@ -266,6 +311,8 @@ class AdapterRegistry:
         with self._lock:
             e = self._get(name)
             e.refs += 1
+            e.touch(self._clock)
+            self.stats.request(e.info().tier)
             return e.uid
 
     def release(self, name: str) -> None:
@@ -285,7 +332,7 @@ class AdapterRegistry:
             if e.state is not AdapterState.RESIDENT:
                 raise RuntimeError(f"adapter {name!r}: pin while {e.state.value}")
             e.pins += 1
-            e.last_used = next(self._clock)
+            e.touch(self._clock)
 
     def unpin(self, name: str) -> None:
         with self._lock:
@@ -305,7 +352,7 @@ class AdapterRegistry:
             if e is None:
                 raise AdapterNotFound(f"adapter {name!r}: not registered")
             if e.state is AdapterState.RESIDENT:
-                e.last_used = next(self._clock)
+                e.touch(self._clock)
                 return e.slot
             if e.state is not AdapterState.CPU:
                 return None
@@ -321,8 +368,22 @@ class AdapterRegistry:
             if self._on_resident is not None:
                 self._on_resident(name, e.payload, slot)
             self._slots[slot], e.slot, e.state = name, slot, AdapterState.RESIDENT
-            e.last_used = next(self._clock)
+            e.touch(self._clock)
+            self.stats.loaded("resident")
             return slot
+
+    def tier(self, name: str) -> str | None:
+        """The adapter's tier now (resident, host, loading, store), None if not registered (the scheduler's
+        admission preference)."""
+        with self._lock:
+            e = self._entries.get(name)
+            return None if e is None else e.info().tier
+
+    def slot_to_free(self) -> str | None:
+        """The resident adapter whose slot frees soonest if it takes no new requests: fewest running, then LRU."""
+        with self._lock:
+            held = [self._entries[n] for n in self._slots if n is not None]
+            return min(held, key=lambda e: (e.pins, e.last_used)).name if held else None
 
     def pending_loads(self) -> list[str]:
         """Adapters with requests in flight but not in memory: the engine should `load` them off-loop."""
@@ -386,34 +447,39 @@ class AdapterRegistry:
         self._slots[e.slot] = None
         e.slot, e.state = -1, AdapterState.CPU
         self.evictions += 1
+        self.stats.evicted("resident")
+
+    def _host_bytes(self) -> int:
+        return sum(e.nbytes for e in self._entries.values() if e.payload is not None)
 
     def _remove(self, e: _Entry) -> None:
         if e.state is AdapterState.RESIDENT:
             self._evict(e)
         e.payload, e.state = None, AdapterState.DISK
         del self._entries[e.name]
+        self.stats.host(self._host_bytes())
 
-    def _fit_cpu_tier(self, new: _Entry) -> None:
-        """Drop idle CPU-tier adapters (LRU first) until `new` fits the count and byte limits."""
+    def _fit_cpu_tier(self, new: _Entry, nbytes: int) -> None:
+        """Drop CPU-tier adapters without running requests (LRU first: idle ones, then ones whose requests only
+        wait; those are read again when admitted) until `new` with `nbytes` fits the count and byte limits."""
         cfg = self.config
 
         def over():
-            held = [e for e in self._entries.values() if e.payload is not None]
-            used = sum(e.nbytes for e in held)
-            return ((cfg.max_cpu_loras is not None and len(held) > cfg.max_cpu_loras)
-                    or (cfg.cpu_budget_bytes is not None and used > cfg.cpu_budget_bytes))
+            held = [e for e in self._entries.values() if e.payload is not None and e is not new]
+            return ((cfg.max_cpu_loras is not None and len(held) + 1 > cfg.max_cpu_loras)
+                    or (cfg.cpu_budget_bytes is not None and sum(e.nbytes for e in held) + nbytes > cfg.cpu_budget_bytes))
 
         while over():
-            idle = [e for e in self._entries.values() if e is not new and e.payload is not None
-                    and e.refs == 0 and e.pins == 0]
-            if not idle:
-                raise AdapterRefused(f"adapter {new.name!r}: {new.nbytes} bytes do not fit the CPU tier "
+            held = [e for e in self._entries.values() if e is not new and e.payload is not None and e.pins == 0]
+            if not held:
+                raise AdapterRefused(f"adapter {new.name!r}: {nbytes} bytes do not fit the CPU tier "
                                      f"(max_cpu_loras={cfg.max_cpu_loras}, cpu_budget_bytes={cfg.cpu_budget_bytes}) "
-                                     "while the adapters held there are in use")
-            victim = min(idle, key=lambda v: v.last_used)
+                                     "while the adapters held there are in running batches")
+            victim = min(held, key=lambda v: (v.refs > 0, v.last_used))
             if victim.state is AdapterState.RESIDENT:
                 self._evict(victim)
             victim.payload, victim.state = None, AdapterState.DISK
+            self.stats.evicted("host", victim.name)
 
 
 def _under(path: str, root: str) -> bool:

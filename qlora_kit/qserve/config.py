@@ -6,6 +6,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .store.budget import parse_bytes
+
 # The engine's step loop runs in its own thread. With torch's OpenMP pool, a non-main thread using 2 intra-op
 # threads runs small ops ~30x slower than with 1 (index_add 128x576: ~900 us vs ~27 us on a 2-core CPU, and a
 # 128x576 @ 576x576 matmul no faster), so 1 is the measured default on CPU: `python -m bench.threads`,
@@ -30,6 +32,11 @@ class ServeConfig:
         host: listening address; port: 8000 as vLLM, 0 = any free port (printed at start-up).
         device, dtype: where and in which compute dtype the model runs.
         max_loras: resident adapter slots; max_cpu_loras: adapters kept in host memory (None = no limit).
+        adapter_store: a folder of adapters (DIR/<name>/) loaded the first time a request names one (qserve/store).
+        cpu_adapter_budget: bytes of adapter weights kept in host memory (resident ones included), e.g. 512MiB;
+            least recently used adapters without running requests are dropped to stay within it (None = no limit).
+        adapter_age_cap_s: a queued request older than this is admitted in arrival order, ahead of younger
+            requests whose adapter is resident (which are otherwise preferred).
         max_num_seqs, max_num_batched_tokens, max_model_len, max_waiting: scheduler limits (max_waiting -> 429).
         block_size, kv_cache_tokens: paged KV cache geometry (tokens in the cache, rounded up to blocks).
         enable_prefix_caching: reuse KV of shared prompt prefixes (per adapter).
@@ -68,6 +75,12 @@ class ServeConfig:
         "help": "adapters resident at once (slots in the batched LoRA weights)"})
     max_cpu_loras: int | None = field(default=None, metadata={
         "help": "adapters kept loaded in host memory (LRU beyond); None = no limit"})
+    adapter_store: str | None = field(default=None, metadata={
+        "help": "folder of adapters (DIR/NAME/) loaded on a request's first use of NAME"})
+    cpu_adapter_budget: str | None = field(default=None, metadata={
+        "help": "host bytes for adapter weights, e.g. 512MiB or 2GB; LRU eviction beyond (None: no limit)"})
+    adapter_age_cap_s: float = field(default=2.0, metadata={
+        "help": "seconds a queued request may be passed over by requests whose adapter is resident"})
     max_num_seqs: int = field(default=32, metadata={"help": "requests in one running batch"})
     max_num_batched_tokens: int = field(default=1024, metadata={"help": "tokens one model step may process"})
     max_model_len: int = field(default=2048, metadata={
@@ -102,6 +115,12 @@ class ServeConfig:
             raise ValueError(f"dtype={self.dtype!r}: must be bfloat16, float16 or float32")
         if self.lora_dtype not in ("auto", "bfloat16", "float16", "float32"):
             raise ValueError(f"lora_dtype={self.lora_dtype!r}: must be auto, bfloat16, float16 or float32")
+        if not isinstance(self.adapter_age_cap_s, (int, float)) or not self.adapter_age_cap_s >= 0:
+            raise ValueError(f"adapter_age_cap_s={self.adapter_age_cap_s!r}: must be a number >= 0")
+        if self.cpu_adapter_budget is not None:
+            parse_bytes(self.cpu_adapter_budget)
+        if self.adapter_store is not None and not os.path.isdir(self.adapter_store):
+            raise ValueError(f"adapter_store={self.adapter_store!r}: not an existing folder (flag --adapter-store)")
         if self.kv_cache_tokens < self.max_model_len:
             raise ValueError(f"kv_cache_tokens={self.kv_cache_tokens} < max_model_len={self.max_model_len}: "
                              "one full-length request must fit the KV cache")
@@ -118,6 +137,10 @@ class ServeConfig:
         """The `model` name of the base in requests and /v1/models: served_model_name, else the checkpoint folder's
         name."""
         return self.served_model_name or os.path.basename(os.path.normpath(self.checkpoint))
+
+    @property
+    def cpu_budget_bytes(self) -> int | None:
+        return None if self.cpu_adapter_budget is None else parse_bytes(self.cpu_adapter_budget)
 
     @property
     def num_blocks(self) -> int:

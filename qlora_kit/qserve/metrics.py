@@ -170,8 +170,6 @@ class EngineMetrics:
         "steps": ("counter", "qserve:engine_steps", "Model steps run."),
         "adapters_registered": ("gauge", "qserve:adapters_registered", "Adapters registered."),
         "adapters_resident": ("gauge", "qserve:adapters_resident", "Adapters in resident slots."),
-        "adapter_loads": ("counter", "qserve:adapter_loads", "Adapter loads completed."),
-        "adapter_evictions": ("counter", "qserve:adapter_evictions", "Adapter evictions from resident slots."),
     }
 
     def __init__(self, metrics: Metrics, stats: Callable[[], dict]):

@@ -101,8 +101,8 @@ def create_app(backend: Backend, keys: KeyStore, served_name: str, max_body_byte
 
     def adapter_of(model: str, principal: Principal) -> str | None:
         adapter = None if model == served_name else model
-        KeyStore.check_model(principal, adapter)
-        if adapter is not None and adapter not in registry:
+        KeyStore.check_model(principal, adapter)  # before any lookup: a forbidden name costs no disk access
+        if adapter is not None and not registry.lookup(adapter):  # with --adapter-store: found there on first use
             raise AdapterNotFound(f"model {model!r}: no such model or adapter; see /v1/models")
         return adapter
 
@@ -177,5 +177,6 @@ def create_app(backend: Backend, keys: KeyStore, served_name: str, max_body_byte
 
 
 def _adapter_json(a) -> dict:
-    return {"name": a.name, "path": a.path, "state": a.state.value, "bytes": a.nbytes, "in_flight": a.in_flight,
-            "running": a.running, "slot": a.slot, "draining": a.draining, "load_time_s": a.load_time_s}
+    return {"name": a.name, "path": a.path, "state": a.state.value, "tier": a.tier, "bytes": a.nbytes,
+            "in_flight": a.in_flight, "running": a.running, "slot": a.slot, "draining": a.draining,
+            "load_time_s": a.load_time_s, "last_use": a.last_use}

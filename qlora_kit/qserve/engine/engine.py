@@ -18,6 +18,7 @@ import torch
 from ..adapters import AdapterRegistry, RegistryConfig
 from ..errors import InvalidRequest, SamplingFailed, ServeError
 from ..metrics import EngineMetrics, Metrics
+from ..store import AdapterStore
 from .block_manager import BlockManager
 from .detokenizer import Detokenizer
 from .lora import evict, install, read_adapter
@@ -26,6 +27,7 @@ from .runner import ModelRunner
 from .scheduler import Scheduler, SchedulerConfig
 
 log = logging.getLogger("qserve")
+LOAD_WORKERS = 4  # adapter reads run in this pool, never on the step loop; one job per adapter (de-duplicated)
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,16 +92,19 @@ class Engine:
         self.runner = ModelRunner(model, config.num_blocks, config.block_size)
         self.registry = AdapterRegistry(
             RegistryConfig(allowed_root=config.allowed_root, max_loras=config.max_loras,
-                           max_cpu_loras=config.max_cpu_loras),
-            loader=self._load, on_resident=self._install, on_evict=self._evict)
+                           max_cpu_loras=config.max_cpu_loras, cpu_budget_bytes=config.cpu_budget_bytes),
+            loader=self._load, on_resident=self._install, on_evict=self._evict,
+            store=None if config.adapter_store is None else AdapterStore(config.adapter_store))
         self.base_names = tuple(base_names) + tuple(config.base_names)
         self.lora_dtype = model.dtype if config.lora_dtype == "auto" else getattr(torch, config.lora_dtype)
         self.blocks = BlockManager(config.num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(SchedulerConfig(
             max_num_seqs=config.max_num_seqs, max_num_batched_tokens=config.max_num_batched_tokens,
-            max_model_len=self.max_model_len, max_waiting=config.max_waiting), self.blocks, self.registry)
+            max_model_len=self.max_model_len, max_waiting=config.max_waiting,
+            adapter_age_cap_s=config.adapter_age_cap_s), self.blocks, self.registry)
         self.metrics = Metrics(config.served_name)  # the app records per-request families on it too
         self.engine_metrics = EngineMetrics(self.metrics, self.stats)
+        self.metrics.on_scrape(self.registry.stats.families(self.metrics, self.scheduler.waiting_for_adapters))
         self._lock = threading.Lock()  # the scheduler is single-threaded: add/schedule/update/finish under it
         self._wake = threading.Event()
         self._handles: dict[str, RequestHandle] = {}
@@ -107,7 +112,7 @@ class Engine:
         self._t0: dict[str, float] = {}
         self._tlast: dict[str, float] = {}  # when each request's last token was out (time per output token)
         self._loads: dict[str, object] = {}
-        self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="qserve-load")
+        self._pool = ThreadPoolExecutor(max_workers=LOAD_WORKERS, thread_name_prefix="qserve-load")
         self._thread: threading.Thread | None = None
         self._stopping = False
         self.steps = 0
@@ -264,8 +269,7 @@ class Engine:
                 "preemptions": s["preemptions"], "prefix_queries": s["kv_prefix_query_tokens"],
                 "prefix_hits": s["kv_prefix_hit_tokens"], "steps": self.steps,
                 "adapters_registered": len(self.registry.list()),
-                "adapters_resident": sum(1 for a in self.registry.list() if a.state.value == "resident"),
-                "adapter_loads": self.registry.loads, "adapter_evictions": self.registry.evictions}
+                "adapters_resident": sum(1 for a in self.registry.list() if a.state.value == "resident")}
 
     def memory_report(self) -> dict:
         """Registry memory report plus the KV cache and base weights."""

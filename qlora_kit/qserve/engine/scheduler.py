@@ -11,9 +11,15 @@ call `Request.cancel()`. Each step:
 3. if nobody was preempted, waiting requests are admitted in order while the budget, `max_num_seqs`, the free
    blocks and the adapter slots allow. A request whose adapter is not resident (and cannot be made resident
    without evicting an adapter of a running request) waits; requests behind it may go ahead.
+   Adapter-aware order (with a registry that has `tier`): requests preempted or queued longer than
+   `adapter_age_cap_s` come first, then requests for the base or a resident adapter, then the rest, each group
+   in queue order. When an aged request's adapter is in host memory but every slot is held by running requests,
+   the slot with the fewest running requests (`registry.slot_to_free`) takes no new requests until it frees, and
+   the aged request, first in line, gets it: nothing waits much past the cap, and the other slots keep running.
 
 The output is a ScheduledBatch for the model runner, which turns it into tensors.
 """
+import time
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -32,6 +38,7 @@ class SchedulerConfig:
         max_model_len: prompt + generated tokens per request.
         max_waiting: queue length beyond which `add` raises QueueFull (HTTP 429).
         chunked_prefill: split long prompts across steps; if False a prompt must fit one step's budget.
+        adapter_age_cap_s: seconds a queued request may be passed over for requests whose adapter is resident.
     """
 
     max_num_seqs: int = 64
@@ -39,6 +46,7 @@ class SchedulerConfig:
     max_model_len: int = 2048
     max_waiting: int = 1024
     chunked_prefill: bool = True
+    adapter_age_cap_s: float = 2.0
 
     def __post_init__(self):
         for key in ("max_num_seqs", "max_num_batched_tokens", "max_model_len", "max_waiting"):
@@ -118,6 +126,7 @@ class Scheduler:
         self.running: list[Request] = []
         self._by_id: dict[str, Request] = {}
         self.num_preemptions = 0
+        self._draining: str | None = None
 
     # -- intake ---------------------------------------------------------------------------------------------
     def add(self, request: Request) -> None:
@@ -196,15 +205,43 @@ class Scheduler:
             batch.block_tables[it.request.request_id] = list(it.request.block_table)
         return batch
 
+    def _order_waiting(self) -> set[int]:
+        """Reorder the queue adapter-aware (see the module docstring); returns ids of the aged requests."""
+        tier = getattr(self.registry, "tier", None)
+        if tier is None or not self.waiting:
+            return set()
+        oldest = time.monotonic() - self.config.adapter_age_cap_s
+        aged = {id(r) for r in self.waiting if r.num_preemptions or r.arrival_time <= oldest}
+        rank = {id(r): 0 if id(r) in aged else 1 if r.adapter is None or tier(r.adapter) == "resident" else 2
+                for r in self.waiting}
+        self.waiting = deque(sorted(self.waiting, key=lambda r: rank[id(r)]))  # stable: queue order kept
+        return aged
+
+    def waiting_for_adapters(self) -> int:
+        """Queued requests whose adapter is not resident (the /metrics gauge; safe from another thread)."""
+        tier = getattr(self.registry, "tier", None)
+        if tier is None:
+            return 0
+        return sum(1 for r in list(self.waiting) if r.adapter is not None and tier(r.adapter) != "resident")
+
     def _admit(self, batch: ScheduledBatch, budget: int) -> None:
+        aged = self._order_waiting()
         skipped: list[Request] = []
+        # a resident adapter taking no new requests (its slot is wanted by an aged request); kept across steps
+        # until that request gets a slot, so one slot really drains
+        draining = self._draining if self._draining and self.registry.tier(self._draining) == "resident" else None
+        wanted = False
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             req = self.waiting.popleft()
             slot = -1
             if req.adapter is not None:
-                slot = self.registry.ensure_resident(req.adapter)
+                slot = None if req.adapter == draining else self.registry.ensure_resident(req.adapter)
                 if slot is None:
                     skipped.append(req)
+                    if id(req) in aged and self.registry.tier(req.adapter) == "host":
+                        wanted = True
+                        if draining is None:
+                            draining = self.registry.slot_to_free()  # every slot runs: let one drain for it
                     continue
             cached = self.blocks.lookup_prefix(req)
             pending = req.num_tokens - len(cached) * self.blocks.block_size
@@ -219,6 +256,7 @@ class Scheduler:
             budget -= want
             self._emit(batch, req, want)
         self.waiting.extendleft(reversed(skipped))
+        self._draining = draining if wanted else None
 
     def _emit(self, batch: ScheduledBatch, req: Request, n: int) -> None:
         start = req.num_computed_tokens

@@ -5,6 +5,11 @@ limit) exactly as for the native engine, and only then is the body forwarded wit
 Adapters loaded through the admin API are resolved under the allowed root and validated by qserve's
 AdapterRegistry with the native engine's checks (qserve.engine.lora, the models/ adapter boundary) plus vLLM's
 --max-lora-rank, before vLLM is asked to load them by their real path.
+
+With --adapter-store the front resolves a request's adapter from the same store as the native engine (the app's
+`registry.lookup`, qserve/store), validates it on first use in a worker thread (the same loader), then asks
+vLLM to load it through the same runtime API; concurrent first requests share one load. vLLM keeps its own
+GPU/CPU LRU of loaded adapters (its --max-loras / --max-cpu-loras).
 """
 import asyncio
 import json
@@ -26,6 +31,7 @@ from ..config import ServeConfig
 from ..engine.lora import read_adapter
 from ..errors import AdapterRefused, UpstreamError
 from ..metrics import Metrics
+from ..store import AdapterStore
 
 
 def adapter_loader(names: tuple[str, ...], max_rank: int, shapes: dict | None = None):
@@ -63,11 +69,49 @@ class VllmBackend:
     def __init__(self, upstream: str, upstream_key: str, registry: AdapterRegistry, vocab_size: int,
                  metrics: Metrics):
         self.registry, self.vocab_size, self.metrics = registry, vocab_size, metrics
+        metrics.on_scrape(registry.stats.families(metrics))
+        self._upstream: dict[str, asyncio.Future | bool] = {}  # True: vLLM has it; a Future: being loaded
+        for a in registry.list():  # start-up adapters: vLLM got them with --lora-modules
+            self._upstream[a.name] = True
         self.client = httpx.AsyncClient(base_url=upstream, headers={"Authorization": f"Bearer {upstream_key}"},
                                         timeout=httpx.Timeout(None, connect=10.0))
 
+    async def _ensure_upstream(self, name: str) -> None:
+        """Load a store adapter into vLLM on its first request; concurrent first requests share the one load."""
+        fut = self._upstream.get(name)
+        if fut is True:
+            return
+        if fut is None:
+            fut = self._upstream[name] = asyncio.ensure_future(self._load_upstream(name))
+        try:
+            await asyncio.shield(fut)
+        except Exception:
+            if self._upstream.get(name) is fut:
+                del self._upstream[name]  # a later request tries again
+            raise
+        self._upstream[name] = True
+
+    async def _load_upstream(self, name: str) -> None:
+        t0 = time.monotonic()
+        try:
+            info = await asyncio.to_thread(self.registry.load, name)  # validated as an admin load (read once)
+        except QloraKitError:
+            self.metrics.adapter_load_failures.inc()
+            raise
+        resp = await self.client.post("/v1/load_lora_adapter", json={"lora_name": name, "lora_path": info.path})
+        if resp.status_code != 200:
+            self.metrics.adapter_load_failures.inc()
+            raise _upstream_error(resp)
+        self.metrics.adapter_load_seconds.observe(time.monotonic() - t0)
+
     async def generate(self, request: Request, body, raw: dict, sampling, adapter, tenant, record):
         path = "/v1/chat/completions" if isinstance(body, ChatRequest) else "/v1/completions"
+        if adapter is not None:
+            try:
+                await self._ensure_upstream(adapter)
+            except Exception:
+                record.finish("error")
+                raise
         if not body.stream:
             resp = await self.client.post(path, json=raw)
             if resp.status_code != 200:
@@ -119,6 +163,7 @@ class VllmBackend:
             self.metrics.adapter_load_failures.inc()
             raise _upstream_error(resp)
         self.metrics.adapter_load_seconds.observe(time.monotonic() - t0)
+        self._upstream[name] = True
         return self.registry.get(name)
 
     async def unload(self, name: str) -> bool:
@@ -127,6 +172,7 @@ class VllmBackend:
         if resp.status_code != 200:
             raise _upstream_error(resp)
         self.registry.unload(name)  # vLLM finishes running requests of an unloaded adapter itself
+        self._upstream.pop(name, None)
         return True
 
     def memory(self) -> dict:
@@ -161,7 +207,8 @@ def front_registry(config: ServeConfig, max_rank: int) -> AdapterRegistry:
     folder = Path(config.checkpoint)
     names = base_names(folder) + tuple(config.base_names)
     loader = adapter_loader(names, max_rank, projection_shapes(load_config(folder)))
-    return AdapterRegistry(RegistryConfig(config.allowed_root, config.max_loras), loader)
+    store = None if config.adapter_store is None else AdapterStore(config.adapter_store)
+    return AdapterRegistry(RegistryConfig(config.allowed_root, config.max_loras), loader, store=store)
 
 
 def create_front(config: ServeConfig, registry: AdapterRegistry, upstream: str, upstream_key: str,

@@ -128,11 +128,13 @@ def _adapter_folders(root: str, depth: int = 3) -> list[str]:
 
 
 def lora_rank(config: ServeConfig, opts: VllmOptions) -> int:
-    """vLLM's --max-lora-rank: the option, or the largest adapter rank found, rounded up to an allowed value."""
+    """vLLM's --max-lora-rank: the option, or the largest adapter rank found (start-up adapters, the allowed root and
+    the adapter store), rounded up to an allowed value."""
     if opts.max_lora_rank is not None:
         want = opts.max_lora_rank
     else:
-        folders = [p for _, p in config.adapters] + (_adapter_folders(config.allowed_root) if config.allowed_root else [])
+        folders = [p for _, p in config.adapters] + [f for root in (config.allowed_root, config.adapter_store)
+                                                     if root for f in _adapter_folders(root)]
         ranks = []
         for f in folders:
             try:

@@ -159,9 +159,21 @@ def test_cpu_tier_lru_and_pending_loads(root):
     assert reg.get("b").state is AdapterState.DISK and reg.pending_loads() == []
     assert reg.ensure_resident("a") == 0
     reg.acquire("b")
-    with pytest.raises(AdapterRefused, match="do not fit the CPU tier"):
-        reg.load("b")  # a and c both have requests in flight
-    assert reg.get("b").state is AdapterState.DISK
+    reg.pin("a")  # a runs; c's request only waits
+    reg.load("b")  # so c is dropped (read again when its request is admitted); a, running, never is
+    assert reg.get("c").state is AdapterState.DISK and reg.get("a").state is AdapterState.RESIDENT
+    assert reg.pending_loads() == ["c"] and reg.stats.evictions["host"] == 3
+
+
+def test_cpu_tier_refuses_when_all_held_run(root):
+    reg = registry(root, FakeLoader(), max_loras=1, max_cpu_loras=1)
+    reg.add("a", "a")
+    reg.acquire("a"), reg.ensure_resident("a"), reg.pin("a")
+    reg.register("b", "b"), reg.acquire("b")
+    with pytest.raises(AdapterRefused, match="do not fit the CPU tier .* while the adapters held there are in "
+                                             "running batches"):
+        reg.load("b")
+    assert reg.get("b").state is AdapterState.DISK and reg.get("a").state is AdapterState.RESIDENT
 
 
 def test_memory_report_and_budgets(root):

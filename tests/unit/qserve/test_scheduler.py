@@ -17,6 +17,7 @@ pytestmark = pytest.mark.unit
 def make(num_blocks=64, block_size=4, prefix=True, registry=None, **cfg):
     cfg.setdefault("max_model_len", min(64, num_blocks * block_size))
     cfg.setdefault("max_num_seqs", 8)
+    cfg.setdefault("adapter_age_cap_s", 1e9)  # traces use arrival times 0, 1, ...: no request ages unless asked
     return Scheduler(SchedulerConfig(**cfg), BlockManager(num_blocks, block_size, prefix), registry)
 
 
@@ -212,7 +213,8 @@ def test_prefix_hits_are_keyed_by_adapter(tmp_path):
     s.add(rq(9, "b1", 1, max_tokens=1, adapter="b")), s.add(rq(9, "base", 2, max_tokens=1))
     s.add(rq(9, "a2", 3, max_tokens=1, adapter="a"))
     b, _ = step(s)
-    assert [(it.request.request_id, it.start) for it in b.items] == [("b1", 0), ("base", 0), ("a2", 8)]
+    # (base and a2, whose adapter is resident, are admitted ahead of b1: the adapter-aware order)
+    assert [(it.request.request_id, it.start) for it in b.items] == [("base", 0), ("a2", 8), ("b1", 0)]
     assert {it.request.request_id: it.adapter_slot for it in b.items} == {"b1": 1, "base": -1, "a2": 0}
 
 
@@ -222,11 +224,40 @@ def test_at_most_max_loras_adapters_per_batch(tmp_path):
     s.add(rq(3, "a", 0, max_tokens=2, adapter="a")), s.add(rq(3, "b", 1, max_tokens=2, adapter="b"))
     s.add(rq(3, "a2", 2, max_tokens=2, adapter="a")), s.add(rq(3, "base", 3, max_tokens=2))
     b, _ = step(s)  # b waits (its adapter cannot take the slot from a running adapter); those behind go ahead
-    assert rows(b) == [("a", 3, True), ("a2", 3, True), ("base", 3, True)] and b.adapters == {"a"}
+    # (the base request first: no adapter was resident yet, and the base is preferred like a resident adapter)
+    assert rows(b) == [("base", 3, True), ("a", 3, True), ("a2", 3, True)] and b.adapters == {"a"}
     assert [r.request_id for r in s.waiting] == ["b"]
     step(s)  # a and a2 finish; a's slot frees up
     b, _ = step(s)
     assert rows(b) == [("b", 3, True)] and reg.get("a").slot == -1 and reg.get("b").slot == 0
+
+
+def test_resident_adapters_preferred_until_the_age_cap(tmp_path):
+    """Requests for resident adapters go ahead of older ones that would evict; past adapter_age_cap_s the old one
+    goes first, and when it finds every slot held by running requests, that slot takes no new requests until it
+    frees; other requests (the base here) are still admitted."""
+    import time
+
+    now = time.monotonic()
+    reg = make_registry(tmp_path, max_loras=1)
+    for n in "abc":
+        reg.load(n)
+    s = make(registry=reg, max_num_seqs=8, adapter_age_cap_s=30.0)
+    s.add(rq(3, "a0", now, max_tokens=3, adapter="a"))
+    step(s)  # a0 runs: "a" is resident
+    s.add(rq(3, "b0", now, max_tokens=2, adapter="b")), s.add(rq(3, "a1", now + 1, max_tokens=3, adapter="a"))
+    b, _ = step(s)  # b0 cannot take the slot from running a0; a1 (resident) goes ahead
+    assert [it.request.request_id for it in b.items] == ["a0", "a1"] and [r.request_id for r in s.waiting] == ["b0"]
+    b, _ = step(s)  # a0 done; a1 still decoding; b0 still waits
+    assert [it.request.request_id for it in b.items] == ["a0", "a1"] and [r.request_id for r in s.waiting] == ["b0"]
+    s.waiting[0].arrival_time = now - 60  # b0 is now past the cap
+    s.add(rq(3, "a2", now + 2, max_tokens=2, adapter="a")), s.add(rq(3, "base", now + 3, max_tokens=2))
+    b, _ = step(s)  # b0 aged, "b" in host memory, the one slot runs a1: a2 may not join it, the base may
+    assert [it.request.request_id for it in b.items] == ["a1", "base"]
+    assert [r.request_id for r in s.waiting] == ["b0", "a2"]
+    b, _ = step(s)  # a1 finished: b0 takes the slot
+    assert [it.request.request_id for it in b.items] == ["base", "b0"] and reg.tier("b") == "resident"
+    assert s.waiting_for_adapters() == 1  # a2 ("a" was evicted for "b")
 
 
 def test_adapter_on_disk_waits_for_load(tmp_path):

@@ -103,3 +103,72 @@ def test_child_that_dies_at_start_up_is_reported_with_its_log(tmp_path):
     with pytest.raises(BackendStartError, match=r"vLLM exited with code 3 while starting \(log .*vllm.log: "
                                                 r"ValueError: bad flag --max-lora-rank 7\)"):
         proc.start(timeout_s=60)
+
+
+def test_front_resolves_store_adapters_and_loads_each_into_vllm_once(tmp_path):
+    """The front over a stand-in for vLLM's OpenAI server (its two routes the front calls): 40 concurrent first
+    requests for a store adapter validate it once (one store read) and call vLLM's runtime load API once; a
+    tenant's forbidden name is 403 with no store access. vLLM itself is run by tests/integration/test_vllm_*."""
+    import asyncio
+    import threading
+
+    import httpx
+    import uvicorn
+    from fastapi import FastAPI, Request
+
+    from qlora_kit.qserve._socket import bind_listener, run_in_thread
+    from qlora_kit.qserve.adapters import AdapterRegistry, RegistryConfig
+    from qlora_kit.qserve.api import KeyStore, create_app
+    from qlora_kit.qserve.store import AdapterStore
+    from qlora_kit.qserve.vllm_backend.front import VllmBackend
+    from qlora_kit.qserve.metrics import Metrics
+
+    loads, lock = [], threading.Lock()
+    vllm = FastAPI()
+
+    @vllm.post("/v1/load_lora_adapter")
+    async def load_lora(request: Request):
+        body = await request.json()
+        await asyncio.sleep(0.2)  # the first requests all arrive while this load runs
+        with lock:
+            loads.append(body)
+        return {"status": "ok"}
+
+    @vllm.post("/v1/completions")
+    async def complete(request: Request):
+        model = (await request.json())["model"]
+        known = model == "tiny-nf4" or any(x["lora_name"] == model for x in loads)
+        return {"choices": [{"text": f"from {model}" if known else "NOT LOADED", "finish_reason": "length"}]}
+
+    up = uvicorn.Server(uvicorn.Config(vllm, log_level="warning"))
+    up_thread, up_url = run_in_thread(up, bind_listener("127.0.0.1", 0), "stand-in-vllm")
+    store = tmp_path / "store"
+    _adapter(store / "acme-a", 8)
+    keys = tmp_path / "keys.json"
+    keys.write_text(json.dumps({"keys": [{"key": "sk-acme-000", "adapters": ["acme-*"]}]}))
+    registry = AdapterRegistry(RegistryConfig(max_loras=2), adapter_loader(("tiny-nf4",), 16),
+                               store=AdapterStore(store))
+    app = create_app(VllmBackend(up_url, "sk-up", registry, 32, Metrics("tiny-nf4")), KeyStore.from_file(keys),
+                     "tiny-nf4", 4096, 64)
+    front = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    front_thread, url = run_in_thread(front, bind_listener("127.0.0.1", 0), "front")
+    try:
+        async def burst(model, n):
+            async with httpx.AsyncClient(base_url=url, timeout=60,
+                                         headers={"Authorization": "Bearer sk-acme-000"}) as client:
+                body = {"model": model, "prompt": "hi", "max_tokens": 2}
+                return await asyncio.gather(*(client.post("/v1/completions", json=body) for _ in range(n)))
+
+        replies = asyncio.run(burst("acme-a", 40))
+        assert [r.status_code for r in replies] == [200] * 40, replies[0].text
+        assert {r.json()["choices"][0]["text"] for r in replies} == {"from acme-a"}
+        assert [x["lora_name"] for x in loads] == ["acme-a"] and loads[0]["lora_path"] == str(store / "acme-a")
+        assert registry.store.reads == {"acme-a": 1}
+        probes = registry.store.probes
+        (r,) = asyncio.run(burst("globex-b", 1))
+        assert r.status_code == 403 and registry.store.probes == probes
+        (r,) = asyncio.run(burst("acme-missing", 1))
+        assert r.status_code == 404 and len(loads) == 1
+    finally:
+        front.should_exit = up.should_exit = True
+        front_thread.join(timeout=10), up_thread.join(timeout=10)

@@ -1,0 +1,7 @@
+"""The adapter store: a folder of adapters resolved by name on a request's first use (store.py), the host-tier
+byte budget (budget.py) and the fleet's counters for /metrics (stats.py). Plain Python (no torch)."""
+from .budget import parse_bytes
+from .stats import FleetStats
+from .store import AdapterStore
+
+__all__ = ["AdapterStore", "FleetStats", "parse_bytes"]
