@@ -101,40 +101,40 @@ QK_INLINE void shrink(const float *xr, int64_t K, const void *a, int wk, int64_t
     }
 }
 
+#ifdef QK_AVX2
+/* columns [n, n + 8 V) of NR rows: sums over all r rank rows of BT held in registers, then the epilogue */
+QK_INLINE void expand_block(float (*u)[QK_LORA_MAX_RANK], const void *bt, int wk, int64_t row0, int64_t r, int64_t N,
+                            const void *base, void *y, int yk, int64_t off, int64_t n, const int NR, const int V) {
+    __m256 acc[4][QK_LORA_TILE];
+    const int64_t es = wk == OUT_F32 ? 4 : 2;
+    for (int v = 0; v < V; v++)
+        for (int t = 0; t < NR; t++) acc[v][t] = _mm256_setzero_ps();
+    for (int64_t j = 0; j < r; j++) {
+        int64_t at = (row0 + j) * N + n;
+        _mm_prefetch((const char *)bt + at * es + QK_LORA_AHEAD, _MM_HINT_T0);
+        for (int v = 0; v < V; v++) {
+            __m256 b = load8(bt, wk, at + 8 * v);
+            for (int t = 0; t < NR; t++) acc[v][t] = _mm256_fmadd_ps(_mm256_broadcast_ss(&u[t][j]), b, acc[v][t]);
+        }
+    }
+    for (int v = 0; v < V; v++)
+        for (int t = 0; t < NR; t++) {
+            int64_t at = off + t * N + n + 8 * v;
+            __m256 d = round_w(round_w(acc[v][t], wk), yk);
+            store8(y, yk, at, _mm256_add_ps(load8(base, yk, at), d));
+        }
+}
+#endif
+
 /* y_t[n] = round_y(base_t[n] + round_y(round_w(sum_j u[t][j] BT_j[n]))) for NR rows (row offsets off_t = off + t N):
-   columns in blocks of 8 V, all r rank rows of BT per block, the sums held in registers */
+   columns in blocks of 8 V (then of 8), all r rank rows of BT per block, the sums held in registers */
 QK_INLINE void expand(float (*u)[QK_LORA_MAX_RANK], const void *bt, int wk, int64_t row0, int64_t r, int64_t N,
                       const void *base, void *y, int yk, int64_t off, const int NR) {
     int64_t n = 0;
 #ifdef QK_AVX2
     const int V = NR <= 2 ? 4 : 2;
-    const int64_t es = wk == OUT_F32 ? 4 : 2;
-    for (; n + 8 <= N;) {
-        const int v_here = n + 8 * V <= N ? V : 1;
-        __m256 acc[4][QK_LORA_TILE];
-        for (int v = 0; v < 4; v++)
-            for (int t = 0; t < NR; t++) acc[v][t] = _mm256_setzero_ps();
-        for (int64_t j = 0; j < r; j++) {
-            int64_t at = (row0 + j) * N + n;
-            _mm_prefetch((const char *)bt + at * es + QK_LORA_AHEAD, _MM_HINT_T0);
-            if (v_here == V) {
-                for (int v = 0; v < V; v++) {
-                    __m256 b = load8(bt, wk, at + 8 * v);
-                    for (int t = 0; t < NR; t++) acc[v][t] = _mm256_fmadd_ps(_mm256_broadcast_ss(&u[t][j]), b, acc[v][t]);
-                }
-            } else {
-                __m256 b = load8(bt, wk, at);
-                for (int t = 0; t < NR; t++) acc[0][t] = _mm256_fmadd_ps(_mm256_broadcast_ss(&u[t][j]), b, acc[0][t]);
-            }
-        }
-        for (int v = 0; v < v_here; v++)
-            for (int t = 0; t < NR; t++) {
-                int64_t at = off + t * N + n + 8 * v;
-                __m256 d = round_w(round_w(acc[v][t], wk), yk);
-                store8(y, yk, at, _mm256_add_ps(load8(base, yk, at), d));
-            }
-        n += 8 * v_here;
-    }
+    for (; n + 8 * V <= N; n += 8 * V) expand_block(u, bt, wk, row0, r, N, base, y, yk, off, n, NR, V);
+    for (; n + 8 <= N; n += 8) expand_block(u, bt, wk, row0, r, N, base, y, yk, off, n, NR, 1);
 #endif
     for (; n < N; n++)
         for (int t = 0; t < NR; t++) {
@@ -163,7 +163,7 @@ static void x_row(const void *x, int xk, int64_t at, int64_t K, int wk, float *o
 
 /* the expand of one row (decode: the adapter's BT comes from memory): j outer over column chunks of d held in L1,
    so each rank row of BT is read as one long sequential stream; the same sums, in the same order, as expand() */
-static void expand_row(const float *u, const void *bt, int wk, int64_t row0, int64_t r, int64_t N, const void *base,
+QK_INLINE void expand_row(const float *u, const void *bt, int wk, int64_t row0, int64_t r, int64_t N, const void *base,
                        void *y, int yk, int64_t off) {
     float d[QK_LORA_COLS];
     int64_t vec = N - N % 8; /* columns summed with fused multiply-adds, as in expand() */
@@ -199,6 +199,15 @@ QK_INLINE void tile(const float *xr, int64_t K, const void *a, const void *bt, i
     else expand(u, bt, wk, row0, r, N, base, y, yk, off, NR);
 }
 
+/* one tile of nr rows, specialised on nr and (by the caller, a literal) w's kind so every inner loop is branch-free */
+QK_INLINE void tiles(const float *xr, int64_t K, const void *a, const void *bt, const int wk, int64_t row0, int64_t r,
+                     float s, const void *base, void *y, int64_t N, int yk, int64_t off, int nr) {
+    if (nr == 1) tile(xr, K, a, bt, wk, row0, r, s, base, y, N, yk, off, 1);
+    else if (nr == 2) tile(xr, K, a, bt, wk, row0, r, s, base, y, N, yk, off, 2);
+    else if (nr == 3) tile(xr, K, a, bt, wk, row0, r, s, base, y, N, yk, off, 3);
+    else tile(xr, K, a, bt, wk, row0, r, s, base, y, N, yk, off, 4);
+}
+
 /* Rows [m_begin, m_end) of y; every r_i <= QK_LORA_MAX_RANK (the caller runs larger ranks elsewhere).
    Returns 0, or -1 when the scratch for the rows of x in w's dtype cannot be allocated. */
 int qk_lora_rows(const void *x, int x_kind, int64_t K, const int64_t *ids, const void *a, const void *bt, int w_kind,
@@ -218,10 +227,9 @@ int qk_lora_rows(const void *x, int x_kind, int64_t K, const int64_t *ids, const
         while (nr < QK_LORA_TILE && m + nr < m_end && ids[m + nr] == i) nr++;
         for (int t = 0; t < nr; t++) x_row(x, x_kind, (m + t) * K, K, w_kind, xr + t * K);
         int64_t row0 = offsets[i], r = offsets[i + 1] - offsets[i];
-        if (nr == 1) tile(xr, K, a, bt, w_kind, row0, r, scales[i], base, y, N, y_kind, m * N, 1);
-        else if (nr == 2) tile(xr, K, a, bt, w_kind, row0, r, scales[i], base, y, N, y_kind, m * N, 2);
-        else if (nr == 3) tile(xr, K, a, bt, w_kind, row0, r, scales[i], base, y, N, y_kind, m * N, 3);
-        else tile(xr, K, a, bt, w_kind, row0, r, scales[i], base, y, N, y_kind, m * N, 4);
+        if (w_kind == OUT_BF16) tiles(xr, K, a, bt, OUT_BF16, row0, r, scales[i], base, y, N, y_kind, m * N, nr);
+        else if (w_kind == OUT_F16) tiles(xr, K, a, bt, OUT_F16, row0, r, scales[i], base, y, N, y_kind, m * N, nr);
+        else tiles(xr, K, a, bt, OUT_F32, row0, r, scales[i], base, y, N, y_kind, m * N, nr);
         m += nr;
     }
     free(xr);
