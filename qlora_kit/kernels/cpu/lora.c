@@ -167,14 +167,21 @@ QK_INLINE void expand_row(const float *u, const void *bt, int wk, int64_t row0, 
                        void *y, int yk, int64_t off) {
     float d[QK_LORA_COLS];
     int64_t vec = N - N % 8; /* columns summed with fused multiply-adds, as in expand() */
+    const int64_t es = wk == OUT_F32 ? 4 : 2;
     for (int64_t n0 = 0; n0 < N; n0 += QK_LORA_COLS) {
         int64_t nc = N - n0 < QK_LORA_COLS ? N - n0 : QK_LORA_COLS;
         memset(d, 0, (size_t)nc * sizeof(float));
+        int64_t lim = vec - n0 < nc ? vec - n0 : nc; /* a multiple of 8 */
         for (int64_t j = 0; j < r; j++) {
             int64_t at = (row0 + j) * N + n0, n = 0;
 #ifdef QK_AVX2
             __m256 uj = _mm256_set1_ps(u[j]);
-            for (; n + 8 <= nc && n0 + n + 8 <= vec; n += 8)
+            for (; n + 32 <= lim; n += 32) {
+                _mm_prefetch((const char *)bt + (at + n) * es + QK_LORA_AHEAD, _MM_HINT_T0);
+                for (int v = 0; v < 32; v += 8)
+                    _mm256_storeu_ps(d + n + v, _mm256_fmadd_ps(uj, load8(bt, wk, at + n + v), _mm256_loadu_ps(d + n + v)));
+            }
+            for (; n + 8 <= lim; n += 8)
                 _mm256_storeu_ps(d + n, _mm256_fmadd_ps(uj, load8(bt, wk, at + n), _mm256_loadu_ps(d + n)));
 #endif
             for (; n < nc; n++) d[n] += u[j] * load_w(bt, wk, at + n);
@@ -227,6 +234,15 @@ int qk_lora_rows(const void *x, int x_kind, int64_t K, const int64_t *ids, const
         while (nr < QK_LORA_TILE && m + nr < m_end && ids[m + nr] == i) nr++;
         for (int t = 0; t < nr; t++) x_row(x, x_kind, (m + t) * K, K, w_kind, xr + t * K);
         int64_t row0 = offsets[i], r = offsets[i + 1] - offsets[i];
+#ifdef QK_AVX2
+        if (m + nr < m_end && ids[m + nr] >= 0 && ids[m + nr] != i) { /* the next adapter's first lines, while this runs */
+            int64_t es = w_kind == OUT_F32 ? 4 : 2, next = offsets[ids[m + nr]];
+            for (int64_t b = 0; b < QK_LORA_AHEAD; b += 64) {
+                _mm_prefetch((const char *)a + next * K * es + b, _MM_HINT_T0);
+                _mm_prefetch((const char *)bt + next * N * es + b, _MM_HINT_T0);
+            }
+        }
+#endif
         if (w_kind == OUT_BF16) tiles(xr, K, a, bt, OUT_BF16, row0, r, scales[i], base, y, N, y_kind, m * N, nr);
         else if (w_kind == OUT_F16) tiles(xr, K, a, bt, OUT_F16, row0, r, scales[i], base, y, N, y_kind, m * N, nr);
         else tiles(xr, K, a, bt, OUT_F32, row0, r, scales[i], base, y, N, y_kind, m * N, nr);
