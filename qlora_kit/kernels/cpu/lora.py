@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import torch
 
 from ._build import library
-from .nf4 import _KIND, _p, _run, _split
+from .nf4 import _KIND, _run, _split
 
 
 def lora_cpu(base_out: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
@@ -169,12 +169,15 @@ def _lora_rows(base2, x2, adapter_ids, lora_a, lora_b, offsets, scales, r_max: i
     base_c = base2.contiguous()
     y = torch.empty_like(base_c)
     lib = library()
-    args = (_p(x_c), _KIND[x_c.dtype], k, _p(ids), _p(a), _p(bt), _KIND[a.dtype], _p(off), _p(sc), _p(base_c), _p(y), n,
-            _KIND[y.dtype])
+    args = (x_c.data_ptr(), _KIND[x_c.dtype], k, ids.data_ptr(), a.data_ptr(), bt.data_ptr(), _KIND[a.dtype],
+            off.data_ptr(), sc.data_ptr(), base_c.data_ptr(), y.data_ptr(), n, _KIND[y.dtype])  # the tensors stay alive
 
     def call(begin: int, end: int) -> None:
         if lib.qk_lora_rows(*args, begin, end) != 0:
             raise MemoryError(f"qk_lora_rows: no memory for {4 * k} floats of scratch")
 
-    _run(_split(m, 1, m * r_max * (k + n)), call)
+    if torch.get_num_threads() == 1:
+        call(0, m)
+    else:
+        _run(_split(m, 1, m * r_max * (k + n)), call)
     return y
