@@ -21,8 +21,9 @@ lora_multi:  y_m = base_m + s_i (x_m A_i^T) B_i^T,  i = ids[m]  (Hu et al. 2021,
     (they receive views of one ids tensor).
 
     Without autograd (serving) lora_multi runs kernels/cpu/lora.c instead: per row, the shrink and expand GEMVs of
-    its own adapter (Punica's BGMV) with the same roundings in w's dtype and fp32 sums, in one call per layer; no
-    grouping, padding, gather or scatter. Rows are split over torch's intra-op threads when the work is large.
+    its own adapter (Punica's BGMV; a prompt's consecutive rows of one adapter as tiles of up to 4 sharing the
+    weight loads, each row's sums in the same order whatever its tile) with the same roundings in w's dtype and fp32
+    sums, in one call per layer; no grouping, padding, gather or scatter. Rows are split over torch's intra-op threads when the work is large.
 """
 from dataclasses import dataclass
 
