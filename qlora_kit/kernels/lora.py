@@ -282,17 +282,18 @@ def lora_multi(base_out: torch.Tensor, x: torch.Tensor, adapter_ids: torch.Tenso
         ValueError on mismatched shapes, dtypes or devices (checked before dispatch: every backend raises alike).
     """
     _check(base_out, x, lora_a, lora_b)
-    _check_multi(x, adapter_ids, lora_a, offsets, scales)
+    bounds = _check_multi(x, adapter_ids, lora_a, offsets, scales)
     if not use_triton(x, backend):
-        return lora_multi_cpu(base_out, x, adapter_ids, lora_a, lora_b, offsets, scales)
+        return lora_multi_cpu(base_out, x, adapter_ids, lora_a, lora_b, offsets, scales, bounds)
     return _LoraMulti.apply(base_out, x, adapter_ids, lora_a.contiguous(), lora_b.contiguous(),
                             offsets.to(torch.int64).contiguous(), scales.float().contiguous())
 
 
-def _check_multi(x, adapter_ids, lora_a, offsets, scales) -> None:
+def _check_multi(x, adapter_ids, lora_a, offsets, scales) -> list[int] | None:
     """Shapes always; values only where they are already on the host. On CUDA, reading offsets[-1] or the id range
     would be a device-to-host sync per layer (and illegal during CUDA-graph capture), so those two checks become
-    device-side asserts (torch._assert_async): a bad value aborts at the next sync instead of raising ValueError."""
+    device-side asserts (torch._assert_async): a bad value aborts at the next sync instead of raising ValueError.
+    Returns the offsets as host integers when they were read here (CPU), else None."""
     n_adapters = scales.numel()
     if offsets.shape != (n_adapters + 1,) or offsets.dtype.is_floating_point:
         raise ValueError(f"lora_multi: offsets {offsets.dtype} {tuple(offsets.shape)} must be {n_adapters + 1} integers "
@@ -303,15 +304,17 @@ def _check_multi(x, adapter_ids, lora_a, offsets, scales) -> None:
     if offsets.is_cuda:
         cut_ok = (offsets[-1] == lora_a.shape[0]) & (offsets[0] == 0) & (offsets[1:] >= offsets[:-1]).all()
         torch._assert_async(cut_ok, f"lora_multi: offsets do not cut {lora_a.shape[0]} rank rows")
-    else:  # a few host integers: checked in Python, two torch ops rather than ten per layer
+    bounds = None
+    if not offsets.is_cuda:  # a few host integers: checked in Python, two torch ops rather than ten per layer
         bounds = offsets.tolist()
-        if bounds[0] != 0 or bounds[-1] != lora_a.shape[0] or any(b < a for a, b in zip(bounds, bounds[1:])):
+        if bounds[0] != 0 or bounds[-1] != lora_a.shape[0] or sorted(bounds) != bounds:
             raise ValueError(f"lora_multi: offsets {bounds} do not cut {lora_a.shape[0]} rank rows into {n_adapters} adapters")
     if adapter_ids.is_cuda:
         ids_ok = ((adapter_ids >= -1) & (adapter_ids < n_adapters)).all()
         torch._assert_async(ids_ok, f"lora_multi: adapter_ids must lie in [-1, {n_adapters})")
-    elif adapter_ids.numel() and not -1 <= int(adapter_ids.min()) <= int(adapter_ids.max()) < n_adapters:
+    elif adapter_ids.numel() and not -1 <= int((lo_hi := torch.aminmax(adapter_ids))[0]) <= int(lo_hi[1]) < n_adapters:
         raise ValueError(f"lora_multi: adapter_ids {tuple(adapter_ids.shape)} must match x's rows and lie in [-1, {n_adapters})")
+    return bounds
 
 
 def _check(base_out, x, lora_a, lora_b) -> None:

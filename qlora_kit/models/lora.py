@@ -22,6 +22,7 @@ the kernels as they are: Triton (CUDA) computes in x's dtype, the CPU path in th
 """
 import math
 from dataclasses import dataclass
+from operator import attrgetter
 
 import torch
 import torch.nn.functional as F
@@ -32,6 +33,7 @@ from qlora_kit import kernels
 from .nf4_linear import linear_forward
 
 BASE_ONLY = -1
+_VERSION = attrgetter("_version")
 
 
 @dataclass
@@ -75,6 +77,15 @@ class _Rows:
             table = packing.table.to(self.ids.device)
             got = table[(self.ids + 1).clamp(0, table.numel() - 1)]
             self.local[packing.ids] = got
+        return got
+
+    def token_index(self, packing: _Packing, lead: torch.Size) -> torch.Tensor:
+        """packed_index per token of x's leading shape `lead`, contiguous (every layer of the forward shares it)."""
+        got = self.local.get((packing.ids, lead))
+        if got is None:
+            local = self.packed_index(packing)
+            got = local.view(local.shape + (1,) * (len(lead) - local.dim())).expand(lead).contiguous()
+            self.local[(packing.ids, lead)] = got
         return got
 
 
@@ -156,7 +167,7 @@ class LoraLinear(nn.Module):
         a, b = packing.params
         if torch.is_grad_enabled() and any(p.requires_grad for p in a + b):
             return torch.cat(a), _cat_columns(b)
-        key = (a[0].device, sum(p._version for p in a + b))
+        key = (a[0].device, sum(map(_VERSION, a)) + sum(map(_VERSION, b)))
         if packing.cache is None or packing.cache[0] != key:
             with torch.no_grad():
                 packing.cache = (key, torch.cat(a), _cat_columns(b))
@@ -186,8 +197,7 @@ class LoraLinear(nn.Module):
             return kernels.lora(y, xd, a, b, self.scales[i])
         packing = self._packed()
         local = rows.packed_index(packing)  # (B,) packed index per row, -1 = none
-        lead = x.shape[:-1]
-        ids = local.view(local.shape + (1,) * (len(lead) - local.dim())).expand(lead)
+        ids = rows.token_index(packing, x.shape[:-1])
         a, b = self._packed_weights(packing)
         return kernels.lora_multi(y, self._dropout(x, packing, local), ids, a, b, packing.offsets, packing.scales)
 

@@ -1,19 +1,28 @@
 /* Multi-adapter LoRA rows for inference (Hu et al. 2021, eq. 3, per row; Punica's BGMV shrink and expand):
  *
- *   i = ids[m]:    u_j    = round_w(s_i * round_w(sum_k x[m, k] A[o_i + j, k]))      j < r_i = o_{i+1} - o_i
+ *   i = ids[m]:    x'_k   = round_w(x[m, k])                                     (x in x_kind, cast to w's dtype)
+ *                  u_j    = round_w(s_i * round_w(sum_k x'_k A[o_i + j, k]))      j < r_i = o_{i+1} - o_i
  *                  d_n    = round_w(sum_j u_j BT[o_i + j, n])
  *                  y[m, n] = round_y(base[m, n] + round_y(d_n))                    (i < 0: y[m] = base[m])
  *
- * A (sum r, K) and BT (sum r, N) are row-major in w_kind (OUT_F32, OUT_BF16 or OUT_F16), x (M, K) fp32 holding
- * values already rounded to w_kind; base and y (M, N) in y_kind. Sums accumulate in fp32 (fused multiply-adds
- * in 8 lanes on AVX2). The roundings are those of kernels/cpu/lora.py's grouped bmm in w's dtype; only the order
- * of each sum differs. Each row reads its adapter's A and BT once: at decode every row is one GEMV pair, and
- * consecutive rows of one adapter (a prompt's tokens) find its weights in cache.
+ * A (sum r, K) and BT (sum r, N) are row-major in w_kind (OUT_F32, OUT_BF16 or OUT_F16), x (M, K) in x_kind,
+ * base and y (M, N) in y_kind. Sums accumulate in fp32 (fused multiply-adds in 8 lanes on AVX2). The roundings
+ * are those of kernels/cpu/lora.py's grouped bmm in w's dtype; only the order of each sum differs.
+ *
+ * Consecutive rows of one adapter (a prompt's tokens) run as a tile of up to QK_LORA_TILE rows that share every
+ * load of A and BT; at decode (one row per adapter) the shrink runs 4 rank rows at once instead. Each row's sums
+ * run in the same order whatever its tile (lanes of 16 over k in two accumulators, then the k tail; j ascending
+ * per column, the last N % 8 columns unfused), so a row's result never depends on the rows beside it.
  */
+#include <stdlib.h>
+
 #include "qk_common.h"
 
 #define QK_LORA_MAX_RANK 1024
-#define QK_LORA_COLS 2048 /* columns of one expand chunk (8 KiB of fp32 sums) */
+#define QK_LORA_TILE 4
+#define QK_LORA_COLS 2048 /* columns of one row's expand chunk (8 KiB of fp32 sums) */
+#define QK_INLINE static inline __attribute__((always_inline))
+#define QK_LORA_AHEAD 1024 /* bytes ahead of each weight stream asked of the cache (_mm_prefetch) */
 
 static inline float load_w(const void *p, int kind, int64_t i) {
     if (kind == OUT_F32) return ((const float *)p)[i];
@@ -22,14 +31,14 @@ static inline float load_w(const void *p, int kind, int64_t i) {
 }
 
 #ifdef QK_AVX2
-static inline __m256 load8(const void *p, int kind, int64_t i) {
+QK_INLINE __m256 load8(const void *p, int kind, int64_t i) {
     if (kind == OUT_F32) return _mm256_loadu_ps((const float *)p + i);
     __m128i h = _mm_loadu_si128((const __m128i *)((const uint16_t *)p + i));
     if (kind == OUT_BF16) return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
     return _mm256_cvtph_ps(h);
 }
 
-static inline void store8(void *p, int kind, int64_t i, __m256 v) {
+QK_INLINE void store8(void *p, int kind, int64_t i, __m256 v) {
     if (kind == OUT_F32) {
         _mm256_storeu_ps((float *)p + i, v);
     } else if (kind == OUT_BF16) {
@@ -42,74 +51,203 @@ static inline void store8(void *p, int kind, int64_t i, __m256 v) {
 }
 #endif
 
-static inline float dot_w(const float *x, const void *a, int w_kind, int64_t at, int64_t K) {
+/* dots[b * NR + t] = sum_k xr[t][k] A[row + b][k] for NR rows x (K floats each, stride K) and JB rank rows of A */
+QK_INLINE void dots_block(const float *xr, int64_t K, const void *a, int wk, int64_t row, const int NR, const int JB,
+                          float *dots) {
     int64_t k = 0;
-    float acc = 0.0f;
+    float acc[4 * QK_LORA_TILE];
 #ifdef QK_AVX2
-    __m256 c0 = _mm256_setzero_ps(), c1 = c0;
+    __m256 c0[4][QK_LORA_TILE], c1[4][QK_LORA_TILE];
+    for (int b = 0; b < JB; b++)
+        for (int t = 0; t < NR; t++) c0[b][t] = c1[b][t] = _mm256_setzero_ps();
+    const int64_t es = wk == OUT_F32 ? 4 : 2;
     for (; k + 16 <= K; k += 16) {
-        c0 = _mm256_fmadd_ps(_mm256_loadu_ps(x + k), load8(a, w_kind, at + k), c0);
-        c1 = _mm256_fmadd_ps(_mm256_loadu_ps(x + k + 8), load8(a, w_kind, at + k + 8), c1);
+        for (int b = 0; b < JB; b++) {
+            if ((k & 31) == 0) _mm_prefetch((const char *)a + ((row + b) * K + k) * es + QK_LORA_AHEAD, _MM_HINT_T0);
+            __m256 w0 = load8(a, wk, (row + b) * K + k), w1 = load8(a, wk, (row + b) * K + k + 8);
+            for (int t = 0; t < NR; t++) {
+                c0[b][t] = _mm256_fmadd_ps(_mm256_loadu_ps(xr + t * K + k), w0, c0[b][t]);
+                c1[b][t] = _mm256_fmadd_ps(_mm256_loadu_ps(xr + t * K + k + 8), w1, c1[b][t]);
+            }
+        }
     }
-    acc = hsum(_mm256_add_ps(c0, c1));
+    for (int b = 0; b < JB; b++)
+        for (int t = 0; t < NR; t++) acc[b * NR + t] = hsum(_mm256_add_ps(c0[b][t], c1[b][t]));
+#else
+    for (int b = 0; b < JB * NR; b++) acc[b] = 0.0f;
 #endif
-    for (; k < K; k++) acc += x[k] * load_w(a, w_kind, at + k);
-    return acc;
+    for (; k < K; k++)
+        for (int b = 0; b < JB; b++) {
+            float w = load_w(a, wk, (row + b) * K + k);
+            for (int t = 0; t < NR; t++) acc[b * NR + t] += xr[t * K + k] * w;
+        }
+    for (int b = 0; b < JB * NR; b++) dots[b] = acc[b];
 }
 
-/* u_j = round_w(s * round_w(x . A_j)) for the r rows A_j of one adapter (contiguous: read as one stream) */
-static void shrink(const float *x, const void *a, int w_kind, int64_t row0, int64_t r, int64_t K, float s, float *u) {
-    for (int64_t j = 0; j < r; j++)
-        u[j] = round_w_scalar(s * round_w_scalar(dot_w(x, a, w_kind, (row0 + j) * K, K), w_kind), w_kind);
+/* u[t][j] = round_w(s * round_w(x_t . A_j)) for the r rank rows A_j of one adapter and NR rows x_t */
+QK_INLINE void shrink(const float *xr, int64_t K, const void *a, int wk, int64_t row0, int64_t r, float s, const int NR,
+                      float (*u)[QK_LORA_MAX_RANK]) {
+    float dots[4 * QK_LORA_TILE];
+    const int JB = NR == 2 ? 2 : 1;
+    int64_t j = 0;
+    for (; j + JB <= r; j += JB) {
+        dots_block(xr, K, a, wk, row0 + j, NR, JB, dots);
+        for (int b = 0; b < JB; b++)
+            for (int t = 0; t < NR; t++) u[t][j + b] = round_w_scalar(s * round_w_scalar(dots[b * NR + t], wk), wk);
+    }
+    for (; j < r; j++) {
+        dots_block(xr, K, a, wk, row0 + j, NR, 1, dots);
+        for (int t = 0; t < NR; t++) u[t][j] = round_w_scalar(s * round_w_scalar(dots[t], wk), wk);
+    }
 }
 
-/* y[n] = round_y(base[n] + round_y(round_w(sum_j u_j BT_j[n]))) over n of one row. The sum runs j-outer over
-   column chunks held in d, so the adapter's BT (r rows of N, contiguous) is read as long sequential streams. */
-static void expand(const float *u, const void *bt, int w_kind, int64_t row0, int64_t r, int64_t N,
-                   const void *base, void *y, int y_kind, int64_t off) {
+#ifdef QK_AVX2
+/* columns [n, n + 8 V) of NR rows: sums over all r rank rows of BT held in registers, then the epilogue */
+QK_INLINE void expand_block(float (*u)[QK_LORA_MAX_RANK], const void *bt, int wk, int64_t row0, int64_t r, int64_t N,
+                            const void *base, void *y, int yk, int64_t off, int64_t n, const int NR, const int V) {
+    __m256 acc[4][QK_LORA_TILE];
+    const int64_t es = wk == OUT_F32 ? 4 : 2;
+    for (int v = 0; v < V; v++)
+        for (int t = 0; t < NR; t++) acc[v][t] = _mm256_setzero_ps();
+    for (int64_t j = 0; j < r; j++) {
+        int64_t at = (row0 + j) * N + n;
+        _mm_prefetch((const char *)bt + at * es + QK_LORA_AHEAD, _MM_HINT_T0);
+        for (int v = 0; v < V; v++) {
+            __m256 b = load8(bt, wk, at + 8 * v);
+            for (int t = 0; t < NR; t++) acc[v][t] = _mm256_fmadd_ps(_mm256_broadcast_ss(&u[t][j]), b, acc[v][t]);
+        }
+    }
+    for (int v = 0; v < V; v++)
+        for (int t = 0; t < NR; t++) {
+            int64_t at = off + t * N + n + 8 * v;
+            __m256 d = round_w(round_w(acc[v][t], wk), yk);
+            store8(y, yk, at, _mm256_add_ps(load8(base, yk, at), d));
+        }
+}
+#endif
+
+/* y_t[n] = round_y(base_t[n] + round_y(round_w(sum_j u[t][j] BT_j[n]))) for NR rows (row offsets off_t = off + t N):
+   columns in blocks of 8 V (then of 8), all r rank rows of BT per block, the sums held in registers */
+QK_INLINE void expand(float (*u)[QK_LORA_MAX_RANK], const void *bt, int wk, int64_t row0, int64_t r, int64_t N,
+                      const void *base, void *y, int yk, int64_t off, const int NR) {
+    int64_t n = 0;
+#ifdef QK_AVX2
+    const int V = NR <= 2 ? 4 : 2;
+    for (; n + 8 * V <= N; n += 8 * V) expand_block(u, bt, wk, row0, r, N, base, y, yk, off, n, NR, V);
+    for (; n + 8 <= N; n += 8) expand_block(u, bt, wk, row0, r, N, base, y, yk, off, n, NR, 1);
+#endif
+    for (; n < N; n++)
+        for (int t = 0; t < NR; t++) {
+            float d = 0.0f;
+            for (int64_t j = 0; j < r; j++) d += u[t][j] * load_w(bt, wk, (row0 + j) * N + n);
+            int64_t at = off + t * N + n;
+            store_scalar(y, yk, at, load_w(base, yk, at) + round_w_scalar(round_w_scalar(d, wk), yk));
+        }
+}
+
+/* out = x[at .. at + K) as fp32 holding x.to(w's dtype) (exact when w is fp32 or x already in w's dtype) */
+static void x_row(const void *x, int xk, int64_t at, int64_t K, int wk, float *out) {
+    int exact = xk == wk || wk == OUT_F32;
+    int64_t k = 0;
+#ifdef QK_AVX2
+    for (; k + 8 <= K; k += 8) {
+        __m256 v = load8(x, xk, at + k);
+        _mm256_storeu_ps(out + k, exact ? v : round_w(v, wk));
+    }
+#endif
+    for (; k < K; k++) {
+        float v = load_w(x, xk, at + k);
+        out[k] = exact ? v : round_w_scalar(v, wk);
+    }
+}
+
+/* the expand of one row (decode: the adapter's BT comes from memory): j outer over column chunks of d held in L1,
+   so each rank row of BT is read as one long sequential stream; the same sums, in the same order, as expand() */
+QK_INLINE void expand_row(const float *u, const void *bt, int wk, int64_t row0, int64_t r, int64_t N, const void *base,
+                       void *y, int yk, int64_t off) {
     float d[QK_LORA_COLS];
+    int64_t vec = N - N % 8; /* columns summed with fused multiply-adds, as in expand() */
+    const int64_t es = wk == OUT_F32 ? 4 : 2;
     for (int64_t n0 = 0; n0 < N; n0 += QK_LORA_COLS) {
         int64_t nc = N - n0 < QK_LORA_COLS ? N - n0 : QK_LORA_COLS;
         memset(d, 0, (size_t)nc * sizeof(float));
+        int64_t lim = vec - n0 < nc ? vec - n0 : nc; /* a multiple of 8 */
         for (int64_t j = 0; j < r; j++) {
             int64_t at = (row0 + j) * N + n0, n = 0;
 #ifdef QK_AVX2
             __m256 uj = _mm256_set1_ps(u[j]);
-            for (; n + 16 <= nc; n += 16) {
-                _mm256_storeu_ps(d + n, _mm256_fmadd_ps(uj, load8(bt, w_kind, at + n), _mm256_loadu_ps(d + n)));
-                _mm256_storeu_ps(d + n + 8, _mm256_fmadd_ps(uj, load8(bt, w_kind, at + n + 8), _mm256_loadu_ps(d + n + 8)));
+            for (; n + 32 <= lim; n += 32) {
+                _mm_prefetch((const char *)bt + (at + n) * es + QK_LORA_AHEAD, _MM_HINT_T0);
+                for (int v = 0; v < 32; v += 8)
+                    _mm256_storeu_ps(d + n + v, _mm256_fmadd_ps(uj, load8(bt, wk, at + n + v), _mm256_loadu_ps(d + n + v)));
             }
+            for (; n + 8 <= lim; n += 8)
+                _mm256_storeu_ps(d + n, _mm256_fmadd_ps(uj, load8(bt, wk, at + n), _mm256_loadu_ps(d + n)));
 #endif
-            for (; n < nc; n++) d[n] += u[j] * load_w(bt, w_kind, at + n);
+            for (; n < nc; n++) d[n] += u[j] * load_w(bt, wk, at + n);
         }
-        /* d rounded to w's dtype (the bmm's output), then to y's (d.to(y.dtype)), then added in y's dtype */
         int64_t n = 0;
 #ifdef QK_AVX2
-        for (; n + 8 <= nc; n += 8) {
-            __m256 v = round_w(round_w(_mm256_loadu_ps(d + n), w_kind), y_kind);
-            store8(y, y_kind, off + n0 + n, _mm256_add_ps(load8(base, y_kind, off + n0 + n), v));
+        for (; n + 8 <= nc && n0 + n + 8 <= vec; n += 8) {
+            __m256 v = round_w(round_w(_mm256_loadu_ps(d + n), wk), yk);
+            store8(y, yk, off + n0 + n, _mm256_add_ps(load8(base, yk, off + n0 + n), v));
         }
 #endif
         for (; n < nc; n++)
-            store_scalar(y, y_kind, off + n0 + n,
-                    load_w(base, y_kind, off + n0 + n) + round_w_scalar(round_w_scalar(d[n], w_kind), y_kind));
+            store_scalar(y, yk, off + n0 + n, load_w(base, yk, off + n0 + n) + round_w_scalar(round_w_scalar(d[n], wk), yk));
     }
 }
 
-/* Rows [m_begin, m_end) of y; every r_i <= QK_LORA_MAX_RANK (the caller runs larger ranks elsewhere). */
-void qk_lora_rows(const float *x, int64_t K, const int64_t *ids, const void *a, const void *bt, int w_kind,
-                  const int64_t *offsets, const float *scales, const void *base, void *y, int64_t N, int y_kind,
-                  int64_t m_begin, int64_t m_end) {
-    float u[QK_LORA_MAX_RANK];
+QK_INLINE void tile(const float *xr, int64_t K, const void *a, const void *bt, int wk, int64_t row0, int64_t r, float s,
+                    const void *base, void *y, int64_t N, int yk, int64_t off, const int NR) {
+    float u[QK_LORA_TILE][QK_LORA_MAX_RANK];
+    shrink(xr, K, a, wk, row0, r, s, NR, u);
+    if (NR == 1) expand_row(u[0], bt, wk, row0, r, N, base, y, yk, off);
+    else expand(u, bt, wk, row0, r, N, base, y, yk, off, NR);
+}
+
+/* one tile of nr rows, specialised on nr and (by the caller, a literal) w's kind so every inner loop is branch-free */
+QK_INLINE void tiles(const float *xr, int64_t K, const void *a, const void *bt, const int wk, int64_t row0, int64_t r,
+                     float s, const void *base, void *y, int64_t N, int yk, int64_t off, int nr) {
+    if (nr == 1) tile(xr, K, a, bt, wk, row0, r, s, base, y, N, yk, off, 1);
+    else if (nr == 2) tile(xr, K, a, bt, wk, row0, r, s, base, y, N, yk, off, 2);
+    else if (nr == 3) tile(xr, K, a, bt, wk, row0, r, s, base, y, N, yk, off, 3);
+    else tile(xr, K, a, bt, wk, row0, r, s, base, y, N, yk, off, 4);
+}
+
+/* Rows [m_begin, m_end) of y; every r_i <= QK_LORA_MAX_RANK (the caller runs larger ranks elsewhere).
+   Returns 0, or -1 when the scratch for the rows of x in w's dtype cannot be allocated. */
+int qk_lora_rows(const void *x, int x_kind, int64_t K, const int64_t *ids, const void *a, const void *bt, int w_kind,
+                 const int64_t *offsets, const float *scales, const void *base, void *y, int64_t N, int y_kind,
+                 int64_t m_begin, int64_t m_end) {
     int64_t esize = y_kind == OUT_F32 ? 4 : 2;
-    for (int64_t m = m_begin; m < m_end; m++) {
+    float *xr = malloc((size_t)(QK_LORA_TILE * K) * sizeof(float));
+    if (!xr) return -1;
+    for (int64_t m = m_begin; m < m_end;) {
         int64_t i = ids[m];
         if (i < 0) {
             memcpy((char *)y + m * N * esize, (const char *)base + m * N * esize, (size_t)(N * esize));
+            m++;
             continue;
         }
+        int nr = 1;
+        while (nr < QK_LORA_TILE && m + nr < m_end && ids[m + nr] == i) nr++;
+        for (int t = 0; t < nr; t++) x_row(x, x_kind, (m + t) * K, K, w_kind, xr + t * K);
         int64_t row0 = offsets[i], r = offsets[i + 1] - offsets[i];
-        shrink(x + m * K, a, w_kind, row0, r, K, scales[i], u);
-        expand(u, bt, w_kind, row0, r, N, base, y, y_kind, m * N);
+#ifdef QK_AVX2
+        if (m + nr < m_end && ids[m + nr] >= 0 && ids[m + nr] != i) { /* the next adapter's first lines, while this runs */
+            int64_t es = w_kind == OUT_F32 ? 4 : 2, next = offsets[ids[m + nr]];
+            for (int64_t b = 0; b < QK_LORA_AHEAD; b += 64) {
+                _mm_prefetch((const char *)a + next * K * es + b, _MM_HINT_T0);
+                _mm_prefetch((const char *)bt + next * N * es + b, _MM_HINT_T0);
+            }
+        }
+#endif
+        if (w_kind == OUT_BF16) tiles(xr, K, a, bt, OUT_BF16, row0, r, scales[i], base, y, N, y_kind, m * N, nr);
+        else if (w_kind == OUT_F16) tiles(xr, K, a, bt, OUT_F16, row0, r, scales[i], base, y, N, y_kind, m * N, nr);
+        else tiles(xr, K, a, bt, OUT_F32, row0, r, scales[i], base, y, N, y_kind, m * N, nr);
+        m += nr;
     }
+    free(xr);
+    return 0;
 }

@@ -21,15 +21,16 @@ lora_multi:  y_m = base_m + s_i (x_m A_i^T) B_i^T,  i = ids[m]  (Hu et al. 2021,
     (they receive views of one ids tensor).
 
     Without autograd (serving) lora_multi runs kernels/cpu/lora.c instead: per row, the shrink and expand GEMVs of
-    its own adapter (Punica's BGMV) with the same roundings in w's dtype and fp32 sums, in one call per layer; no
-    grouping, padding, gather or scatter. Rows are split over torch's intra-op threads when the work is large.
+    its own adapter (Punica's BGMV; a prompt's consecutive rows of one adapter as tiles of up to 4 sharing the
+    weight loads, each row's sums in the same order whatever its tile) with the same roundings in w's dtype and fp32
+    sums, in one call per layer; no grouping, padding, gather or scatter. Rows are split over torch's intra-op threads when the work is large.
 """
 from dataclasses import dataclass
 
 import torch
 
 from ._build import library
-from .nf4 import _KIND, _p, _run, _split
+from .nf4 import _KIND, _run, _split
 
 
 def lora_cpu(base_out: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
@@ -121,18 +122,20 @@ def _group_weights(lora_a: torch.Tensor, lora_b: torch.Tensor, g: _Group) -> tup
 
 
 def lora_multi_cpu(base_out: torch.Tensor, x: torch.Tensor, adapter_ids: torch.Tensor, lora_a: torch.Tensor,
-                   lora_b: torch.Tensor, offsets: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+                   lora_b: torch.Tensor, offsets: torch.Tensor, scales: torch.Tensor,
+                   bounds: list[int] | None = None) -> torch.Tensor:
     """Per-row multi-adapter LoRA (module docstring): the C rows kernel without autograd, else grouped bmm;
-    arguments as kernels.lora_multi."""
+    arguments as kernels.lora_multi, plus `bounds` = offsets.tolist() when the caller has read them already."""
     k, n = x.shape[-1], base_out.shape[-1]
     x2 = x.reshape(-1, k)
     base2 = base_out.reshape(-1, n)
     recorded = torch.is_grad_enabled() and any(t.requires_grad for t in (base_out, x, lora_a, lora_b))
-    r_max = _max_rank(offsets)
+    bounds = offsets.tolist() if bounds is None else bounds
+    r_max = max(map(int.__sub__, bounds[1:], bounds[:-1]), default=0)
     if not recorded and library() is not None and r_max <= ROWS_MAX_RANK:
         return _lora_rows(base2, x2, adapter_ids, lora_a, lora_b, offsets, scales, r_max).view(base_out.shape)
     y = base2
-    for g in _plan(adapter_ids, offsets.tolist()):
+    for g in _plan(adapter_ids, bounds):
         a_g, bt_g = _group_weights(lora_a, lora_b, g)
         p = g.adapters.numel()
         xs = x2.index_select(0, g.rows).to(lora_a.dtype)
@@ -151,29 +154,31 @@ def lora_multi_cpu(base_out: torch.Tensor, x: torch.Tensor, adapter_ids: torch.T
 ROWS_MAX_RANK = 1024  # lora.c QK_LORA_MAX_RANK: the rows kernel's scratch; larger ranks run the grouped bmm
 
 
-def _max_rank(offsets: torch.Tensor) -> int:
-    bounds = offsets.tolist()
-    return max((hi - lo for lo, hi in zip(bounds, bounds[1:])), default=0)
-
-
 def _lora_rows(base2, x2, adapter_ids, lora_a, lora_b, offsets, scales, r_max: int) -> torch.Tensor:
     """kernels/cpu/lora.c qk_lora_rows over all rows: y = base + the row's adapter's LoRA term (no autograd);
-    r_max, the largest rank, sizes the work for the thread split."""
+    r_max, the largest rank, sizes the work for the thread split. x goes in its own dtype (the kernel casts it to
+    w's); every argument already in the kernel's layout is passed as it is (a decode step makes ~200 such calls)."""
     m, k = x2.shape
     n = base2.shape[1]
     a = lora_a.contiguous()
     bt = lora_b.t().contiguous()  # (sum r_i, N): a view, no copy, for the packing LoraLinear makes on CPU
-    xw = x2.to(a.dtype).to(torch.float32).contiguous()  # x in w's dtype, as the bmm path casts it
-    ids = adapter_ids.reshape(-1).to(torch.int64).contiguous()
-    off = offsets.to(torch.int64).contiguous()
-    sc = scales.to(torch.float32).contiguous()
+    x_c = x2.contiguous()
+    ids = adapter_ids.reshape(-1)
+    ids = ids.contiguous() if ids.dtype == torch.int64 else ids.to(torch.int64).contiguous()
+    off = offsets.contiguous() if offsets.dtype == torch.int64 else offsets.to(torch.int64).contiguous()
+    sc = scales.contiguous() if scales.dtype == torch.float32 else scales.to(torch.float32).contiguous()
     base_c = base2.contiguous()
     y = torch.empty_like(base_c)
     lib = library()
+    args = (x_c.data_ptr(), _KIND[x_c.dtype], k, ids.data_ptr(), a.data_ptr(), bt.data_ptr(), _KIND[a.dtype],
+            off.data_ptr(), sc.data_ptr(), base_c.data_ptr(), y.data_ptr(), n, _KIND[y.dtype])  # the tensors stay alive
 
     def call(begin: int, end: int) -> None:
-        lib.qk_lora_rows(_p(xw), k, _p(ids), _p(a), _p(bt), _KIND[a.dtype], _p(off), _p(sc), _p(base_c), _p(y), n,
-                         _KIND[y.dtype], begin, end)
+        if lib.qk_lora_rows(*args, begin, end) != 0:
+            raise MemoryError(f"qk_lora_rows: no memory for {4 * k} floats of scratch")
 
-    _run(_split(m, 1, m * r_max * (k + n)), call)
+    if torch.get_num_threads() == 1:
+        call(0, m)
+    else:
+        _run(_split(m, 1, m * r_max * (k + n)), call)
     return y

@@ -164,3 +164,24 @@ def test_inference_rows_kernel_matches_twin_and_grouped_bmm(ranks, dtype, w_dtyp
 
 def _eps(dtype):
     return -torch.finfo(dtype).eps
+
+
+@pytest.mark.parametrize("w_dtype", [torch.bfloat16, torch.float32])
+def test_rows_kernel_result_of_a_row_does_not_depend_on_its_neighbours(w_dtype):
+    # lora.c runs consecutive rows of one adapter as tiles of up to 4 (a prompt's tokens) and a lone row on its own
+    # path: every row must equal the same row computed alone, whatever the runs around it (K, N past the 16- and
+    # 32-lane blocks, with tails), and follow the twin
+    from qlora_kit.kernels.cpu import available
+
+    if not available():
+        pytest.skip("no C compiler: the CPU kernels run their torch twins")
+    k, n = 83, 301
+    a, b, offsets, scales = _adapters(k, n, [16, 16, 8], w_dtype)
+    ids = torch.tensor([0, 0, 0, 0, 0, 1, 2, 2, 1, 1, 1, -1, 2, 2, 2, 0, 1, 1])  # runs of 5, 1, 2, 3, 3
+    base, x = torch.randn(len(ids), n).bfloat16(), torch.randn(len(ids), k).bfloat16()
+    with torch.no_grad():
+        rows = lora_multi(base, x, ids, a, b, offsets, scales, backend="torch")
+        for m in range(len(ids)):
+            alone = lora_multi(base[m:m + 1], x[m:m + 1], ids[m:m + 1], a, b, offsets, scales, backend="torch")
+            assert torch.equal(alone[0], rows[m]), m
+    _close("rows vs twin", rows, lora_multi_ref(base, x, ids, a, b, offsets, scales), torch.bfloat16)
