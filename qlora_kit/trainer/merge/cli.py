@@ -61,7 +61,8 @@ def render(console: Console, r: MergeResult, show_all: bool) -> None:
 
 
 @click.command("merge", help=HELP, context_settings={"max_content_width": 110})
-@click.option("--base", required=True, help="The 4-bit checkpoint folder the adapter was trained on.")
+@click.option("--base", required=True, help="The 4-bit checkpoint folder the adapter was trained on, or its Hub id (HF cache; "
+              "HF_HUB_OFFLINE honoured).")
 @click.option("--adapter", required=True, help="Adapter folder (qtrain train's --out, or any PEFT LoRA adapter).")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Folder to write (must not exist).")
 @click.option("--format", "fmt", type=click.Choice(FORMATS), default="bf16", show_default=True,

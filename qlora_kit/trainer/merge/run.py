@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
+from qlora_kit._cli.hub import resolve_checkpoint
 from qlora_kit.formats import atomic_dir, spec, write_json
 from qlora_kit.formats.peft import CONFIG_NAME, WEIGHTS_NAME
 from qlora_kit.kernels import dequant
@@ -60,7 +61,7 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def provenance(base: Path, adapter: Path, fmt: str, base_metadata: dict[str, str]) -> dict[str, str]:
+def provenance(base: str | Path, adapter: Path, fmt: str, base_metadata: dict[str, str]) -> dict[str, str]:
     """The safetensors __metadata__ provenance keys of a merged checkpoint (formats/spec.py, FORMAT.md §1)."""
     meta = {spec.MERGE_BASE_KEY: str(base), spec.MERGE_ADAPTER_KEY: str(adapter),
             spec.MERGE_ADAPTER_CONFIG_KEY: _sha256(adapter / CONFIG_NAME),
@@ -71,13 +72,14 @@ def provenance(base: Path, adapter: Path, fmt: str, base_metadata: dict[str, str
     return meta
 
 
-def _read_inputs(ckpt: Checkpoint, base: Path, adapter: Path) -> AdapterPayload:
-    """The adapter through the adapter boundary, checked against the 4-bit base; MergeError otherwise."""
+def _read_inputs(ckpt: Checkpoint, base: Path, adapter: Path, names: tuple[str, ...]) -> AdapterPayload:
+    """The adapter through the adapter boundary, checked against the 4-bit base (known by `names`); MergeError
+    otherwise."""
     if not ckpt.quantized:
         raise MergeError(f"{base}: not a 4-bit checkpoint (no quantized weights); merge needs the 4-bit checkpoint "
                          "the adapter was trained on (qconvert convert the bf16 model with the settings used in "
                          "training, then merge into that)")
-    payload = read_peft_adapter(adapter, projection_shapes(load_config(base)), base_names(base))
+    payload = read_peft_adapter(adapter, projection_shapes(load_config(base)), names)
     plain = set(ckpt.plain_keys())
     for module in payload.layers:
         if module + ".weight" not in ckpt.quantized and module + ".weight" not in plain:
@@ -91,7 +93,8 @@ def merge(base: str | os.PathLike, adapter: str | os.PathLike, out: str | os.Pat
     """Merge ADAPTER into BASE and write OUT; return the per-tensor and logit costs.
 
     Args:
-        base: the 4-bit checkpoint folder the adapter was trained on.
+        base: the 4-bit checkpoint folder the adapter was trained on, or its Hub id (HF cache; HF_HUB_OFFLINE
+            honoured; the id is then also a name of the base for the adapter check and the provenance).
         adapter: a PEFT LoRA adapter folder.
         out: the folder to write (must not exist unless `overwrite`).
         fmt: "bf16" (plain HF checkpoint, config without quantization_config) or "nf4" (adapted weights
@@ -103,7 +106,9 @@ def merge(base: str | os.PathLike, adapter: str | os.PathLike, out: str | os.Pat
         MergeError, AdapterError, FormatError subclasses (bad input, nothing written); FileExistsError when OUT
         exists and not `overwrite`; OSError when writing fails.
     """
-    base, adapter, out = Path(base), Path(adapter), Path(out)
+    given, base = str(base), resolve_checkpoint(base)  # a folder, or a Hub id's snapshot in the HF cache
+    names = base_names(base) + ((given,) if given != str(base) else ())
+    adapter, out = Path(adapter), Path(out)
     if fmt not in FORMATS:
         raise MergeError(f"--format {fmt!r}: must be one of {', '.join(FORMATS)}")
     if compare_dtype not in COMPARE_DTYPES:
@@ -113,8 +118,8 @@ def merge(base: str | os.PathLike, adapter: str | os.PathLike, out: str | os.Pat
     check_out(out, base)
     check_out(out, adapter)
     with Checkpoint(base) as ckpt:
-        payload = _read_inputs(ckpt, base, adapter)
-        metadata = provenance(base, adapter, fmt, ckpt.metadata())
+        payload = _read_inputs(ckpt, base, adapter, names)
+        metadata = provenance(given if given != str(base) else base, adapter, fmt, ckpt.metadata())
         with atomic_dir(out, overwrite=overwrite) as tmp:
             files, costs = _write(ckpt, payload, tmp, fmt, metadata, max_shard_size, progress)
             logits = (compare_logits(base, payload, tmp, fmt, prompts, spec.NAME_DTYPES[compare_dtype])

@@ -108,7 +108,7 @@ def _no_weights(adapter, tmp_path):
 @pytest.mark.parametrize("case, message", [
     ("other_base", "trained for base model 'meta-llama/Llama-3.1-8B'"),
     ("no_weights", "adapter_model.safetensors: missing"),
-    ("no_base", "no such checkpoint folder"),
+    ("no_base", "no such folder (and not a Hub repo id"),
     ("bf16_base", "not a 4-bit checkpoint"),
     ("out_exists", "already exists (pass --overwrite"),
 ])
@@ -168,3 +168,29 @@ def test_prompts_compare_dtype_and_no_compare(nf4, adapter, tmp_path):
     mine = json.loads((tmp_path / "a" / "merge_report.json").read_text())["logits"]
     assert [p["prompt"] for p in mine["prompts"]] == ["Hello", "[/b] Bye"] and mine["compute_dtype"] == "bfloat16"
     assert json.loads(_run(qtrain, *args, "--json", "--out", tmp_path / "b", "--no-compare").stdout)["logits"] is None
+
+
+def test_a_hub_id_base_from_the_offline_cache(nf4, adapter, tmp_path, monkeypatch):
+    """--base org/name resolves to the cached snapshot (HF_HUB_OFFLINE); an adapter trained with that id as its base
+    passes the base check, and the provenance names the id, not the cache path."""
+    import huggingface_hub.constants as c
+
+    sha = "c" * 40
+    repo = tmp_path / "hub" / "models--org--tiny-nf4"
+    shutil.copytree(nf4, repo / "snapshots" / sha)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(sha)
+    monkeypatch.setattr(c, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(c, "HF_HUB_OFFLINE", True)
+    hub_adapter = tmp_path / "hub-adapter"
+    shutil.copytree(adapter, hub_adapter)
+    config = json.loads((hub_adapter / "adapter_config.json").read_text())
+    (hub_adapter / "adapter_config.json").write_text(json.dumps({**config, "base_model_name_or_path": "org/tiny-nf4"}))
+    out = tmp_path / "merged"
+    result = _run(qtrain, "merge", "--base", "org/tiny-nf4", "--adapter", hub_adapter, "--out", out, "--no-compare",
+                  "--quiet")
+    assert result.exit_code == 0, result.output
+    assert _metadata(out)[spec.MERGE_BASE_KEY] == "org/tiny-nf4"
+    missing = _run(qtrain, "merge", "--base", "org/absent", "--adapter", hub_adapter, "--out", tmp_path / "m2")
+    assert missing.exit_code == 2 and "not in the Hugging Face cache" in missing.stderr
+    assert not (tmp_path / "m2").exists()
