@@ -287,7 +287,7 @@ class AdapterRegistry:
             e.load_time_s = time.perf_counter() - t0
             e.touch(self._clock)
             self.loads += 1
-            self.stats.loaded("host", e.load_time_s)
+            self.stats.loaded("host")
             self.stats.host(self._host_bytes())
             self._loaded.notify_all()
             return e.info()

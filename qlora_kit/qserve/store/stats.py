@@ -30,7 +30,6 @@ class FleetStats:
         self.loads = {"host": 0, "resident": 0}
         self.evictions = {"host": 0, "resident": 0}
         self.host_drops: Counter[str] = Counter()  # host -> store evictions per adapter name
-        self.load_seconds_count, self.load_seconds_sum = 0, 0.0
         self.host_bytes = self.host_peak_bytes = 0
         self.host_budget_bytes: int | None = None
 
@@ -38,12 +37,9 @@ class FleetStats:
         with self._lock:
             self.requests[tier] += 1
 
-    def loaded(self, tier: str, seconds: float | None = None) -> None:
+    def loaded(self, tier: str) -> None:
         with self._lock:
             self.loads[tier] += 1
-            if seconds is not None:
-                self.load_seconds_count += 1
-                self.load_seconds_sum += seconds
 
     def evicted(self, tier: str, name: str | None = None) -> None:
         with self._lock:
@@ -61,8 +57,7 @@ class FleetStats:
         with self._lock:
             return {"requests": dict(self.requests), "loads": dict(self.loads), "evictions": dict(self.evictions),
                     "host_bytes": self.host_bytes, "host_peak_bytes": self.host_peak_bytes,
-                    "host_budget_bytes": self.host_budget_bytes, "load_seconds_count": self.load_seconds_count,
-                    "load_seconds_sum": self.load_seconds_sum}
+                    "host_budget_bytes": self.host_budget_bytes}
 
     def families(self, metrics, waiting: Callable[[], int] | None = None) -> Callable[[], list]:
         """A scrape callback for `metrics.on_scrape` (qserve/metrics.py) building these series with label
