@@ -4,6 +4,7 @@ import pytest
 
 from qlora_kit._cli.hub import (MAX_LICENSE_BYTES, MAX_LICENSE_FILES, CheckpointNotFound, is_hub_id, license_files,
                                 resolve_checkpoint)
+from tests.hf_cache import offline_hub_cache
 
 pytestmark = pytest.mark.unit
 SHA = "b" * 40
@@ -12,15 +13,8 @@ SHA = "b" * 40
 @pytest.fixture
 def cache(tmp_path, monkeypatch):
     """A Hugging Face cache holding org/model at SHA (refs/main), in offline mode."""
-    import huggingface_hub.constants as c
-
-    snap = tmp_path / "hub" / "models--org--model" / "snapshots" / SHA
-    snap.mkdir(parents=True)
+    snap = offline_hub_cache(monkeypatch, tmp_path, "org/model", sha=SHA)
     (snap / "config.json").write_text("{}")
-    (snap.parent.parent / "refs").mkdir()
-    (snap.parent.parent / "refs" / "main").write_text(SHA)
-    monkeypatch.setattr(c, "HF_HUB_CACHE", str(tmp_path / "hub"))
-    monkeypatch.setattr(c, "HF_HUB_OFFLINE", True)
     return snap
 
 

@@ -13,6 +13,7 @@ from qlora_kit.formats import LoraConfig, spec
 from qlora_kit.models import adapter_params, add_adapter, load_model, save_peft_adapter
 from qlora_kit.qconvert.cli import main as qconvert
 from qlora_kit.trainer.cli import main as qtrain
+from tests.hf_cache import offline_hub_cache
 
 pytestmark = pytest.mark.unit
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj")  # down_proj left untouched
@@ -173,15 +174,7 @@ def test_prompts_compare_dtype_and_no_compare(nf4, adapter, tmp_path):
 def test_a_hub_id_base_from_the_offline_cache(nf4, adapter, tmp_path, monkeypatch):
     """--base org/name resolves to the cached snapshot (HF_HUB_OFFLINE); an adapter trained with that id as its base
     passes the base check, and the provenance names the id, not the cache path."""
-    import huggingface_hub.constants as c
-
-    sha = "c" * 40
-    repo = tmp_path / "hub" / "models--org--tiny-nf4"
-    shutil.copytree(nf4, repo / "snapshots" / sha)
-    (repo / "refs").mkdir()
-    (repo / "refs" / "main").write_text(sha)
-    monkeypatch.setattr(c, "HF_HUB_CACHE", str(tmp_path / "hub"))
-    monkeypatch.setattr(c, "HF_HUB_OFFLINE", True)
+    offline_hub_cache(monkeypatch, tmp_path, "org/tiny-nf4", nf4)
     hub_adapter = tmp_path / "hub-adapter"
     shutil.copytree(adapter, hub_adapter)
     config = json.loads((hub_adapter / "adapter_config.json").read_text())
