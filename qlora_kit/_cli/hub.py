@@ -63,10 +63,22 @@ def resolve_checkpoint(src: str | os.PathLike, revision: str | None = None, toke
         raise CheckpointNotFound(f"{src}: is a file; expected a checkpoint folder or a Hub repo id")
     if not is_hub_id(src):
         raise CheckpointNotFound(f"{src}: no such folder (and not a Hub repo id such as org/name)")
+    return fetch_snapshot(src, revision, token, patterns)
+
+
+def fetch_snapshot(repo_id: str, revision: str | None = None, token: str | None = None,
+                   patterns: list[str] | None = None) -> Path:
+    """The Hub repo's snapshot folder in the HF cache, fetching `patterns` (default HUB_PATTERNS) first unless
+    HF_HUB_OFFLINE=1 (then only the cache is read). REPO_ID is never taken as a local path (qserve's adapter
+    source calls this directly with names from requests).
+
+    Raises:
+        CheckpointNotFound: a repo that cannot be fetched (offline: not cached), in one line.
+    """
     from huggingface_hub import constants, snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, OfflineModeIsEnabled
 
-    patterns = patterns or HUB_PATTERNS
+    src, patterns = repo_id, patterns or HUB_PATTERNS
     try:
         # safetensors first: many repos hold both formats, and the .bin copy would double the download
         folder = Path(snapshot_download(src, revision=revision, token=token,

@@ -18,7 +18,9 @@ disappears when the last one releases it.
 Fleets (qserve/store/): with an AdapterStore attached, `lookup` registers an adapter the first time a request
 names it, confined to the store's folder; the host tier is held to `cpu_budget_bytes` *before* each insertion
 (least recently used adapters without running requests are dropped first: idle ones, then ones whose requests
-only wait), so its bytes never exceed the budget; FleetStats counts hits per tier, loads and evictions.
+only wait), so its bytes never exceed the budget; FleetStats counts hits per tier, loads and evictions. With a
+HubSource (--adapter-hub-allow), a name the store does not have is tried as an allowed Hub repo id next (store
+first), confined to its repo folder in the Hugging Face cache.
 
 Each load gets a fresh `uid` (never reused); the KV prefix cache is salted with it, so re-registering a
 different adapter under an old name can never hit the old adapter's cached KV.
@@ -128,8 +130,9 @@ class AdapterRegistry:
 
     def __init__(self, config: RegistryConfig, loader: Loader,
                  on_resident: Callable[[str, Any, int], None] | None = None,
-                 on_evict: Callable[[str, int], None] | None = None, store=None):
+                 on_evict: Callable[[str, int], None] | None = None, store=None, hub=None):
         self.config, self.store = config, store  # store: a qserve.store.AdapterStore, or None
+        self.hub = hub  # a qserve.store.HubSource, or None (Hub ids off)
         self.stats = FleetStats()
         self.stats.host_budget_bytes = config.cpu_budget_bytes
         self._loader, self._on_resident, self._on_evict = loader, on_resident, on_evict
@@ -204,19 +207,22 @@ class AdapterRegistry:
             return e.info()
 
     def lookup(self, name: str) -> bool:
-        """Whether `name` is served: registered and not draining, or (with a store) found in the store, which
-        registers it (not loaded yet). Call only for names the caller may use (no disk access for others).
+        """Whether `name` is served: registered and not draining, or found in the store or else (with a HubSource)
+        fetched as an allowed Hub repo id, which registers it (not loaded yet). Call only for names the caller may
+        use (no disk or Hub access for others). Blocking (a Hub fetch): the app calls it in a worker thread.
 
-        Raises AdapterPathRefused (a store entry linking out of the store, or without safetensors weights)."""
+        Raises AdapterPathRefused (a store entry or Hub snapshot linking out of its root, or without safetensors
+        weights); AdapterNotFound (an allowed Hub id that cannot be fetched)."""
         if name in self:
             return True
-        if self.store is None:
-            return False
-        folder = self.store.resolve(name)
+        folder = None if self.store is None else self.store.resolve(name)
+        root = None if folder is None else self.store.root
+        if folder is None and self.hub is not None:
+            folder, root = self.hub.resolve(name) or (None, None)
         if folder is None:
             return False
         try:
-            self.register(name, folder, root=self.store.root)
+            self.register(name, folder, root=root)
         except AdapterExists:
             pass  # registered by a concurrent request, or draining: acquire decides
         return True

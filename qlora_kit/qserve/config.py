@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .store.budget import parse_bytes
+from .store.hub import compile_allow
 
 # The engine's step loop runs in its own thread. With torch's OpenMP pool, a non-main thread using 2 intra-op
 # threads runs small ops ~30x slower than with 1 (index_add 128x576: ~900 us vs ~27 us on a 2-core CPU, and a
@@ -33,6 +34,9 @@ class ServeConfig:
         device, dtype: where and in which compute dtype the model runs.
         max_loras: resident adapter slots; max_cpu_loras: adapters kept in host memory (None = no limit).
         adapter_store: a folder of adapters (DIR/<name>/) loaded the first time a request names one (qserve/store).
+        adapter_hub_allow: Hub repo ids (ORG/NAME) or patterns (ORG/*, ORG/prefix-*) a request may name as its
+            adapter (ORG/NAME or ORG/NAME@REVISION), fetched into the Hugging Face cache on first use
+            (qserve/store/hub.py); () = off. A store folder of the same name wins.
         cpu_adapter_budget: bytes of adapter weights kept in host memory (resident ones included), e.g. 512MiB;
             least recently used adapters without running requests are dropped to stay within it (None = no limit).
         adapter_age_cap_s: a queued request older than this is admitted in arrival order, ahead of younger
@@ -77,6 +81,11 @@ class ServeConfig:
         "help": "adapters kept loaded in host memory (LRU beyond); None = no limit"})
     adapter_store: str | None = field(default=None, metadata={
         "help": "folder of adapters (DIR/NAME/) loaded on a request's first use of NAME"})
+    adapter_hub_allow: tuple[str, ...] = field(default=(), metadata={
+        "help": "comma-separated Hub repo ids or ORG/* patterns a request's model may name (ORG/NAME[@REVISION]); "
+                "fetched on first use (adapter_config.json and adapter_model.safetensors only; HF_HUB_OFFLINE and "
+                "the HF cache honoured), validated like store adapters; a --adapter-store folder of the same name "
+                "wins; empty = Hub loads off"})
     cpu_adapter_budget: str | None = field(default=None, metadata={
         "help": "host bytes for adapter weights, e.g. 512MiB or 2GB; LRU eviction beyond (None: no limit)"})
     adapter_age_cap_s: float = field(default=2.0, metadata={
@@ -121,6 +130,7 @@ class ServeConfig:
             parse_bytes(self.cpu_adapter_budget)
         if self.adapter_store is not None and not os.path.isdir(self.adapter_store):
             raise ValueError(f"adapter_store={self.adapter_store!r}: not an existing folder (flag --adapter-store)")
+        compile_allow(self.adapter_hub_allow)
         if self.kv_cache_tokens < self.max_model_len:
             raise ValueError(f"kv_cache_tokens={self.kv_cache_tokens} < max_model_len={self.max_model_len}: "
                              "one full-length request must fit the KV cache")

@@ -15,6 +15,7 @@ import json
 import time
 
 from fastapi import Depends, FastAPI, Request
+from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, PlainTextResponse
 
 from ..errors import AdapterNotFound, AdapterRefused, BodyTooLarge, InvalidRequest, ServeError
@@ -99,10 +100,12 @@ def create_app(backend: Backend, keys: KeyStore, served_name: str, max_body_byte
     def who(request: Request) -> Principal:
         return keys.authenticate(request.headers.get("authorization"))
 
-    def adapter_of(model: str, principal: Principal) -> str | None:
+    async def adapter_of(model: str, principal: Principal) -> str | None:
         adapter = None if model == served_name else model
-        KeyStore.check_model(principal, adapter)  # before any lookup: a forbidden name costs no disk access
-        if adapter is not None and not registry.lookup(adapter):  # with --adapter-store: found there on first use
+        KeyStore.check_model(principal, adapter)  # before any lookup: a forbidden name costs no disk or Hub access
+        # with --adapter-store / --adapter-hub-allow: found there on first use; in a worker thread, as a Hub fetch
+        # can take long and must not stall the event loop
+        if adapter is not None and adapter not in registry and not await run_in_threadpool(registry.lookup, adapter):
             raise AdapterNotFound(f"model {model!r}: no such model or adapter; see /v1/models")
         return adapter
 
@@ -111,7 +114,7 @@ def create_app(backend: Backend, keys: KeyStore, served_name: str, max_body_byte
         body = kind.model_validate(raw)
         if isinstance(body, CompletionRequest):
             body.prompt = check_prompt(body.prompt, backend.vocab_size)
-        adapter = adapter_of(body.model, principal)
+        adapter = await adapter_of(body.model, principal)
         record = backend.metrics.record(adapter, principal.tenant)  # counted from here on, refused or not
         try:
             sampling = body.sampling(DEFAULT_MAX_TOKENS)

@@ -18,7 +18,7 @@ import torch
 from ..adapters import AdapterRegistry, RegistryConfig
 from ..errors import InvalidRequest, SamplingFailed, ServeError
 from ..metrics import EngineMetrics, Metrics
-from ..store import AdapterStore
+from ..store import AdapterStore, HubSource
 from .block_manager import BlockManager
 from .detokenizer import Detokenizer
 from .lora import evict, install, read_adapter
@@ -94,7 +94,8 @@ class Engine:
             RegistryConfig(allowed_root=config.allowed_root, max_loras=config.max_loras,
                            max_cpu_loras=config.max_cpu_loras, cpu_budget_bytes=config.cpu_budget_bytes),
             loader=self._load, on_resident=self._install, on_evict=self._evict,
-            store=None if config.adapter_store is None else AdapterStore(config.adapter_store))
+            store=None if config.adapter_store is None else AdapterStore(config.adapter_store),
+            hub=HubSource(config.adapter_hub_allow) if config.adapter_hub_allow else None)
         self.base_names = tuple(base_names) + tuple(config.base_names)
         self.lora_dtype = model.dtype if config.lora_dtype == "auto" else getattr(torch, config.lora_dtype)
         self.blocks = BlockManager(config.num_blocks, config.block_size, config.enable_prefix_caching)

@@ -8,8 +8,9 @@ AdapterRegistry with the native engine's checks (qserve.engine.lora, the models/
 
 With --adapter-store the front resolves a request's adapter from the same store as the native engine (the app's
 `registry.lookup`, qserve/store), validates it on first use in a worker thread (the same loader), then asks
-vLLM to load it through the same runtime API; concurrent first requests share one load. vLLM keeps its own
-GPU/CPU LRU of loaded adapters (its --max-loras / --max-cpu-loras).
+vLLM to load it through the same runtime API; concurrent first requests share one load. Hub repo ids allowed by
+--adapter-hub-allow resolve the same way (qserve/store/hub.py), and vLLM is given the snapshot folder in the
+Hugging Face cache. vLLM keeps its own GPU/CPU LRU of loaded adapters (its --max-loras / --max-cpu-loras).
 """
 import asyncio
 import json
@@ -31,7 +32,7 @@ from ..config import ServeConfig
 from ..engine.lora import read_adapter
 from ..errors import AdapterRefused, UpstreamError
 from ..metrics import Metrics
-from ..store import AdapterStore
+from ..store import AdapterStore, HubSource
 
 
 def adapter_loader(names: tuple[str, ...], max_rank: int, shapes: dict | None = None):
@@ -208,7 +209,8 @@ def front_registry(config: ServeConfig, max_rank: int) -> AdapterRegistry:
     names = base_names(folder) + tuple(config.base_names)
     loader = adapter_loader(names, max_rank, projection_shapes(load_config(folder)))
     store = None if config.adapter_store is None else AdapterStore(config.adapter_store)
-    return AdapterRegistry(RegistryConfig(config.allowed_root, config.max_loras), loader, store=store)
+    hub = HubSource(config.adapter_hub_allow) if config.adapter_hub_allow else None
+    return AdapterRegistry(RegistryConfig(config.allowed_root, config.max_loras), loader, store=store, hub=hub)
 
 
 def create_front(config: ServeConfig, registry: AdapterRegistry, upstream: str, upstream_key: str,

@@ -105,10 +105,12 @@ def test_child_that_dies_at_start_up_is_reported_with_its_log(tmp_path):
         proc.start(timeout_s=60)
 
 
-def test_front_resolves_store_adapters_and_loads_each_into_vllm_once(tmp_path):
+def test_front_resolves_store_adapters_and_loads_each_into_vllm_once(tmp_path, monkeypatch):
     """The front over a stand-in for vLLM's OpenAI server (its two routes the front calls): 40 concurrent first
     requests for a store adapter validate it once (one store read) and call vLLM's runtime load API once; a
-    tenant's forbidden name is 403 with no store access. vLLM itself is run by tests/integration/test_vllm_*."""
+    tenant's forbidden name is 403 with no store access. An allowed Hub id (from an offline Hugging Face cache)
+    resolves the same way, with one Hub call, and vLLM is given its snapshot folder; a Hub id off the allow-list is
+    404 with none. vLLM itself is run by tests/integration/test_vllm_*."""
     import asyncio
     import threading
 
@@ -119,7 +121,8 @@ def test_front_resolves_store_adapters_and_loads_each_into_vllm_once(tmp_path):
     from qlora_kit.qserve._socket import bind_listener, run_in_thread
     from qlora_kit.qserve.adapters import AdapterRegistry, RegistryConfig
     from qlora_kit.qserve.api import KeyStore, create_app
-    from qlora_kit.qserve.store import AdapterStore
+    from qlora_kit.qserve.store import AdapterStore, HubSource
+    from tests.hf_cache import offline_hub_cache
     from qlora_kit.qserve.vllm_backend.front import VllmBackend
     from qlora_kit.qserve.metrics import Metrics
 
@@ -145,9 +148,11 @@ def test_front_resolves_store_adapters_and_loads_each_into_vllm_once(tmp_path):
     store = tmp_path / "store"
     _adapter(store / "acme-a", 8)
     keys = tmp_path / "keys.json"
-    keys.write_text(json.dumps({"keys": [{"key": "sk-acme-000", "adapters": ["acme-*"]}]}))
+    keys.write_text(json.dumps({"keys": [{"key": "sk-acme-000", "adapters": ["acme-*", "acme/*", "globex/hub-b"]}]}))
     registry = AdapterRegistry(RegistryConfig(max_loras=2), adapter_loader(("tiny-nf4",), 16),
-                               store=AdapterStore(store))
+                               store=AdapterStore(store), hub=HubSource(("acme/*",)))
+    snapshot = offline_hub_cache(monkeypatch, tmp_path / "hf", "acme/hub-a", _adapter(tmp_path / "hub-a", 8))
+    offline_hub_cache(monkeypatch, tmp_path / "hf", "globex/hub-b", _adapter(tmp_path / "hub-b", 8))
     app = create_app(VllmBackend(up_url, "sk-up", registry, 32, Metrics("tiny-nf4")), KeyStore.from_file(keys),
                      "tiny-nf4", 4096, 64)
     front = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
@@ -169,6 +174,13 @@ def test_front_resolves_store_adapters_and_loads_each_into_vllm_once(tmp_path):
         assert r.status_code == 403 and registry.store.probes == probes
         (r,) = asyncio.run(burst("acme-missing", 1))
         assert r.status_code == 404 and len(loads) == 1
+        replies = asyncio.run(burst("acme/hub-a", 20))
+        assert [r.status_code for r in replies] == [200] * 20, replies[0].text
+        assert {r.json()["choices"][0]["text"] for r in replies} == {"from acme/hub-a"}
+        assert [x["lora_path"] for x in loads[1:]] == [str(snapshot.resolve())]
+        assert registry.hub.fetches == {"acme/hub-a": 1}
+        (r,) = asyncio.run(burst("globex/hub-b", 1))  # cached, but not allowed
+        assert r.status_code == 404 and registry.hub.total_fetches == 1 and len(loads) == 2
     finally:
         front.should_exit = up.should_exit = True
         front_thread.join(timeout=10), up_thread.join(timeout=10)

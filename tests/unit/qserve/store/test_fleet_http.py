@@ -32,7 +32,7 @@ def server(tmp_path_factory):
                                          {"key": GLOBEX, "adapters": ["globex-*"]}]}))
     cfg = ServeConfig(str(folder), api_keys=str(keys), adapter_store=str(store), max_loras=2,
                       cpu_adapter_budget="1MiB", max_model_len=64, kv_cache_tokens=4096, block_size=4,
-                      max_tokens_limit=32, max_num_seqs=32)
+                      max_tokens_limit=32, max_num_seqs=32, port=0)
     handle = start(cfg, Engine(model, CharTokenizer(), cfg, base_names=("llama",)).start())
     yield handle
     handle.stop()
