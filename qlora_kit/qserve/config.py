@@ -9,6 +9,9 @@ from pathlib import Path
 from .store.budget import parse_bytes
 from .store.hub import compile_allow
 
+OPEN_WARNING = ("qserve: WARNING: no --api-keys file: authentication is OFF and every caller is an admin "
+                "(may call every adapter, load and unload adapters, and read /metrics)")
+
 # The engine's step loop runs in its own thread. With torch's OpenMP pool, a non-main thread using 2 intra-op
 # threads runs small ops ~30x slower than with 1 (index_add 128x576: ~900 us vs ~27 us on a 2-core CPU, and a
 # 128x576 @ 576x576 matmul no faster), so 1 is the measured default on CPU: `python -m bench.threads`,
@@ -155,6 +158,15 @@ class ServeConfig:
     @property
     def num_blocks(self) -> int:
         return -(-self.kv_cache_tokens // self.block_size)
+
+    def startup_warnings(self) -> list[str]:
+        """What either backend prints before it serves: open authentication, and Hub adapter loads when allowed."""
+        out = [OPEN_WARNING] if self.api_keys is None else []
+        if self.adapter_hub_allow:
+            out.append("qserve: WARNING: --adapter-hub-allow: a request may make this server download an adapter from "
+                       f"the Hugging Face Hub repos {', '.join(self.adapter_hub_allow)} on first use (two files: "
+                       "adapter_config.json and adapter_model.safetensors, validated before loading)")
+        return out
 
 
 def load_chat_template(value: str) -> str:

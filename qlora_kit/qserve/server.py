@@ -24,8 +24,6 @@ from .engine.engine import Engine
 from .errors import ServeConfigError
 
 log = logging.getLogger("qserve")
-OPEN_WARNING = ("qserve: WARNING: no --api-keys file: authentication is OFF and every caller is an admin "
-                "(may call every adapter, load and unload adapters, and read /metrics)")
 
 
 def dequantize_bases(model) -> tuple[int, int]:
@@ -119,8 +117,8 @@ def start(config: ServeConfig, engine: Engine | None = None) -> ServerHandle:
 
 def serve(config: ServeConfig, announce=print) -> None:
     """Run until interrupted."""
-    if config.api_keys is None:
-        announce(OPEN_WARNING)
+    for line in config.startup_warnings():
+        announce(line)
     keys = preflight(config)
     engine = build_engine(config, announce)
     sock = bind_listener(config.host, config.port)

@@ -78,6 +78,8 @@ def start(config: ServeConfig, opts: VllmOptions = VllmOptions(), log: str | os.
 
 def serve(config: ServeConfig, opts: VllmOptions = VllmOptions(), announce=print) -> None:
     """Run until interrupted."""
+    for line in config.startup_warnings():
+        announce(line)
     proc, _, server, rank = _build(config, opts, None)
     try:
         sock = bind_listener(config.host, config.port)

@@ -127,3 +127,12 @@ def test_chat_template_unreadable_or_invalid_is_one_line_at_startup(no_weights, 
     _one_error(_serve(no_weights, "--chat-template", bad), f"chat_template file {bad}: not a valid jinja2 template",
                "line 2")
     _one_error(_serve(no_weights, "--chat-template", "{{ messages[0].content "), "chat_template: not a valid jinja2")
+
+
+def test_hub_adapter_loads_are_announced_at_start(no_weights):
+    result = _serve(no_weights, "--adapter-hub-allow", "acme/*,globex/support-lora")
+    lines = result.stderr.splitlines()
+    assert lines[0].startswith("qserve: WARNING: no --api-keys file"), result.stderr
+    assert lines[1].startswith("qserve: WARNING: --adapter-hub-allow: a request may make this server download an "
+                               "adapter from the Hugging Face Hub repos acme/*, globex/support-lora on first use"), lines
+    _one_error(result, "tokenizer.json: missing")
