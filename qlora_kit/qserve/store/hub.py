@@ -15,13 +15,16 @@ cache, HF_HUB_OFFLINE=1 honoured, HF_TOKEN / the saved login), and only adapter_
 adapter_model.safetensors are requested: a pickled adapter_model.bin is never downloaded, and one already in a
 cached snapshot is refused by the registry's path checks like a store's. The snapshot is then confined to its repo
 folder in the cache (models--ORG--NAME/, whose blobs/ its files link to) and validated by the registry's loader
-exactly as a store adapter (safetensors only, base check). Concurrent first lookups of one name share one fetch.
-`fetches` counts Hub calls per name, so tests can show that refused names cost none. Plain Python (no torch).
+exactly as a store adapter (safetensors only, base check). Concurrent first lookups of one name share one fetch, and
+a name whose fetch failed (not on the Hub, offline and not cached) is answered from memory for FAILED_TTL_S seconds
+(at most FAILED_MAX names, oldest forgotten first), so a client repeating it cannot make the server call the Hub
+per request. `fetches` counts Hub calls per name, so tests can show that refused names cost none. Plain Python (no torch).
 """
 import os
 import re
 import threading
-from collections import Counter
+import time
+from collections import Counter, OrderedDict
 from pathlib import Path
 
 from qlora_kit.formats._pattern import FullMatch
@@ -32,6 +35,7 @@ FILES = ["adapter_config.json", "adapter_model.safetensors"]  # PEFT's names, as
 FLAG = "--adapter-hub-allow"
 _PART = r"[A-Za-z0-9][\w.-]{0,95}"
 _ID = re.compile(rf"({_PART}/{_PART})(?:@([A-Za-z0-9][\w.-]{{0,63}}))?", re.ASCII)
+FAILED_TTL_S, FAILED_MAX = 60.0, 4096
 _ENTRY = re.compile(r"[A-Za-z0-9][\w.-]{0,95}/[\w.*-]{1,96}", re.ASCII)
 
 
@@ -75,6 +79,7 @@ class HubSource:
         self._matchers = compile_allow(self.allow)
         self._lock = threading.Lock()
         self._inflight: dict[str, tuple[threading.Event, list]] = {}
+        self._failed: OrderedDict[str, tuple[float, str]] = OrderedDict()  # name -> (monotonic time, message)
         self.fetches: Counter[str] = Counter()
 
     def allows(self, repo_id: str) -> bool:
@@ -91,6 +96,9 @@ class HubSource:
         if parsed is None or not self.allows(parsed[0]):
             return None
         with self._lock:
+            failed = self._failed.get(name)
+            if failed is not None and time.monotonic() - failed[0] < FAILED_TTL_S:
+                raise AdapterNotFound(failed[1])
             slot = self._inflight.get(name)
             owner = slot is None
             if owner:
@@ -106,6 +114,11 @@ class HubSource:
             result.append(self._fetch(name, *parsed))
         except AdapterNotFound as e:
             result.append(e)
+            with self._lock:
+                self._failed[name] = (time.monotonic(), str(e))
+                self._failed.move_to_end(name)
+                while len(self._failed) > FAILED_MAX:
+                    self._failed.popitem(last=False)
             raise
         except BaseException as e:  # waiters must never hang on a failed fetch
             result.append(AdapterNotFound(f"adapter {name!r}: Hub fetch failed ({type(e).__name__})"))
