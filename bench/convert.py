@@ -84,7 +84,7 @@ def synthetic(folder: Path, params: float) -> tuple[int, int]:
     """Write a Llama-shaped random bf16 checkpoint of about `params` parameters; return (params, largest tensor)."""
     import torch
 
-    from qlora_kit.qconvert.shards import ShardWriter
+    from qlora_kit.formats import ShardWriter
 
     hidden, inter, heads, kv, vocab = 2048, 5632, 32, 4, 32000
     head_dim = hidden // heads

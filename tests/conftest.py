@@ -6,6 +6,7 @@ if not os.environ.get("QLORA_KIT_NO_INTERPRET"):
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import random
+import shutil
 from pathlib import Path
 
 import pytest
@@ -19,6 +20,13 @@ def requires_cuda(n: int = 1):
     """The one skip for GPU tests: skip unless at least `n` CUDA devices are visible."""
     have = torch.cuda.device_count() if torch.cuda.is_available() else 0
     return pytest.mark.skipif(have < n, reason=f"needs {n} CUDA device(s), found {have}")
+
+
+def linked_copy(src: Path, dst: Path) -> Path:
+    """`src` under another folder name at no copying cost: every file hard-linked (for a test that shares a
+    session checkpoint but needs its own name; writes there replace files atomically, so `src` stays intact)."""
+    shutil.copytree(src, dst, copy_function=os.link)
+    return dst
 
 
 @pytest.fixture(autouse=True)
@@ -38,7 +46,7 @@ def smollm2() -> Path:
 @pytest.fixture(scope="session")
 def smollm2_nf4(smollm2, tmp_path_factory) -> Path:
     """SmolLM2 converted once per session by `qconvert convert` (NF4, double quant): read-only for the tests that
-    share it; a test that needs its own folder name or writes beside it converts its own."""
+    share it; a test that needs its own folder name takes a linked_copy, one that writes beside it converts its own."""
     from qlora_kit.qconvert.convert import convert
 
     out = tmp_path_factory.mktemp("smollm2_nf4") / "smollm2-nf4"

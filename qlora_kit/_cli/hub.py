@@ -3,7 +3,7 @@
 cache. HF_HUB_OFFLINE=1 is honoured: the cached snapshot is used and nothing is requested; a repo that is
 not cached is a one-line error saying so. Used by `qconvert convert/verify --against`, `qtrain train /
 train-many / ask --base` and `qserve serve CKPT`. The upload helpers shared by `qconvert publish` and
-`qtrain publish` live here too.
+`qtrain publish` live here too, and aux_files: what travels beside a checkpoint's weights.
 
 Only the files a checkpoint needs are fetched: weights (safetensors; PyTorch .bin only when the repo has no
 safetensors), configs, tokenizer and chat template, the model card (README.md, whose front matter carries the licence) and the licence/notice files a republished model
@@ -19,6 +19,9 @@ REPO_ID_PATTERN = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
 LICENSE_STEMS = ("LICENSE", "LICENCE", "NOTICE", "USE_POLICY", "COPYING")
 MAX_LICENSE_FILES = 16  # bound on the licence/notice files carried (a model has a handful)
 MAX_LICENSE_BYTES = 4 * 2**20  # bound on each one (the Llama 3 licence is ~8 KB)
+# Copied beside the weights by convert, dequantize and merge (aux_files): every file with these suffixes but the
+# weight indexes, which each writer makes anew.
+_AUX_SUFFIXES = (".json", ".jinja", ".model", ".txt", ".tiktoken")
 
 
 def _any_case(stem: str) -> str:
@@ -114,6 +117,19 @@ def license_files(folder: Path) -> list[Path]:
             raise CheckpointNotFound(f"{p}: {p.stat().st_size:,} bytes is too large for a licence/notice file "
                                      f"(at most {MAX_LICENSE_BYTES:,})")
     return found
+
+
+def aux_files(folder: Path) -> list[str]:
+    """What is copied beside the weights: config, generation config, tokenizer files, chat template and every
+    licence/notice file (license_files)."""
+    from qlora_kit.formats.shards import INDEX  # imported here: formats/ loads torch, which hub.py does not need
+
+    names = {p.name for p in license_files(folder)}
+    for p in sorted(folder.iterdir()):
+        if (p.is_file() and not p.name.startswith(".") and p.suffix in _AUX_SUFFIXES
+                and p.name not in (INDEX, "pytorch_model.bin.index.json")):
+            names.add(p.name)
+    return sorted(names)
 
 
 def hub_api(token: str | None = None):

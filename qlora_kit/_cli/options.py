@@ -4,9 +4,16 @@ Every option defaults to None, meaning "not given": the command passes on only t
 and the dataclass fills in the rest.
 """
 import dataclasses
+import re
 import typing
+from pathlib import Path
 
 import click
+
+from .errors import InvalidOption
+
+_SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+               "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
 
 
 def dataclass_options(cls, *, skip=(), plain_flags=(), default_text: str = "  [default: {!r}]",
@@ -60,3 +67,24 @@ def _type(f: dataclasses.Field) -> type:
 
 def _split_commas(ctx, param, value):
     return None if value is None else tuple(s.strip() for s in value.split(",") if s.strip())
+
+
+def parse_size(text: str | int, option: str = "--max-shard-size") -> int:
+    """'5GB' -> 5_000_000_000, '500MiB' -> 524_288_000, 1000 -> 1000 (decimal units as transformers)."""
+    if isinstance(text, int):
+        value = text
+    else:
+        m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", str(text))
+        if not m or m.group(2).upper() not in _SIZE_UNITS:
+            raise InvalidOption(f"{option} {text!r}: expected a size such as 5GB, 500MB or 2GiB")
+        value = int(float(m.group(1)) * _SIZE_UNITS[m.group(2).upper()])
+    if value <= 0:
+        raise InvalidOption(f"{option} {text!r}: must be positive")
+    return value
+
+
+def check_out(out: Path, src: Path) -> None:
+    """OUT may not be SRC, lie inside it, or contain it (--overwrite replaces OUT: it would delete SRC)."""
+    o, f = out.resolve(), src.resolve()
+    if o == f or f in o.parents or o in f.parents:
+        raise InvalidOption(f"{out}: OUT must not be SRC ({src}), lie inside it or contain it")

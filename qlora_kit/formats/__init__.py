@@ -1,5 +1,6 @@
 """What the bytes mean: NF4/FP4 codebooks, blockwise + double quantization, the 4-bit checkpoint
-layout and PEFT's adapter layout. FORMAT.md at the repository root is the specification.
+layout (its one reader, Checkpoint, and one writer, ShardWriter) and PEFT's adapter layout. FORMAT.md at the
+repository root is the specification.
 
 Names are re-exported lazily, so `formats.errors` (plain Python) can be imported without torch.
 """
@@ -12,6 +13,10 @@ _EXPORTS = {
     "io": None,
     "layout": None,
     "peft": None,
+    "shards": None,
+    "checkpoint": None,
+    "Checkpoint": "checkpoint",
+    "ShardWriter": "shards",
     **dict.fromkeys(("NestedAbsmax", "Packed4bit", "QuantState", "decode_absmax", "dequantize_4bit", "quantize_4bit",
                      "quantize_blockwise_8bit", "sqnr_db", "unpack_codes"), "codec"),
     **dict.fromkeys(("AdapterFormatError", "CorruptQuantState", "FormatError", "MissingTensor", "NonFiniteWeight",
@@ -21,7 +26,7 @@ _EXPORTS = {
                      "read_header", "read_json_object", "safetensors_files", "save_safetensors", "write_json"),
                    "io"),
     **dict.fromkeys(("decode_state_json", "encode_state_json", "from_entries", "is_state_key", "quantization_config",
-                     "quantized_weight_names", "should_quantize", "to_entries"), "layout"),
+                     "plain_config", "quantized_weight_names", "should_quantize", "to_entries"), "layout"),
     **dict.fromkeys(("LoraConfig", "load_adapter", "lora_pairs", "save_adapter"), "peft"),
 }
 __all__ = sorted(_EXPORTS)

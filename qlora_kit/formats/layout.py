@@ -208,6 +208,14 @@ def quantization_config(
     }
 
 
+def plain_config(config: dict, dtype: str | None = None) -> dict:
+    """config.json of a decoded checkpoint: `quantization_config` dropped, `dtype` set when given."""
+    out = {k: v for k, v in config.items() if k != "quantization_config"}
+    if dtype is not None:
+        out["dtype"] = dtype
+    return out
+
+
 def should_quantize(name: str, tensor: torch.Tensor) -> bool:
     """The linear weights a 4-bit checkpoint stores packed: 2-d `*.weight` outside embeddings, head and norms."""
     if not name.endswith(".weight") or tensor.dim() != 2:

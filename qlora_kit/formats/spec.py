@@ -59,6 +59,7 @@ MAX_STATE_JSON_BYTES = 4096
 METADATA_FORMAT = {"format": "pt"}
 METADATA_VERSION_KEY = "qlora_kit.format_version"
 FORMAT_VERSION = "1"
+SOURCE_KEY = "qlora_kit.source"  # what `qconvert convert` (or dequantize) read, as given
 # Provenance of a merged checkpoint (`qtrain merge`, FORMAT.md §1): what it was merged from, how and when.
 MERGE_BASE_KEY = "qlora_kit.merge.base"  # the 4-bit checkpoint the adapter was merged into, as given
 MERGE_BASE_SOURCE_KEY = "qlora_kit.merge.base_source"  # that checkpoint's own qlora_kit.source, when recorded

@@ -11,7 +11,7 @@ import importlib
 _EXPORTS = {
     "ConvertResult": "convert", "ConvertConfig": "options", "parse_size": "options",
     "inspect_checkpoint": "inspection", "Inspection": "inspection",
-    "check_integrity": "verify", "compare": "verify", "VerifyResult": "verify", "Checkpoint": "checkpoint",
+    "check_integrity": "verify", "compare": "verify", "VerifyResult": "verify",
     "SourceWeights": "source", "resolve": "source", "plan": "publish", "upload": "publish",
     "ConvertError": "errors",
     "SourceNotFound": "errors", "UnsupportedArchitecture": "errors", "UnsupportedSourceDtype": "errors",

@@ -7,11 +7,12 @@ imported inside the commands, so `convert` never pays for Triton (kernels/) or t
 import click
 from rich.console import Console
 
-from qlora_kit.formats import spec
 from qlora_kit._cli import cli_errors
+from qlora_kit._cli.options import parse_size
+from qlora_kit.formats import spec
 
 from .errors import VerifyFailed
-from .options import DEFAULT_MIN_SQNR_DB, ConvertConfig, parse_size
+from .options import DEFAULT_MIN_SQNR_DB, ConvertConfig
 
 console = Console(soft_wrap=True)
 _DEFAULTS = ConvertConfig()

@@ -2,7 +2,7 @@
 
 Tensors are streamed one at a time: read (memory-mapped), cast to the compute dtype, quantized in
 chunks when they are linear weights (formats.layout.should_quantize, minus --skip-modules), and
-appended to the current shard's section files (qconvert/shards.py). Peak memory is therefore about
+appended to the current shard's section files (formats/shards.py). Peak memory is therefore about
 one source tensor plus its quantization temporaries, not the model size. Everything is written
 into a temporary folder beside OUT that is renamed to OUT only once complete (formats.io.atomic_dir),
 so a failure or Ctrl-C leaves no OUT behind. Beside the weights go the source's config, tokenizer and
@@ -17,20 +17,16 @@ from pathlib import Path
 
 import torch
 
-from qlora_kit._cli.hub import license_files
-from qlora_kit.formats import atomic_dir, quantization_config, quantize_4bit, should_quantize, to_entries, write_json
+from qlora_kit._cli.hub import aux_files
+from qlora_kit._cli.options import check_out
+from qlora_kit._cli.progress import byte_progress
+from qlora_kit.formats import (ShardWriter, atomic_dir, quantization_config, quantize_4bit, should_quantize, spec,
+                               to_entries, write_json)
 
-from .errors import InvalidOption
 from .licence import LICENSE_KEY, source_license
 from .options import ConvertConfig
-from .progress import byte_progress
 from .shapes import check_tensor_shapes
-from .shards import INDEX, ShardWriter
 from .source import SourceWeights, read_config, resolve
-
-SOURCE_KEY = "qlora_kit.source"
-_WEIGHT_INDEXES = (INDEX, "pytorch_model.bin.index.json")
-_AUX_SUFFIXES = (".json", ".jinja", ".model", ".txt", ".tiktoken")
 
 
 @dataclass(frozen=True)
@@ -41,16 +37,6 @@ class ConvertResult:
     bytes_out: int
     quantized: int
     kept: int
-
-
-def aux_files(folder: Path) -> list[str]:
-    """What is copied beside the weights: config, generation config, tokenizer files, chat template and every
-    licence/notice file (_cli.hub.license_files)."""
-    names = {p.name for p in license_files(folder)}
-    for p in sorted(folder.iterdir()):
-        if p.is_file() and not p.name.startswith(".") and p.suffix in _AUX_SUFFIXES and p.name not in _WEIGHT_INDEXES:
-            names.add(p.name)
-    return sorted(names)
 
 
 def converted_config(config: dict, cfg: ConvertConfig) -> dict:
@@ -99,13 +85,6 @@ def convert(src: str, out: str | Path, cfg: ConvertConfig = ConvertConfig(), rev
                          *_counts(weights, cfg))
 
 
-def check_out(out: Path, src: Path) -> None:
-    """OUT may not be SRC, lie inside it, or contain it (--overwrite replaces OUT: it would delete SRC)."""
-    o, f = out.resolve(), src.resolve()
-    if o == f or f in o.parents or o in f.parents:
-        raise InvalidOption(f"{out}: OUT must not be SRC ({src}), lie inside it or contain it")
-
-
 def _counts(weights: SourceWeights, cfg: ConvertConfig) -> tuple[int, int]:
     """(quantized, kept) tensor counts, from names and shapes alone."""
     quantized = sum(should_quantize(i.name, torch.empty(i.shape, device="meta")) and not cfg.skips(i.name)
@@ -117,7 +96,7 @@ def _write(folder: Path, out: Path, weights: SourceWeights, config: dict, cfg: C
            progress: bool) -> list[Path]:
     with atomic_dir(out, overwrite=cfg.overwrite) as tmp, byte_progress(progress) as bar:
         task = bar.add_task(f"converting {folder.name}", total=weights.total_bytes)
-        meta = {SOURCE_KEY: str(src)}
+        meta = {spec.SOURCE_KEY: str(src)}
         licence = source_license(folder)
         if licence:
             meta[LICENSE_KEY] = json.dumps(licence, sort_keys=True)

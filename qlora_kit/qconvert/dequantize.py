@@ -7,14 +7,11 @@ to `dtype` when given). config.json loses `quantization_config`. Streamed and at
 import shutil
 from pathlib import Path
 
-
-from qlora_kit.formats import atomic_dir, spec, write_json
+from qlora_kit._cli.hub import aux_files
+from qlora_kit._cli.options import check_out
+from qlora_kit._cli.progress import byte_progress
+from qlora_kit.formats import Checkpoint, ShardWriter, atomic_dir, plain_config, spec, write_json
 from qlora_kit.kernels import dequant
-
-from .checkpoint import Checkpoint
-from .convert import SOURCE_KEY, aux_files, check_out
-from .progress import byte_progress
-from .shards import ShardWriter
 
 
 def dequantize(path: str | Path, out: str | Path, dtype: str | None = None, max_shard_size: int = 5 * 10**9,
@@ -33,7 +30,7 @@ def dequantize(path: str | Path, out: str | Path, dtype: str | None = None, max_
         names = sorted(ckpt.quantized + ckpt.plain_keys())
         quantized = set(ckpt.quantized)
         task = bar.add_task(f"dequantizing {ckpt.folder.name}", total=sum(ckpt.nbytes(k) for k in ckpt.keys))
-        writer = ShardWriter(tmp, max_shard_size, {SOURCE_KEY: str(path)})
+        writer = ShardWriter(tmp, max_shard_size, {spec.SOURCE_KEY: str(path)})
         for name in names:
             if name in quantized:
                 packed = ckpt.packed(name)
@@ -51,11 +48,3 @@ def dequantize(path: str | Path, out: str | Path, dtype: str | None = None, max_
                 shutil.copyfile(ckpt.folder / name, tmp / name)
         write_json(tmp / "config.json", plain_config(ckpt.config, dtype))
     return [out / f.name for f in files]
-
-
-def plain_config(config: dict, dtype: str | None = None) -> dict:
-    """config.json of a decoded checkpoint: `quantization_config` dropped, `dtype` set when given."""
-    out = {k: v for k, v in config.items() if k != "quantization_config"}
-    if dtype is not None:
-        out["dtype"] = dtype
-    return out

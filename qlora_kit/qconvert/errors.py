@@ -2,6 +2,7 @@
 
 Messages name the folder, file, tensor or config field at fault and, where there is one, the fix.
 """
+from qlora_kit._cli.errors import InvalidOption  # noqa: F401  (shared with qtrain merge; qconvert's public name)
 from qlora_kit.formats.errors import QloraKitError
 
 
@@ -19,10 +20,6 @@ class UnsupportedArchitecture(ConvertError):
 
 class UnsupportedSourceDtype(ConvertError):
     """A source tensor's dtype is not float32, float16 or bfloat16 (or the source is already quantized)."""
-
-
-class InvalidOption(ConvertError):
-    """An option value that cannot be used (device, shard size, skip list)."""
 
 
 class VerifyFailed(ConvertError):

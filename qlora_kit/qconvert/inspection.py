@@ -10,9 +10,7 @@ import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from qlora_kit.formats import decode_state_json, spec
-
-from .checkpoint import Checkpoint
+from qlora_kit.formats import Checkpoint, decode_state_json, spec
 
 
 @dataclass

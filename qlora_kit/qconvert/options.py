@@ -4,28 +4,13 @@ from dataclasses import dataclass
 
 import torch
 
+from qlora_kit._cli.options import parse_size  # noqa: F401  (qconvert's public name; also used by qtrain merge)
 from qlora_kit.formats import spec
 
 from .errors import InvalidOption
 
 # verify's per-tensor threshold: on SmolLM2 NF4 gives 19.8-21 dB and FP4 16.6-18 dB (`qconvert report`).
 DEFAULT_MIN_SQNR_DB = 15.0
-_SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-               "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
-
-
-def parse_size(text: str | int, option: str = "--max-shard-size") -> int:
-    """'5GB' -> 5_000_000_000, '500MiB' -> 524_288_000, 1000 -> 1000 (decimal units as transformers)."""
-    if isinstance(text, int):
-        value = text
-    else:
-        m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", str(text))
-        if not m or m.group(2).upper() not in _SIZE_UNITS:
-            raise InvalidOption(f"{option} {text!r}: expected a size such as 5GB, 500MB or 2GiB")
-        value = int(float(m.group(1)) * _SIZE_UNITS[m.group(2).upper()])
-    if value <= 0:
-        raise InvalidOption(f"{option} {text!r}: must be positive")
-    return value
 
 
 @dataclass(frozen=True, slots=True)

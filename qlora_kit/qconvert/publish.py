@@ -12,9 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from qlora_kit._cli.hub import REPO_ID_PATTERN, commit_files, ensure_repo, hub_api, license_files
-from qlora_kit.formats import atomic_file, read_header
+from qlora_kit.formats import atomic_file, read_header, spec
 
-from .convert import SOURCE_KEY
 from .errors import PublishError, VerifyFailed
 from .inspection import inspect_checkpoint
 from .licence import recorded_license
@@ -49,7 +48,7 @@ def _base_model(metadata: dict[str, str], given: str | None) -> str | None:
     """--base-model, else the source recorded by convert when it was a Hub repo id."""
     if given:
         return given
-    recorded = metadata.get(SOURCE_KEY)
+    recorded = metadata.get(spec.SOURCE_KEY)
     if recorded and REPO_ID_PATTERN.fullmatch(recorded) and "/" in recorded and not Path(recorded).exists():
         return recorded
     return None

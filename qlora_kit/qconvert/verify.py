@@ -17,10 +17,9 @@ from pathlib import Path
 
 import torch
 
-from qlora_kit.formats import FormatError, is_state_key, sqnr_db
+from qlora_kit.formats import Checkpoint, FormatError, is_state_key, sqnr_db
 from qlora_kit.kernels import dequant
 
-from .checkpoint import Checkpoint
 from .options import DEFAULT_MIN_SQNR_DB
 from .source import SourceWeights, resolve
 

@@ -3,7 +3,8 @@ declared runtime dependencies enough, and no clash with Hugging Face's `kernels`
 transformers import).
 
 Each test builds a fresh venv from the wheel. pip resolves from the same package index (and cache) the set-up
-uses; torch==2.13.0 is installed first, as the README's set-up does, so no CUDA build is pulled.
+uses; torch==2.13.0 is installed first, as the README's set-up does, so no CUDA build is pulled. That first step is
+done once per module (a venv holding only torch) and each test's venv starts as a hard-linked copy of it.
 """
 import os
 import shutil
@@ -43,11 +44,21 @@ def wheel(tmp_path_factory) -> Path:
     return whl
 
 
-def _fresh_venv(root: Path, *requirements) -> Path:
-    """A venv in `root` (run from /, so the repository is not on sys.path) with torch==2.13.0 and `requirements`."""
+@pytest.fixture(scope="module")
+def torch_venv(tmp_path_factory) -> Path:
+    """A venv holding pip and torch==2.13.0 only, never used itself: the start of every test's venv."""
+    root = tmp_path_factory.mktemp("torch_venv") / "venv"
     venv.create(root, with_pip=True)
+    _run([root / "bin" / "python", "-m", "pip", "install", "-q", "torch==2.13.0"])
+    return root
+
+
+def _fresh_venv(torch_venv: Path, root: Path, *requirements) -> Path:
+    """A venv in `root` (run from /, so the repository is not on sys.path) with torch==2.13.0 and `requirements`:
+    torch_venv's files hard-linked (its scripts name torch_venv's python; ours are run as `python -m`, and the ones
+    pip installs here name this venv's), then `requirements` installed by pip."""
+    shutil.copytree(torch_venv, root, symlinks=True, copy_function=os.link)  # pip replaces files, never edits them
     py = root / "bin" / "python"
-    _run([py, "-m", "pip", "install", "-q", "torch==2.13.0"])
     _run([py, "-m", "pip", "install", "-q", *requirements])
     return py
 
@@ -76,8 +87,8 @@ def test_wheel_installs_only_the_qlora_kit_namespace(wheel):
     assert "qconvert = qlora_kit.qconvert.cli:main" in entry_points
 
 
-def test_runtime_dependencies_alone_convert_and_verify(wheel, tmp_path):
-    py = _fresh_venv(tmp_path / "venv", wheel)
+def test_runtime_dependencies_alone_convert_and_verify(wheel, torch_venv, tmp_path):
+    py = _fresh_venv(torch_venv, tmp_path / "venv", wheel)
     assert _installed_top_level(py) & OLD_TOP_LEVEL == set()
     out = _run([py, "-c", "import qlora_kit, sys; print(qlora_kit.__version__, 'torch' in sys.modules)"], cwd="/")
     assert out.stdout.split() == ["0.1.0", "False"]
@@ -100,8 +111,8 @@ def test_runtime_dependencies_alone_convert_and_verify(wheel, tmp_path):
     assert _run([py, "-c", code], cwd="/", env_extra=cache).stdout.split() == ["True", "True"]
 
 
-def test_beside_hugging_face_kernels_transformers_and_bitsandbytes(wheel, tmp_path):
-    py = _fresh_venv(tmp_path / "venv", wheel, "kernels", "transformers>=5.0", "bitsandbytes==0.50.*")
+def test_beside_hugging_face_kernels_transformers_and_bitsandbytes(wheel, torch_venv, tmp_path):
+    py = _fresh_venv(torch_venv, tmp_path / "venv", wheel, "kernels", "transformers>=5.0", "bitsandbytes==0.50.*")
     assert _installed_top_level(py) & OLD_TOP_LEVEL == set()
     out = _run([py, "-c", "import kernels; print(callable(kernels.get_kernel))"], cwd="/")
     assert out.stdout.strip() == "True"

@@ -14,6 +14,7 @@ import httpx
 import pytest
 
 from tests.conftest import REPO
+from tests.hf_cache import offline_hub_cache
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
@@ -22,14 +23,11 @@ DATA = resources.files("qlora_kit.trainer") / "datasets" / "quillfeather.jsonl"
 
 
 @pytest.fixture(scope="module")
-def hf_home(smollm2, tmp_path_factory):
-    from qlora_kit.qconvert.convert import convert
-
+def hf_home(smollm2_nf4, tmp_path_factory):
+    """HF_HOME for the subprocesses: the session's converted SmolLM2 cached as REPO_ID at SHA."""
     home = tmp_path_factory.mktemp("hf_home")
-    repo = home / "hub" / f"models--{REPO_ID.replace('/', '--')}"
-    convert(str(smollm2), repo / "snapshots" / SHA, progress=False)
-    (repo / "refs").mkdir()
-    (repo / "refs" / "main").write_text(SHA)
+    with pytest.MonkeyPatch.context() as mp:  # the subprocesses read HF_HOME; this process's settings are restored
+        offline_hub_cache(mp, home, REPO_ID, smollm2_nf4, SHA)
     return home
 
 

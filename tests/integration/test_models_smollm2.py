@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from qlora_kit.models import Batch, SamplingParams, Tokenizer, generate, load_model, load_peft_adapter
+from tests.conftest import linked_copy
 from tests.tolerances import tol
 
 pytestmark = pytest.mark.slow
@@ -23,15 +24,10 @@ def _bnb_model(folder):
 
 
 @pytest.fixture(scope="module")
-def nf4_dir(smollm2, tmp_path_factory):
-    """SmolLM2 quantized to NF4 + double quant by transformers + bitsandbytes, saved in the shared layout."""
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
-
-    out = tmp_path_factory.mktemp("smollm2") / "nf4"
-    qcfg = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                              bnb_4bit_compute_dtype=torch.bfloat16)
-    AutoModelForCausalLM.from_pretrained(smollm2, quantization_config=qcfg, dtype=torch.bfloat16,
-                                         device_map="cpu").save_pretrained(out)
+def nf4_dir(smollm2, smollm2_bnb_nf4, tmp_path_factory):
+    """SmolLM2 quantized to NF4 + double quant by transformers + bitsandbytes, saved in the shared layout (the
+    session's copy, linked), with the tokenizer beside it."""
+    out = linked_copy(smollm2_bnb_nf4, tmp_path_factory.mktemp("smollm2") / "nf4")
     for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json"):
         shutil.copy(smollm2 / name, out / name)
     return out

@@ -20,6 +20,7 @@ from qlora_kit.models import SamplingParams as ModelSampling
 from qlora_kit.models import add_adapter, adapter_params, generate, load_peft_adapter, remove_adapter, save_peft_adapter
 from qlora_kit.qserve.config import ServeConfig
 from qlora_kit.qserve.server import start
+from tests.conftest import linked_copy
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
@@ -41,12 +42,9 @@ def _adapter(model, folder, rank, seed, base_name, targets=("q_proj", "v_proj", 
 
 
 @pytest.fixture(scope="module")
-def server(smollm2, tmp_path_factory):
-    from qlora_kit.qconvert.convert import convert
-
+def server(smollm2_nf4, tmp_path_factory):
     root = tmp_path_factory.mktemp("qserve")
-    ckpt = root / "smollm2-135m-instruct"
-    convert(str(smollm2), ckpt, progress=False)
+    ckpt = linked_copy(smollm2_nf4, root / "smollm2-135m-instruct")  # the served name
     allowed = root / "allowed"
     allowed.mkdir()
     keys = root / "keys.json"

@@ -141,7 +141,7 @@ def test_nf4_merge_prints_its_error_table_verifies_and_loads(nf4, adapter, merge
     import bitsandbytes.functional as bnbf
 
     from qlora_kit.kernels import dequant
-    from qlora_kit.qconvert.checkpoint import Checkpoint
+    from qlora_kit.formats import Checkpoint
 
     bnb = AutoModelForCausalLM.from_pretrained(out, dtype=torch.bfloat16, device_map="cpu").eval()
     name = "model.layers.3.self_attn.v_proj"  # a re-quantized projection: bitsandbytes decodes our bytes as we do

@@ -20,10 +20,6 @@ ALLOWED = {
     "qserve": {"formats", "kernels", "models", "qserve", "_cli"},
     "_cli": {"formats", "_cli"},  # the CLIs' shared error boundary and dataclass options (click, rich)
 }
-# One sideways arrow, confined to one folder: `qtrain merge` (trainer/merge/) writes a checkpoint, so it reads the
-# base with qconvert's Checkpoint and streams the output through qconvert's ShardWriter (the one reader and writer)
-# instead of copying them. qconvert imports nothing of trainer/, so there is no cycle.
-EXTRA = {"trainer/merge": {"qconvert"}}
 # the only third-party packages formats/ may import (DESIGN.md: "formats/ ... imports torch, safetensors")
 FORMATS_THIRD_PARTY = {"torch", "safetensors"}
 FIRST_PARTY = set(ALLOWED) | {"tests", "bench"}
@@ -70,12 +66,10 @@ def test_no_bare_imports_of_the_old_top_level_names():
 def test_runtime_packages_import_no_oracle_and_only_lower_packages(package):
     bad = []
     for path in sorted((REPO / "qlora_kit" / package).rglob("*.py")):
-        folder = path.parent.relative_to(REPO / "qlora_kit").as_posix()
-        allowed = ALLOWED[package] | EXTRA.get(folder, set())
         for line, top in _imports(path):
             if top in ORACLES:
                 bad.append(f"{path.relative_to(REPO)}:{line} imports the test oracle {top}")
-            elif top in FIRST_PARTY and top not in allowed:
+            elif top in FIRST_PARTY and top not in ALLOWED[package]:
                 bad.append(f"{path.relative_to(REPO)}:{line} imports {top}, which {package}/ may not")
     assert not bad, "\n".join(bad)
 

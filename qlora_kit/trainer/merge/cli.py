@@ -5,7 +5,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from qlora_kit._cli import cli_errors
-from qlora_kit.qconvert.options import parse_size
+from qlora_kit._cli.options import parse_size
 
 from .run import COMPARE_DTYPES, MergeResult, as_json
 from .run import merge as run_merge

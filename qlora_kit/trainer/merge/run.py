@@ -8,7 +8,7 @@ merge/logits.py.
 
 Input is checked before anything is written: OUT, the base (a 4-bit checkpoint, FORMAT.md), the adapter through
 the one adapter boundary (models.read_peft_adapter, against the base's shapes and names). Tensors are streamed
-one at a time into a temporary folder beside OUT (formats.atomic_dir, qconvert's ShardWriter); the logits are
+one at a time into a temporary folder beside OUT (formats.atomic_dir, formats.ShardWriter); the logits are
 compared on that folder; only then is it renamed to OUT, so a failure or Ctrl-C leaves no OUT behind.
 """
 import hashlib
@@ -19,16 +19,13 @@ from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-from qlora_kit._cli.hub import resolve_checkpoint
-from qlora_kit.formats import atomic_dir, spec, write_json
+from qlora_kit._cli.hub import aux_files, resolve_checkpoint
+from qlora_kit._cli.options import check_out
+from qlora_kit._cli.progress import byte_progress
+from qlora_kit.formats import Checkpoint, ShardWriter, atomic_dir, plain_config, spec, write_json
 from qlora_kit.formats.peft import CONFIG_NAME, WEIGHTS_NAME
 from qlora_kit.kernels import dequant
 from qlora_kit.models import AdapterPayload, base_names, load_config, projection_shapes, read_peft_adapter
-from qlora_kit.qconvert.checkpoint import Checkpoint
-from qlora_kit.qconvert.convert import SOURCE_KEY, aux_files, check_out
-from qlora_kit.qconvert.dequantize import plain_config
-from qlora_kit.qconvert.progress import byte_progress
-from qlora_kit.qconvert.shards import ShardWriter
 
 from ..errors import MergeError
 from .logits import DEFAULT_PROMPTS, LogitCost, compare_logits
@@ -67,8 +64,8 @@ def provenance(base: str | Path, adapter: Path, fmt: str, base_metadata: dict[st
             spec.MERGE_ADAPTER_CONFIG_KEY: _sha256(adapter / CONFIG_NAME),
             spec.MERGE_ADAPTER_WEIGHTS_KEY: _sha256(adapter / WEIGHTS_NAME), spec.MERGE_FORMAT_KEY: fmt,
             spec.MERGE_DATE_KEY: datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")}
-    if base_metadata.get(SOURCE_KEY):
-        meta[spec.MERGE_BASE_SOURCE_KEY] = base_metadata[SOURCE_KEY]
+    if base_metadata.get(spec.SOURCE_KEY):
+        meta[spec.MERGE_BASE_SOURCE_KEY] = base_metadata[spec.SOURCE_KEY]
     return meta
 
 

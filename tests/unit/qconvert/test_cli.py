@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
+from qlora_kit.formats import shards as shards_module
 from qlora_kit.qconvert import convert as convert_module
-from qlora_kit.qconvert import shards as shards_module
 from qlora_kit.qconvert.cli import main
 
 from .tiny import CONFIG, tiny_state, write_tiny

@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 
 from qlora_kit.formats.io import OWNER_FILE, atomic_dir, clean_stale_temps
 from qlora_kit.qconvert.cli import main
-from qlora_kit.qconvert.shards import ShardWriter
+from qlora_kit.formats import ShardWriter
 
 from .tiny import CONFIG, tiny_state, write_tiny
 

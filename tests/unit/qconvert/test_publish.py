@@ -13,6 +13,7 @@ from huggingface_hub import ModelCard, ModelCardData
 
 from qlora_kit.qconvert.cli import main
 from qlora_kit.qconvert.convert import convert
+from tests.hf_cache import offline_hub_cache
 
 from .fake_hub import FakeHub
 from .tiny import write_tiny
@@ -69,15 +70,7 @@ def test_upload_call_sequence(tiny_out, monkeypatch):
 
 
 def test_base_model_recorded_by_convert_and_error_table(tiny_src, tmp_path, monkeypatch):
-    import huggingface_hub.constants as c
-
-    repo = tmp_path / "hub" / "models--org--tiny"
-    (repo / "refs").mkdir(parents=True)
-    (repo / "refs" / "main").write_text("a" * 40)
-    (repo / "snapshots").mkdir()
-    tiny_src.rename(repo / "snapshots" / ("a" * 40))
-    monkeypatch.setattr(c, "HF_HUB_OFFLINE", True)
-    monkeypatch.setattr(c, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    offline_hub_cache(monkeypatch, tmp_path, "org/tiny", tiny_src)
     convert("org/tiny", tmp_path / "out", progress=False)
     result = _run("publish", tmp_path / "out", "me/tiny-nf4", "--dry-run", "--against", "org/tiny")
     assert result.exit_code == 0, result.output

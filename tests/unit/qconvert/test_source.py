@@ -6,6 +6,7 @@ import torch
 from qlora_kit.formats import FormatError
 from qlora_kit.qconvert.errors import SourceNotFound, UnsupportedArchitecture, UnsupportedSourceDtype
 from qlora_kit.qconvert.source import SourceWeights, read_config, resolve
+from tests.hf_cache import offline_hub_cache
 
 from .tiny import CONFIG, tiny_state, write_tiny
 
@@ -18,17 +19,9 @@ def test_missing_folder_is_named(tmp_path):
 
 
 def test_hub_id_offline_uses_the_cache_and_honours_revision(tmp_path, monkeypatch):
-    import huggingface_hub.constants as c
-
-    monkeypatch.setattr(c, "HF_HUB_OFFLINE", True)
-    repo = tmp_path / "hub" / "models--org--tiny"
-    sha = "a" * 40
-    write_tiny(repo / "snapshots" / sha)
-    (repo / "refs").mkdir()
-    (repo / "refs" / "main").write_text(sha)
-    monkeypatch.setattr(c, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    snapshot = offline_hub_cache(monkeypatch, tmp_path, "org/tiny", write_tiny(tmp_path / "src"), sha="a" * 40)
     folder = resolve("org/tiny")
-    assert folder == repo / "snapshots" / sha and (folder / "model.safetensors").exists()
+    assert folder == snapshot and (folder / "model.safetensors").exists()
     with pytest.raises(SourceNotFound, match="org/tiny: not a local folder, and HF_HUB_OFFLINE=1 but it is not in the "
                                              r"Hugging Face cache .*, revision v2\); fetch it once online"):
         resolve("org/tiny", revision="v2")

@@ -1,5 +1,6 @@
 """Read a 4-bit checkpoint folder (ours or transformers + bitsandbytes'): shards, headers, and each
-quantized weight rebuilt lazily from its entries (FORMAT.md §2) with formats.layout.from_entries.
+quantized weight rebuilt lazily from its entries (FORMAT.md §2) with layout.from_entries. The one reader of
+`qconvert verify/inspect/dequantize` and `qtrain merge` (shards.ShardWriter is their one writer).
 """
 import math
 from contextlib import ExitStack
@@ -8,10 +9,10 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from qlora_kit.formats import (FormatError, Packed4bit, from_entries, index_shards, is_state_key,
-                               quantized_weight_names, read_header, read_json_object)
-
-from .errors import SourceNotFound
+from .codec import Packed4bit
+from .errors import FormatError
+from .io import index_shards, read_header, read_json_object
+from .layout import from_entries, is_state_key, quantized_weight_names
 from .shards import INDEX, SINGLE
 
 
@@ -24,7 +25,7 @@ class Checkpoint:
     def __init__(self, folder: str | Path):
         self.folder = Path(folder)
         if not self.folder.is_dir():
-            raise SourceNotFound(f"{self.folder}: no such checkpoint folder")
+            raise FormatError(f"{self.folder}: no such checkpoint folder")
         self.index: dict[str, str] | None = None
         if (self.folder / INDEX).is_file():
             shards = index_shards(self.folder / INDEX)  # confined to the folder
@@ -33,7 +34,7 @@ class Checkpoint:
         elif (self.folder / SINGLE).is_file():
             self.files = [self.folder / SINGLE]
         else:
-            raise SourceNotFound(f"{self.folder}: no {SINGLE} or {INDEX}")
+            raise FormatError(f"{self.folder}: no {SINGLE} or {INDEX}")
         self.headers: dict[Path, dict] = {}
         self.file_of: dict[str, Path] = {}
         for f in self.files:

@@ -5,8 +5,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from qlora_kit.formats import read_header, spec
-from qlora_kit.qconvert.shards import ShardWriter
+from qlora_kit.formats import ShardWriter, read_header, spec
 
 pytestmark = pytest.mark.unit
 

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import torch
 
-from qlora_kit.formats import spec
-from qlora_kit.formats.io import write_json
+from . import spec
+from .io import write_json
 
 
 _ALIGNS = (8, 4, 2, 1)

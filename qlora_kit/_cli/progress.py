@@ -1,4 +1,4 @@
-"""The rich progress bar qconvert shows while streaming tensors, measured in bytes read."""
+"""The rich progress bar qconvert convert/dequantize and qtrain merge show while streaming tensors, in bytes read."""
 from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
 
