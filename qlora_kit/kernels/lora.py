@@ -387,5 +387,7 @@ def _check(base_out, x, lora_a, lora_b) -> None:
             or base_out.shape[:-1] != x.shape[:-1]):
         raise ValueError(f"lora: base_out {tuple(base_out.shape)}, x {tuple(x.shape)}, A {tuple(lora_a.shape)}, "
                          f"B {tuple(lora_b.shape)} do not fit")
-    if len({t.device for t in (base_out, x, lora_a, lora_b)}) != 1:
+    # all on the CPU (one device; is_cpu is a flag, .device builds an object): the common case checked cheaply
+    if not (base_out.is_cpu and x.is_cpu and lora_a.is_cpu and lora_b.is_cpu) and len(
+            {t.device for t in (base_out, x, lora_a, lora_b)}) != 1:
         raise ValueError("lora: base_out, x, A and B must be on one device")

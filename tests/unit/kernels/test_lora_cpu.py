@@ -103,6 +103,8 @@ def test_bad_inputs_raise_the_same_error_on_every_backend(backend):
         lora(base, x, a.double(), b, 1.0, backend=backend)
     with pytest.raises(ValueError, match="do not fit"):
         lora(base, x, a, b[:8], 1.0, backend=backend)
+    with pytest.raises(ValueError, match="must be on one device"):
+        lora(base, x, a.to("meta"), b.to("meta"), 1.0, backend=backend)
 
 
 def test_transposed_b_layout_and_reused_ids_follow_the_twin():
