@@ -14,7 +14,7 @@ import torch
 
 from ._dispatch import use_triton
 from ._triton import tl, triton
-from .cpu.lora import lora_cpu, lora_multi_cpu
+from .cpu.lora import lora_cpu, lora_multi_cpu, lora_multi_group_cpu
 
 _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
@@ -289,6 +289,51 @@ def lora_multi(base_out: torch.Tensor, x: torch.Tensor, adapter_ids: torch.Tenso
                             offsets.to(torch.int64).contiguous(), scales.float().contiguous())
 
 
+def lora_multi_group(base_outs: list[torch.Tensor], x: torch.Tensor, adapter_ids: torch.Tensor,
+                     lora_as: list[torch.Tensor], lora_bs: list[torch.Tensor], offsets: torch.Tensor, scales: torch.Tensor,
+                     backend: str | None = None, reuse_base: bool = False) -> list[torch.Tensor]:
+    """lora_multi for P projections that share their input and one adapter packing (q/k/v; gate/up):
+    [lora_multi(base_outs[p], x, adapter_ids, lora_as[p], lora_bs[p], offsets, scales) for p], equal to those calls
+    bit for bit.
+
+    On CPU without autograd it is one kernels/cpu/lora.c call for all P (x cast once per tile of rows, each
+    projection's sums in the order of its own call); with autograd, P lora_multi calls. On CUDA (and Triton by
+    request) it is the P per-projection Triton lora_multi calls: there is no fused Triton kernel yet.
+
+    Args:
+        base_outs: P tensors (..., N_p), one dtype. x: (..., K), shared.
+        adapter_ids, offsets, scales: as in lora_multi, shared by every projection.
+        lora_as: P tensors (sum r_i, K); lora_bs: P tensors (N_p, sum r_i); each A_p and B_p as in lora_multi.
+        backend: as in lora_multi.
+        reuse_base: the caller gives up base_outs: the CPU kernel writes each output into its base_out instead of a
+            new tensor (inference only; the returned list is the result either way).
+
+    Returns:
+        P tensors (..., N_p) in base_outs' dtype.
+
+    Raises:
+        ValueError on mismatched shapes, dtypes or devices, or a lora_as[p] whose rank rows differ from lora_as[0]'s.
+    """
+    if not base_outs or len(base_outs) != len(lora_as) or len(lora_as) != len(lora_bs):
+        raise ValueError(f"lora_multi_group: {len(base_outs)} base outputs, {len(lora_as)} A and {len(lora_bs)} B: "
+                         "one of each per projection, at least one")
+    for b, a, bb in zip(base_outs, lora_as, lora_bs):
+        _check(b, x, a, bb)
+        if a.shape[0] != lora_as[0].shape[0]:
+            raise ValueError(f"lora_multi_group: A {tuple(a.shape)} and A {tuple(lora_as[0].shape)} have different rank "
+                             "rows: the projections of a group share one packing")
+    bounds = _check_multi(x, adapter_ids, lora_as[0], offsets, scales)
+    if not use_triton(x, backend):
+        return lora_multi_group_cpu(base_outs, x, adapter_ids, lora_as, lora_bs, offsets, scales, bounds, reuse_base)
+    off, sc = offsets.to(torch.int64).contiguous(), scales.float().contiguous()
+    return [_LoraMulti.apply(b, x, adapter_ids, a.contiguous(), bb.contiguous(), off, sc)
+            for b, a, bb in zip(base_outs, lora_as, lora_bs)]
+
+
+_LAST_CHECK: tuple = (None,) * 7  # the last host-checked (ids, ids version, offsets, offsets version, rows, adapters,
+                                  # bounds): the layers of one forward pass the same ids and packing, checked once
+
+
 def _check_multi(x, adapter_ids, lora_a, offsets, scales) -> list[int] | None:
     """Shapes always; values only where they are already on the host. On CUDA, reading offsets[-1] or the id range
     would be a device-to-host sync per layer (and illegal during CUDA-graph capture), so those two checks become
@@ -301,6 +346,22 @@ def _check_multi(x, adapter_ids, lora_a, offsets, scales) -> list[int] | None:
     if adapter_ids.shape != x.shape[:-1] or adapter_ids.dtype.is_floating_point:
         raise ValueError(f"lora_multi: adapter_ids {adapter_ids.dtype} {tuple(adapter_ids.shape)} must be integers "
                          f"matching x's rows {tuple(x.shape[:-1])}")
+    if offsets.is_cuda or adapter_ids.is_cuda:
+        return _check_values(x, adapter_ids, lora_a, offsets, n_adapters)
+    global _LAST_CHECK
+    ids_v = -1 if adapter_ids.is_inference() else adapter_ids._version  # inference tensors have no version counter
+    off_v = -1 if offsets.is_inference() else offsets._version
+    last = _LAST_CHECK
+    if (last[0] is adapter_ids and last[1] == ids_v and last[2] is offsets and last[3] == off_v
+            and last[4] == lora_a.shape[0] and last[5] == n_adapters):
+        return last[6]
+    bounds = _check_values(x, adapter_ids, lora_a, offsets, n_adapters)
+    _LAST_CHECK = (adapter_ids, ids_v, offsets, off_v, lora_a.shape[0], n_adapters, bounds)
+    return bounds
+
+
+def _check_values(x, adapter_ids, lora_a, offsets, n_adapters: int) -> list[int] | None:
+    """_check_multi's value checks (device-side asserts for CUDA tensors, ValueError on the host)."""
     if offsets.is_cuda:
         cut_ok = (offsets[-1] == lora_a.shape[0]) & (offsets[0] == 0) & (offsets[1:] >= offsets[:-1]).all()
         torch._assert_async(cut_ok, f"lora_multi: offsets do not cut {lora_a.shape[0]} rank rows")
@@ -326,5 +387,7 @@ def _check(base_out, x, lora_a, lora_b) -> None:
             or base_out.shape[:-1] != x.shape[:-1]):
         raise ValueError(f"lora: base_out {tuple(base_out.shape)}, x {tuple(x.shape)}, A {tuple(lora_a.shape)}, "
                          f"B {tuple(lora_b.shape)} do not fit")
-    if len({t.device for t in (base_out, x, lora_a, lora_b)}) != 1:
+    # all on the CPU (one device; is_cpu is a flag, .device builds an object): the common case checked cheaply
+    if not (base_out.is_cpu and x.is_cpu and lora_a.is_cpu and lora_b.is_cpu) and len(
+            {t.device for t in (base_out, x, lora_a, lora_b)}) != 1:
         raise ValueError("lora: base_out, x, A and B must be on one device")

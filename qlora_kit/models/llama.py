@@ -9,7 +9,8 @@ RMSNorm(x) = w * (x / sqrt(mean(x^2) + eps)), computed in fp32, cast back before
 RMSNorm, RoPE and SwiGLU run kernels/ (Triton on CUDA; on CPU their twins, which round as written here).
 Module paths equal Hugging Face's (model.layers.N.self_attn.q_proj ...), so checkpoint and PEFT
 adapter names map one to one. Every projection is a LoraLinear over a frozen base (NF4Linear when
-quantized, nn.Linear otherwise).
+quantized, nn.Linear otherwise); the projections that share an input (q/k/v, gate/up) run through
+lora.forward_group, which serves a mixed batch's LoRA terms of the group in one kernel call.
 """
 import torch
 import torch.nn.functional as F
@@ -22,7 +23,7 @@ from qlora_kit.kernels.cpu import linear16, matmul_dtype
 from .attention import AttentionMeta, attend, build_meta
 from .batch import Batch
 from .config import ModelConfig
-from .lora import LoraLinear
+from .lora import LoraLinear, forward_group
 from .nf4_linear import NF4Linear, dense_linear
 from .rope import apply_rope, inv_frequencies, rope_cos_sin
 
@@ -62,9 +63,10 @@ class Attention(nn.Module):
     def forward(self, x, cos, sin, meta: AttentionMeta, adapter_ids, cache) -> torch.Tensor:
         B, T, _ = x.shape
         c = self.cfg
-        q = self.q_proj(x, adapter_ids).view(B, T, c.num_heads, c.head_dim)
-        k = self.k_proj(x, adapter_ids).view(B, T, c.num_kv_heads, c.head_dim)
-        v = self.v_proj(x, adapter_ids).view(B, T, c.num_kv_heads, c.head_dim).transpose(1, 2)
+        q, k, v = forward_group((self.q_proj, self.k_proj, self.v_proj), x, adapter_ids)
+        q = q.view(B, T, c.num_heads, c.head_dim)
+        k = k.view(B, T, c.num_kv_heads, c.head_dim)
+        v = v.view(B, T, c.num_kv_heads, c.head_dim).transpose(1, 2)
         if c.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         q = apply_rope(q.transpose(1, 2), cos, sin)
@@ -84,7 +86,8 @@ class MLP(nn.Module):
         self.down_proj = _projection(i, h, cfg.mlp_bias, quantized, backend)
 
     def forward(self, x, adapter_ids) -> torch.Tensor:
-        return self.down_proj(kernels.swiglu(self.gate_proj(x, adapter_ids), self.up_proj(x, adapter_ids)), adapter_ids)
+        gate, up = forward_group((self.gate_proj, self.up_proj), x, adapter_ids)
+        return self.down_proj(kernels.swiglu(gate, up), adapter_ids)
 
 
 class DecoderLayer(nn.Module):

@@ -19,6 +19,8 @@ the kernels as they are: Triton (CUDA) computes in x's dtype, the CPU path in th
   scales and an id -> packed index table. Without grad (serving) the packed copy is reused until an adapter is added, removed or written in place (tracked by the Parameters' versions);
   with grad (train-many) it is a differentiable concatenation of the Parameters, made each forward since
   every optimizer step changes them.
+- Layers that share an input (q/k/v, gate/up) serve a mixed batch through forward_group: one
+  kernels.lora_multi_group call for the group when the layers carry the same adapters, ranks and scales.
 """
 import math
 from dataclasses import dataclass
@@ -48,6 +50,7 @@ class _Packing:
     dropouts: torch.Tensor
     table: torch.Tensor
     params: tuple[list[nn.Parameter], list[nn.Parameter]]  # the A_i and the B_i in packed order
+    signature: tuple  # (ids, ranks, scales) as host values: equal signatures mean equal offsets, scales and table
     cache: tuple | None = None  # (key, A, B) packed, reused without grad while key holds
 
 
@@ -156,10 +159,12 @@ class LoraLinear(nn.Module):
             ranks = [self.lora_a[str(i)].shape[0] for i in ids]
             table = torch.full((max(ids) + 3,), -1, dtype=torch.int64)  # the last entry: every id above the largest
             table[torch.tensor(ids) + 1] = torch.arange(len(ids))
+            scales = [self.scales[i] for i in ids]
             self._packing = _Packing(ids, torch.tensor([0] + ranks, device=dev).cumsum(0),
-                                     torch.tensor([self.scales[i] for i in ids], device=dev),
+                                     torch.tensor(scales, dtype=torch.float32, device=dev),
                                      torch.tensor([self.dropouts[i] for i in ids], device=dev), table.to(dev),
-                                     ([self.lora_a[str(i)] for i in ids], [self.lora_b[str(i)] for i in ids]))
+                                     ([self.lora_a[str(i)] for i in ids], [self.lora_b[str(i)] for i in ids]),
+                                     (ids, tuple(ranks), tuple(scales)))
         return self._packing
 
     def _packed_weights(self, packing: _Packing) -> tuple[torch.Tensor, torch.Tensor]:
@@ -201,6 +206,10 @@ class LoraLinear(nn.Module):
         a, b = self._packed_weights(packing)
         return kernels.lora_multi(y, self._dropout(x, packing, local), ids, a, b, packing.offsets, packing.scales)
 
+    def _serves_mixed(self, rows: "_Rows") -> bool:
+        """True when forward would run kernels.lora_multi without dropout for these rows (the caller: no autograd)."""
+        return bool(self.scales) and rows.uniform is None and not (self.training and max(self.dropouts.values()) > 0)
+
     def extra_repr(self) -> str:
         ranks = {i: self.lora_a[str(i)].shape[0] for i in self.adapter_ids}
         return f"in_features={self.in_features}, out_features={self.out_features}, adapters(rank)={ranks}"
@@ -218,3 +227,29 @@ def _device_of(module: nn.Module) -> torch.device:
     for t in list(module.parameters()) + list(module.buffers()):
         return t.device
     return torch.device("cpu")
+
+
+def forward_group(layers: tuple[LoraLinear, ...], x: torch.Tensor, adapter_ids: torch.Tensor | None) -> list[torch.Tensor]:
+    """[layer(x, adapter_ids) for layer in layers] for layers that take the same input (q/k/v; gate/up), equal to
+    those calls bit for bit.
+
+    Serving a mixed batch (rows of several adapters, no autograd, no dropout), layers that carry the same adapters
+    with the same ranks and scales make one kernels.lora_multi_group call, which on CPU is one kernels/cpu/lora.c call
+    for the group, writing into the base outputs; otherwise (training, one adapter for every row, adapters that
+    differ between the layers) each layer runs its own forward. The group call bypasses each layer's forward, so
+    forward hooks registered on the layers do not fire on that path.
+    """
+    if adapter_ids is None or torch.is_grad_enabled():
+        return [layer(x, adapter_ids) for layer in layers]
+    rows = _Rows.of(adapter_ids)
+    if not all(layer._serves_mixed(rows) for layer in layers):
+        return [layer(x, adapter_ids) for layer in layers]
+    packings = [layer._packed() for layer in layers]
+    first = packings[0]
+    if any(p.signature != first.signature for p in packings[1:]):
+        return [layer(x, adapter_ids) for layer in layers]
+    ids = rows.token_index(first, x.shape[:-1])
+    weights = [layer._packed_weights(p) for layer, p in zip(layers, packings)]
+    ys = [linear_forward(layer.base, x) for layer in layers]
+    return kernels.lora_multi_group(ys, x, ids, [w[0] for w in weights], [w[1] for w in weights], first.offsets,
+                                    first.scales, reuse_base=True)

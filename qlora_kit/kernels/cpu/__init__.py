@@ -4,8 +4,8 @@ weight GEMM of dense.py) and lora.c (multi-adapter LoRA rows for inference); tra
 (lora.py)."""
 from .capability import matmul_dtype, native_16bit_matmul
 from .dense import linear16, linear16_ref
-from .lora import lora_cpu, lora_multi_cpu
+from .lora import lora_cpu, lora_multi_cpu, lora_multi_group_cpu
 from .nf4 import available, dequant_cpu, nf4_matmul_cpu, supports
 
-__all__ = ["available", "dequant_cpu", "linear16", "linear16_ref", "lora_cpu", "lora_multi_cpu", "matmul_dtype",
-           "native_16bit_matmul", "nf4_matmul_cpu", "supports"]
+__all__ = ["available", "dequant_cpu", "linear16", "linear16_ref", "lora_cpu", "lora_multi_cpu", "lora_multi_group_cpu",
+           "matmul_dtype", "native_16bit_matmul", "nf4_matmul_cpu", "supports"]

@@ -27,7 +27,7 @@ _P, _I, _C = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
 SIGNATURES = {
     "qk_dequant": [_P, _P, _P, _P, _P, _P, _I, _I, _I, _P, _C, _I, _I],
     "qk_gemm": [_P, _I, _P, _P, _P, _P, _P, _P, _I, _I, _I, _P, _I, _C, _I, _I, _P],
-    "qk_lora_rows": [_P, _C, _I, _P, _P, _P, _C, _P, _P, _P, _P, _I, _C, _I, _I],
+    "qk_lora_rows_group": [_P, _C, _I, _P, _I, _P, _P, _C, _P, _P, _P, _P, _P, _C, _I, _I],
     "qk_gemm16": [_P, _I, _P, _I, _P, _I, _C, _I, _I, _P],
     "qk_simd": [],
 }
@@ -98,5 +98,5 @@ def library() -> ctypes.CDLL | None:
     for name, args in SIGNATURES.items():
         getattr(lib, name).argtypes = args
     lib.qk_simd.restype = ctypes.c_int
-    lib.qk_lora_rows.restype = ctypes.c_int
+    lib.qk_lora_rows_group.restype = ctypes.c_int
     return lib

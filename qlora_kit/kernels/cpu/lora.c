@@ -9,6 +9,9 @@
  * base and y (M, N) in y_kind. Sums accumulate in fp32 (fused multiply-adds in 8 lanes on AVX2). The roundings
  * are those of kernels/cpu/lora.py's grouped bmm in w's dtype; only the order of each sum differs.
  *
+ * One call serves P projections that share x and the adapter packing (q/k/v; gate/up): each tile of rows casts x
+ * once, then runs every projection's shrink and expand exactly as a call of its own would.
+ *
  * Consecutive rows of one adapter (a prompt's tokens) run as a tile of up to QK_LORA_TILE rows that share every
  * load of A and BT; at decode (one row per adapter) the shrink runs 4 rank rows at once instead. Each row's sums
  * run in the same order whatever its tile (lanes of 16 over k in two accumulators, then the k tail; j ascending
@@ -215,18 +218,25 @@ QK_INLINE void tiles(const float *xr, int64_t K, const void *a, const void *bt, 
     else tile(xr, K, a, bt, wk, row0, r, s, base, y, N, yk, off, 4);
 }
 
-/* Rows [m_begin, m_end) of y; every r_i <= QK_LORA_MAX_RANK (the caller runs larger ranks elsewhere).
-   Returns 0, or -1 when the scratch for the rows of x in w's dtype cannot be allocated. */
-int qk_lora_rows(const void *x, int x_kind, int64_t K, const int64_t *ids, const void *a, const void *bt, int w_kind,
-                 const int64_t *offsets, const float *scales, const void *base, void *y, int64_t N, int y_kind,
-                 int64_t m_begin, int64_t m_end) {
+/* Rows [m_begin, m_end) of the P outputs y_p (P projections that share x and one adapter packing: q/k/v, gate/up):
+   A_p = a[p] (sum r, K), BT_p = bt[p] (sum r, N_p), base_p = base[p], y_p = y[p] (M, N_p); offsets and scales are
+   the packing's, one for all P. Per tile of rows, x is cast once and each projection's shrink and expand run as in a
+   call of its own (the same sums in the same order: the result is that of P calls with P = 1). y_p may be base_p
+   (in place: each element of base is read before the same element of y is written). Every r_i <= QK_LORA_MAX_RANK
+   (the caller runs larger ranks elsewhere). Returns 0, or -1 when the scratch for the rows of x cannot be allocated. */
+int qk_lora_rows_group(const void *x, int x_kind, int64_t K, const int64_t *ids, int64_t P, const void *const *a,
+                       const void *const *bt, int w_kind, const int64_t *offsets, const float *scales,
+                       const void *const *base, void *const *y, const int64_t *N, int y_kind, int64_t m_begin,
+                       int64_t m_end) {
     int64_t esize = y_kind == OUT_F32 ? 4 : 2;
     float *xr = malloc((size_t)(QK_LORA_TILE * K) * sizeof(float));
     if (!xr) return -1;
     for (int64_t m = m_begin; m < m_end;) {
         int64_t i = ids[m];
         if (i < 0) {
-            memcpy((char *)y + m * N * esize, (const char *)base + m * N * esize, (size_t)(N * esize));
+            for (int64_t p = 0; p < P; p++)
+                if (y[p] != base[p])
+                    memcpy((char *)y[p] + m * N[p] * esize, (const char *)base[p] + m * N[p] * esize, (size_t)(N[p] * esize));
             m++;
             continue;
         }
@@ -234,18 +244,30 @@ int qk_lora_rows(const void *x, int x_kind, int64_t K, const int64_t *ids, const
         while (nr < QK_LORA_TILE && m + nr < m_end && ids[m + nr] == i) nr++;
         for (int t = 0; t < nr; t++) x_row(x, x_kind, (m + t) * K, K, w_kind, xr + t * K);
         int64_t row0 = offsets[i], r = offsets[i + 1] - offsets[i];
+        for (int64_t p = 0; p < P; p++) {
 #ifdef QK_AVX2
-        if (m + nr < m_end && ids[m + nr] >= 0 && ids[m + nr] != i) { /* the next adapter's first lines, while this runs */
-            int64_t es = w_kind == OUT_F32 ? 4 : 2, next = offsets[ids[m + nr]];
-            for (int64_t b = 0; b < QK_LORA_AHEAD; b += 64) {
-                _mm_prefetch((const char *)a + next * K * es + b, _MM_HINT_T0);
-                _mm_prefetch((const char *)bt + next * N * es + b, _MM_HINT_T0);
+            /* the first lines of what runs next (the next projection's, or the next adapter's first projection's) */
+            int64_t es = w_kind == OUT_F32 ? 4 : 2, next = -1;
+            const void *na = NULL, *nb = NULL;
+            int64_t nn = 0;
+            if (p + 1 < P) {
+                next = row0, na = a[p + 1], nb = bt[p + 1], nn = N[p + 1];
+            } else if (m + nr < m_end && ids[m + nr] >= 0 && ids[m + nr] != i) {
+                next = offsets[ids[m + nr]], na = a[0], nb = bt[0], nn = N[0];
             }
-        }
+            if (next >= 0)
+                for (int64_t b = 0; b < QK_LORA_AHEAD; b += 64) {
+                    _mm_prefetch((const char *)na + next * K * es + b, _MM_HINT_T0);
+                    _mm_prefetch((const char *)nb + next * nn * es + b, _MM_HINT_T0);
+                }
 #endif
-        if (w_kind == OUT_BF16) tiles(xr, K, a, bt, OUT_BF16, row0, r, scales[i], base, y, N, y_kind, m * N, nr);
-        else if (w_kind == OUT_F16) tiles(xr, K, a, bt, OUT_F16, row0, r, scales[i], base, y, N, y_kind, m * N, nr);
-        else tiles(xr, K, a, bt, OUT_F32, row0, r, scales[i], base, y, N, y_kind, m * N, nr);
+            if (w_kind == OUT_BF16)
+                tiles(xr, K, a[p], bt[p], OUT_BF16, row0, r, scales[i], base[p], y[p], N[p], y_kind, m * N[p], nr);
+            else if (w_kind == OUT_F16)
+                tiles(xr, K, a[p], bt[p], OUT_F16, row0, r, scales[i], base[p], y[p], N[p], y_kind, m * N[p], nr);
+            else
+                tiles(xr, K, a[p], bt[p], OUT_F32, row0, r, scales[i], base[p], y[p], N[p], y_kind, m * N[p], nr);
+        }
         m += nr;
     }
     free(xr);

@@ -24,7 +24,11 @@ lora_multi:  y_m = base_m + s_i (x_m A_i^T) B_i^T,  i = ids[m]  (Hu et al. 2021,
     its own adapter (Punica's BGMV; a prompt's consecutive rows of one adapter as tiles of up to 4 sharing the
     weight loads, each row's sums in the same order whatever its tile) with the same roundings in w's dtype and fp32
     sums, in one call per layer; no grouping, padding, gather or scatter. Rows are split over torch's intra-op threads when the work is large.
+    Projections that share x and the packing (q/k/v, gate/up: lora_multi_group_cpu) go to lora.c in one call, which
+    casts each tile of x once and runs each projection's sums as its own call would; the caller may let it write
+    each output into its base output (no new (M, N) tensor).
 """
+import ctypes
 from dataclasses import dataclass
 
 import torch
@@ -43,7 +47,7 @@ def lora_cpu(base_out: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora
         x2 = x.reshape(-1, x.shape[-1])
         ids = torch.zeros(x2.shape[0], dtype=torch.int64)
         one = (torch.tensor([0, lora_a.shape[0]]), torch.tensor([scale], dtype=torch.float32))
-        return _lora_rows(base2, x2, ids, lora_a, lora_b, *one, lora_a.shape[0]).view(base_out.shape)
+        return _lora_rows([base2], x2, ids, [lora_a], [lora_b], *one, lora_a.shape[0])[0].view(base_out.shape)
     x2 = x.reshape(-1, x.shape[-1]).to(lora_a.dtype)
     u = (x2 @ lora_a.t()) * scale
     if base2.dtype == u.dtype:
@@ -133,7 +137,7 @@ def lora_multi_cpu(base_out: torch.Tensor, x: torch.Tensor, adapter_ids: torch.T
     bounds = offsets.tolist() if bounds is None else bounds
     r_max = max(map(int.__sub__, bounds[1:], bounds[:-1]), default=0)
     if not recorded and library() is not None and r_max <= ROWS_MAX_RANK:
-        return _lora_rows(base2, x2, adapter_ids, lora_a, lora_b, offsets, scales, r_max).view(base_out.shape)
+        return _lora_rows([base2], x2, adapter_ids, [lora_a], [lora_b], offsets, scales, r_max)[0].view(base_out.shape)
     y = base2
     for g in _plan(adapter_ids, bounds):
         a_g, bt_g = _group_weights(lora_a, lora_b, g)
@@ -151,34 +155,65 @@ def lora_multi_cpu(base_out: torch.Tensor, x: torch.Tensor, adapter_ids: torch.T
     return y.view(base_out.shape) if y is not base2 else base_out.clone()
 
 
+def lora_multi_group_cpu(base_outs: list[torch.Tensor], x: torch.Tensor, adapter_ids: torch.Tensor,
+                         lora_as: list[torch.Tensor], lora_bs: list[torch.Tensor], offsets: torch.Tensor,
+                         scales: torch.Tensor, bounds: list[int] | None = None,
+                         reuse_base: bool = False) -> list[torch.Tensor]:
+    """lora_multi_cpu for P projections sharing x and one packing (kernels.lora_multi_group): without autograd, one
+    lora.c call for all P, the same arithmetic as P calls (bit for bit); else (or past the kernel's rank limit, or
+    with A/B dtypes that differ between projections) P lora_multi_cpu calls. `reuse_base`: the rows kernel writes
+    each output into its base_out (the caller gives them up); the returned list holds the outputs either way."""
+    k = x.shape[-1]
+    x2 = x.reshape(-1, k)
+    recorded = torch.is_grad_enabled() and (x.requires_grad or any(t.requires_grad for t in (*base_outs, *lora_as, *lora_bs)))
+    bounds = offsets.tolist() if bounds is None else bounds
+    r_max = max(map(int.__sub__, bounds[1:], bounds[:-1]), default=0)
+    w = lora_as[0].dtype
+    if (recorded or library() is None or r_max > ROWS_MAX_RANK or any(t.dtype != w for t in lora_as)
+            or len({b.dtype for b in base_outs}) != 1):
+        return [lora_multi_cpu(b, x, adapter_ids, a, bb, offsets, scales, bounds)
+                for b, a, bb in zip(base_outs, lora_as, lora_bs)]
+    bases2 = [b.reshape(-1, b.shape[-1]) for b in base_outs]
+    ys = _lora_rows(bases2, x2, adapter_ids, lora_as, lora_bs, offsets, scales, r_max, reuse_base)
+    return [y.view(b.shape) for y, b in zip(ys, base_outs)]
+
+
 ROWS_MAX_RANK = 1024  # lora.c QK_LORA_MAX_RANK: the rows kernel's scratch; larger ranks run the grouped bmm
 
 
-def _lora_rows(base2, x2, adapter_ids, lora_a, lora_b, offsets, scales, r_max: int) -> torch.Tensor:
-    """kernels/cpu/lora.c qk_lora_rows over all rows: y = base + the row's adapter's LoRA term (no autograd);
-    r_max, the largest rank, sizes the work for the thread split. x goes in its own dtype (the kernel casts it to
-    w's); every argument already in the kernel's layout is passed as it is (a decode step makes ~200 such calls)."""
+def _lora_rows(bases2: list[torch.Tensor], x2: torch.Tensor, adapter_ids: torch.Tensor, lora_as: list[torch.Tensor],
+               lora_bs: list[torch.Tensor], offsets: torch.Tensor, scales: torch.Tensor, r_max: int,
+               reuse_base: bool = False) -> list[torch.Tensor]:
+    """kernels/cpu/lora.c qk_lora_rows_group over all rows, for the P projections p (one A_p, B_p, base_p each, one
+    x, ids and packing): y_p = base_p + the row's adapter's LoRA term (no autograd); y_p is base_p itself when
+    `reuse_base` and base_p is contiguous. r_max, the largest rank, sizes the work for the thread split. x goes in
+    its own dtype (the kernel casts it to w's); every argument already in the kernel's layout is passed as it is
+    (a decode step makes ~100 such calls)."""
     m, k = x2.shape
-    n = base2.shape[1]
-    a = lora_a.contiguous()
-    bt = lora_b.t().contiguous()  # (sum r_i, N): a view, no copy, for the packing LoraLinear makes on CPU
     x_c = x2.contiguous()
     ids = adapter_ids.reshape(-1)
     ids = ids.contiguous() if ids.dtype == torch.int64 else ids.to(torch.int64).contiguous()
     off = offsets.contiguous() if offsets.dtype == torch.int64 else offsets.to(torch.int64).contiguous()
     sc = scales.contiguous() if scales.dtype == torch.float32 else scales.to(torch.float32).contiguous()
-    base_c = base2.contiguous()
-    y = torch.empty_like(base_c)
+    a = [t.contiguous() for t in lora_as]
+    bt = [t.t().contiguous() for t in lora_bs]  # (sum r_i, N): a view, no copy, for the packing LoraLinear makes on CPU
+    base_c = [b.contiguous() for b in bases2]
+    ys = [b if reuse_base and b is b0 else torch.empty_like(b) for b, b0 in zip(base_c, bases2)]
+    ptrs = ctypes.c_void_p * len(a)
+    n = [b.shape[1] for b in base_c]
     lib = library()
-    args = (x_c.data_ptr(), _KIND[x_c.dtype], k, ids.data_ptr(), a.data_ptr(), bt.data_ptr(), _KIND[a.dtype],
-            off.data_ptr(), sc.data_ptr(), base_c.data_ptr(), y.data_ptr(), n, _KIND[y.dtype])  # the tensors stay alive
+    # the tensors above stay alive until the calls return
+    args = (x_c.data_ptr(), _KIND[x_c.dtype], k, ids.data_ptr(), len(a), ptrs(*[t.data_ptr() for t in a]),
+            ptrs(*[t.data_ptr() for t in bt]), _KIND[a[0].dtype], off.data_ptr(), sc.data_ptr(),
+            ptrs(*[t.data_ptr() for t in base_c]), ptrs(*[t.data_ptr() for t in ys]), (ctypes.c_int64 * len(n))(*n),
+            _KIND[ys[0].dtype])
 
     def call(begin: int, end: int) -> None:
-        if lib.qk_lora_rows(*args, begin, end) != 0:
-            raise MemoryError(f"qk_lora_rows: no memory for {4 * k} floats of scratch")
+        if lib.qk_lora_rows_group(*args, begin, end) != 0:
+            raise MemoryError(f"qk_lora_rows_group: no memory for {4 * k} floats of scratch")
 
     if torch.get_num_threads() == 1:
         call(0, m)
     else:
-        _run(_split(m, 1, m * r_max * (k + n)), call)
-    return y
+        _run(_split(m, 1, m * r_max * (k * len(a) + sum(n))), call)
+    return ys

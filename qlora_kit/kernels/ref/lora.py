@@ -40,3 +40,17 @@ def lora_multi_ref(
     for sel, delta in rows:
         out = out.index_add(0, sel, delta)
     return out.to(base_out.dtype).reshape(base_out.shape)
+
+
+def lora_multi_group_ref(
+    base_outs: list[torch.Tensor],
+    x: torch.Tensor,
+    adapter_ids: torch.Tensor,
+    lora_as: list[torch.Tensor],
+    lora_bs: list[torch.Tensor],
+    offsets: torch.Tensor,
+    scales: torch.Tensor,
+) -> list[torch.Tensor]:
+    """lora_multi_ref for P projections sharing x, adapter_ids and the packing: y_p = lora_multi_ref(base_outs[p], x,
+    adapter_ids, lora_as[p], lora_bs[p], offsets, scales). FLOPs and traffic: the sum of the P lora_multi ones."""
+    return [lora_multi_ref(b, x, adapter_ids, a, bb, offsets, scales) for b, a, bb in zip(base_outs, lora_as, lora_bs)]

@@ -106,3 +106,23 @@ def test_lora_multi_rejects_bad_offsets():
     a, b, offsets, scales = _adapters(16, 16, [4, 2], torch.float32)
     with pytest.raises(ValueError, match="do not cut 6 rank rows"):
         lora_multi(torch.randn(2, 16), torch.randn(2, 16), torch.tensor([0, 1]), a, b, offsets + 1, scales, backend="triton")
+
+
+def test_lora_multi_group_triton_is_the_per_projection_calls():
+    # CUDA (Triton) has no fused group kernel: lora_multi_group runs each projection's Triton lora_multi, so it
+    # follows the twin like them, gradients included
+    from qlora_kit.kernels import lora_multi_group
+    from qlora_kit.kernels.ref import lora_multi_group_ref
+
+    per = [_adapters(45, n, [4, 8, 3], torch.float32) for n in (37, 16)]
+    a, b, offsets, scales = [p[0] for p in per], [p[1] for p in per], per[0][2], per[0][3]
+    ids = torch.tensor([0, -1, 2, 1, 0, 2, -1])
+    x, bases = torch.randn(7, 45), [torch.randn(7, 37), torch.randn(7, 16)]
+    grads = []
+    for fn in (lambda *t: lora_multi_group(*t, backend="triton"), lora_multi_group_ref):
+        leaves = [t.detach().requires_grad_() for t in [x, *a, *b]]
+        ys = fn(bases, leaves[0], ids, leaves[1:3], leaves[3:5], offsets, scales)
+        torch.autograd.backward(ys, [torch.ones_like(y) for y in ys])
+        grads.append([*ys] + [t.grad for t in leaves])
+    for name, g, w in zip(("y0", "y1", "dx", "dA0", "dA1", "dB0", "dB1"), *grads):
+        _close(name, g, w, torch.float32)

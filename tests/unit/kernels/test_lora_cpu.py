@@ -103,6 +103,8 @@ def test_bad_inputs_raise_the_same_error_on_every_backend(backend):
         lora(base, x, a.double(), b, 1.0, backend=backend)
     with pytest.raises(ValueError, match="do not fit"):
         lora(base, x, a, b[:8], 1.0, backend=backend)
+    with pytest.raises(ValueError, match="must be on one device"):
+        lora(base, x, a.to("meta"), b.to("meta"), 1.0, backend=backend)
 
 
 def test_transposed_b_layout_and_reused_ids_follow_the_twin():
@@ -185,3 +187,74 @@ def test_rows_kernel_result_of_a_row_does_not_depend_on_its_neighbours(w_dtype):
             alone = lora_multi(base[m:m + 1], x[m:m + 1], ids[m:m + 1], a, b, offsets, scales, backend="torch")
             assert torch.equal(alone[0], rows[m]), m
     _close("rows vs twin", rows, lora_multi_ref(base, x, ids, a, b, offsets, scales), torch.bfloat16)
+
+
+def _group(k, ns, ranks, dtype):
+    """P projections (out sizes ns) of one packing: A_p, B_p per projection, offsets and scales shared."""
+    per = [_adapters(k, n, ranks, dtype) for n in ns]
+    return [p[0] for p in per], [p[1] for p in per], per[0][2], per[0][3]
+
+
+@pytest.mark.parametrize("w_dtype", DTYPES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("ranks", RANKS.values(), ids=RANKS.keys())
+def test_lora_multi_group_matches_twin_and_equals_separate_calls(ranks, dtype, w_dtype):
+    # q/k/v-like projections sharing x: the group call (one lora.c call) equals the P lora_multi calls bit for bit,
+    # written into the base outputs with reuse_base, and follows the twin; N = 37, 16, 301 exercise the tails and the
+    # expand's column blocks, runs of one adapter the tiles
+    from qlora_kit.kernels import lora_multi_group
+    from qlora_kit.kernels.ref import lora_multi_group_ref
+
+    k, ns = 45, (37, 16, 301)
+    a, b, offsets, scales = _group(k, ns, ranks, w_dtype)
+    ids = torch.randint(-1, len(ranks), (3, 5), generator=torch.Generator().manual_seed(5))
+    ids[1] = len(ranks) - 1  # a prompt's run of one adapter (tiles of 4 and 1)
+    x = torch.randn(3, 5, k).to(dtype)
+    bases = [torch.randn(3, 5, n).to(dtype) for n in ns]
+    with torch.no_grad():
+        separate = [lora_multi(bo, x, ids, aa, bb, offsets, scales, backend="torch") for bo, aa, bb in zip(bases, a, b)]
+        grouped = lora_multi_group(bases, x, ids, a, b, offsets, scales, backend="torch")
+        kept = [bo.clone() for bo in bases]
+        inplace = lora_multi_group(kept, x, ids, a, b, offsets, scales, backend="torch", reuse_base=True)
+    want = lora_multi_group_ref(bases, x, ids, a, b, offsets, scales)
+    for p, n in enumerate(ns):
+        assert grouped[p].shape == (3, 5, n) and grouped[p].dtype == dtype
+        assert torch.equal(grouped[p], separate[p]), p
+        assert torch.equal(inplace[p], separate[p]), p
+        _close(f"group {p} vs twin", grouped[p], want[p], min(dtype, w_dtype, key=_eps))
+    from qlora_kit.kernels.cpu import available
+
+    if available():  # the rows kernel wrote into the bases it was given
+        assert all(y.data_ptr() == bo.data_ptr() for y, bo in zip(inplace, kept))
+
+
+def test_lora_multi_group_gradients_follow_the_twin():
+    # with autograd the group is P lora_multi calls: every output's gradients reach x, each A_p and each B_p
+    from qlora_kit.kernels import lora_multi_group
+    from qlora_kit.kernels.ref import lora_multi_group_ref
+
+    k, ns = 45, (37, 16)
+    a, b, offsets, scales = _group(k, ns, [4, 8, 4], torch.float32)
+    ids = torch.tensor([[0, 1, 2], [2, -1, 0]])
+    x = torch.randn(2, 3, k)
+    bases = [torch.randn(2, 3, n) for n in ns]
+    dys = [torch.randn(2, 3, n) for n in ns]
+    grads = []
+    for fn in (lambda *t: lora_multi_group(*t, backend="torch"), lora_multi_group_ref):
+        leaves = [t.detach().requires_grad_() for t in [x, *a, *b]]
+        ys = fn(bases, leaves[0], ids, leaves[1:3], leaves[3:5], offsets, scales)
+        torch.autograd.backward(ys, dys)
+        grads.append([ys[0], ys[1]] + [t.grad for t in leaves])
+    for name, g, w in zip(("y0", "y1", "dx", "dA0", "dA1", "dB0", "dB1"), *grads):
+        _close(name, g, w, torch.float32)
+
+
+def test_lora_multi_group_rejects_projections_of_different_packings():
+    from qlora_kit.kernels import lora_multi_group
+
+    a, b, offsets, scales = _group(16, (8, 8), [4, 4], torch.float32)
+    x, bases = torch.randn(3, 16), [torch.randn(3, 8), torch.randn(3, 8)]
+    with pytest.raises(ValueError, match="different rank rows"):
+        lora_multi_group(bases, x, torch.tensor([0, 1, -1]), [a[0], a[1][:4]], [b[0], b[1][:, :4]], offsets, scales)
+    with pytest.raises(ValueError, match="one of each per projection"):
+        lora_multi_group(bases, x, torch.tensor([0, 1, -1]), a[:1], b, offsets, scales)

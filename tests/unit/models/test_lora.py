@@ -98,6 +98,58 @@ def _many(n, ranks=(2, 4, 8)):
     return layer, w
 
 
+def _group_of(n_layers, in_f=64, outs=(32, 16, 48)):
+    """n_layers LoraLinear over one input with the same adapters (ids, ranks, scales), as q/k/v."""
+    layers = []
+    for out_f in outs[:n_layers]:
+        layer, _ = _lora(in_f, out_f)
+        for i, r in ((1, 2), (4, 8), (7, 2), (9, 16)):
+            layer.add_adapter(i, rank=r, scale=2.0 / r)
+            with torch.no_grad():
+                layer.lora_b[str(i)].normal_()
+        layers.append(layer)
+    return layers
+
+
+@pytest.mark.parametrize("mode", ["no_grad", "inference_mode"])
+def test_forward_group_equals_each_layer_bit_for_bit(mode, monkeypatch):
+    # serving: q/k/v (three layers sharing x) make one lora_multi_group call whose outputs equal the layers' own
+    # forwards exactly; rows of every kind (-1, an id no layer has, runs of one adapter)
+    from qlora_kit import kernels
+    from qlora_kit.models.lora import forward_group
+
+    layers = _group_of(3)
+    ids, x = torch.tensor([1, -1, 9, 4, 4, 5, 7]), torch.randn(7, 3, 64)
+    calls = []
+    real = kernels.lora_multi_group
+    monkeypatch.setattr(kernels, "lora_multi_group", lambda *a, **k: calls.append(len(a[0])) or real(*a, **k))
+    with torch.no_grad() if mode == "no_grad" else torch.inference_mode():
+        want = [layer(x, ids) for layer in layers]
+        got = forward_group(tuple(layers), x, ids)
+    assert calls == [3]
+    for g, w in zip(got, want):
+        assert g.shape == w.shape and torch.equal(g, w)
+
+
+def test_forward_group_runs_each_layer_when_it_cannot_share():
+    # different scales between the layers, one adapter for every row, training (autograd): each layer's forward
+    from qlora_kit.models.lora import forward_group
+
+    layers = _group_of(2)
+    x = torch.randn(4, 2, 64)
+    layers[1].scales[4] = 0.5
+    layers[1]._packing = None
+    mixed, uniform = torch.tensor([1, 4, -1, 9]), torch.tensor([4, 4, 4, 4])
+    with torch.no_grad():
+        for ids in (mixed, uniform):
+            for g, w in zip(forward_group(tuple(layers), x, ids), [layer(x, ids) for layer in layers]):
+                assert torch.equal(g, w)
+    x.requires_grad_()
+    ys = forward_group(tuple(layers), x, mixed)
+    sum(y.sum() for y in ys).backward()
+    assert x.grad is not None and layers[0].lora_a["4"].grad is not None and layers[1].lora_b["1"].grad is not None
+
+
 def test_mixed_path_reuses_its_packing_and_sees_in_place_writes():
     # serving: the packed A/B are made once, not per forward; an in-place write (an adapter install) refreshes them
     layer, w = _many(5)
