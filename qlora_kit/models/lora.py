@@ -135,6 +135,42 @@ class LoraLinear(nn.Module):
             del self.scales[adapter_id], self.dropouts[adapter_id]
             self._packing = None
 
+    def write_adapter(self, adapter_id: int, a: torch.Tensor, b: torch.Tensor, scale: float,
+                      dropout: float = 0.0) -> bool:
+        """Overwrite adapter `adapter_id` in place with A (r, in) and B (out, r) of its own rank and dtype (a
+        server reusing a slot): its Parameters stay, and a serving packing keeps its layout, with only this
+        adapter's rows of the packed A, columns of the packed B, scale and dropout rewritten (the other adapters
+        of the layer are not re-packed).
+
+        Returns:
+            False, changing nothing, when the layer has no adapter `adapter_id` or its A/B shapes or dtype differ
+            from a/b's (then remove it and add a fresh one); True once written.
+        """
+        key = str(adapter_id)
+        if adapter_id not in self.scales:
+            return False
+        pa, pb = self.lora_a[key], self.lora_b[key]
+        if pa.shape != a.shape or pb.shape != b.shape or pa.dtype != a.dtype or pb.dtype != b.dtype:
+            return False
+        packing = self._packing
+        packed = packing is not None and packing.cache is not None and packing.cache[0] == _weights_key(packing)
+        with torch.no_grad():
+            pa.copy_(a)
+            pb.copy_(b)
+        if packing is not None:  # its tensors are inference tensors when a serving forward made them
+            with torch.inference_mode():
+                j = packing.ids.index(adapter_id)
+                packing.scales[j] = float(scale)
+                packing.dropouts[j] = float(dropout)
+                if packed:  # the cached packed A/B were current: rewrite this adapter's slice and keep them
+                    lo = sum(self.lora_a[str(i)].shape[0] for i in packing.ids[:j])
+                    _, ca, cb = packing.cache
+                    ca[lo:lo + a.shape[0]].copy_(a)
+                    cb[:, lo:lo + a.shape[0]].copy_(b)
+                    packing.cache = (_weights_key(packing), ca, cb)
+        self.scales[adapter_id], self.dropouts[adapter_id] = float(scale), float(dropout)
+        return True
+
     def adapter_params(self, adapter_id: int | None = None) -> dict[str, nn.Parameter]:
         """The trainable tensors: {"lora_a.<id>": A, "lora_b.<id>": B} for one adapter or all."""
         ids = self.adapter_ids if adapter_id is None else [adapter_id]
@@ -167,7 +203,7 @@ class LoraLinear(nn.Module):
         a, b = packing.params
         if torch.is_grad_enabled() and any(p.requires_grad for p in a + b):
             return torch.cat(a), _cat_columns(b)
-        key = (a[0].device, sum(map(_VERSION, a)) + sum(map(_VERSION, b)))
+        key = _weights_key(packing)
         if packing.cache is None or packing.cache[0] != key:
             with torch.no_grad():
                 packing.cache = (key, torch.cat(a), _cat_columns(b))
@@ -204,6 +240,13 @@ class LoraLinear(nn.Module):
     def extra_repr(self) -> str:
         ranks = {i: self.lora_a[str(i)].shape[0] for i in self.adapter_ids}
         return f"in_features={self.in_features}, out_features={self.out_features}, adapters(rank)={ranks}"
+
+
+def _weights_key(packing: _Packing) -> tuple:
+    """What the packed A/B cache is valid for: the device and the sum of the Parameters' version counters (every
+    in-place write bumps one)."""
+    a, b = packing.params
+    return a[0].device, sum(map(_VERSION, a)) + sum(map(_VERSION, b))
 
 
 def _cat_columns(b: list[torch.Tensor]) -> torch.Tensor:
