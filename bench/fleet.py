@@ -130,9 +130,10 @@ def _q(xs: list[float], p: int) -> float:
 def main(n_adapters, n_requests, concurrency, zipf, slots, host_adapters, new_tokens, prompt_tokens, rank, reps,
          threads, dtype, dense_base, as_json):
     begin(threads, reps, ["--dense-base: a dense copy of the base (4x weight memory)"] * dense_base)
+    why = SLOTS_RULE if slots is None else "--slots, explicit"
     slots = concurrency if slots is None else slots
     host_adapters = max(64, 2 * slots) if host_adapters is None else host_adapters
-    print(f"slots: {slots} ({SLOTS_RULE})", flush=True)
+    print(f"slots: {slots} ({why})", flush=True)
     print(f"engine step thread: {ENGINE_THREADS} intra-op thread(s) (ServeConfig.threads, the default)", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = Path(tmp) / "smollm2-135m-instruct"
