@@ -1,14 +1,15 @@
 """A fleet of adapters loaded on demand from an --adapter-store: throughput against the same workload over 8
 adapters and over the base alone, time to first token, loads and evictions.
 
-    python -m bench.fleet [--adapters 1000] [--requests 3000] [--concurrency 64] [--zipf 1.1] [--slots 8]
-                          [--host-adapters 64] [--new-tokens 4] [--prompt-tokens 8] [--rank 8] [--reps 1]
+    python -m bench.fleet [--adapters 1000] [--requests 3000] [--concurrency 64] [--zipf 1.1] [--slots N]
+                          [--host-adapters N] [--new-tokens 4] [--prompt-tokens 8] [--rank 8] [--reps 1]
                           [--threads N] [--dtype bfloat16] [--dense-base] [--json]
 
 Default configuration = what `qserve serve` users get (the 4-bit base, bfloat16, ServeConfig.threads), plus the
 fleet flags: --adapter-store with `adapters` adapters, --max-loras `slots` and --cpu-adapter-budget of
-`host-adapters` adapters' bytes. Adapters: rank `rank` on q_proj and v_proj, random A and non-zero B in bf16,
-written straight into the store (seed i for adapter i).
+`host-adapters` adapters' bytes (defaults: slots = the concurrency, SLOTS_RULE below; host-adapters =
+max(64, 2 x slots), since resident adapters count in the host budget). Adapters: rank `rank` on q_proj and v_proj,
+random A and non-zero B in bf16, written straight into the store (seed i for adapter i).
 
 Workload (one trace, three sides): `requests` completions, adapter k drawn Zipf(`zipf`) over the fleet (seeded),
 prompt = `prompt-tokens` seeded random token ids, greedy, exactly `new-tokens` new tokens (ignore_eos),
@@ -17,7 +18,8 @@ k), `8 adapters` (adapter k mod 8, the same trace), `base` (no adapter). Each si
 `concurrency` requests, then `reps` timed rounds, sides interleaved (bench._timing.interleave). Throughput =
 generated tokens / wall time of a round; TTFT = request start to its first streamed token, p50/p99 over all
 timed requests of a side. Loads and evictions are counted over the timed fleet rounds (the registry's
-FleetStats: qserve:adapter_loads_total / qserve:adapter_evictions_total), per side.
+FleetStats: qserve:adapter_loads_total / qserve:adapter_evictions_total), per side, and so are the engine's steps:
+tokens/step = the model's input tokens (prompt + new tokens - 1 per request) / steps, the batch fill.
 """
 import asyncio
 import json
@@ -40,6 +42,12 @@ from qlora_kit.qconvert.convert import convert
 from qlora_kit.qserve.config import ENGINE_THREADS, ServeConfig
 from qlora_kit.qserve.server import start
 
+# The default --slots, chosen by measurement (bench/results/fleet.md): a CPU step's cost barely depends on its rows (the
+# base's weights are read once a step), so throughput follows batch fill; with fewer slots than requests in flight the
+# Zipf tail's requests wait for a slot and the batch runs part-empty (8 slots at concurrency 32: 97 steps for the
+# work the 8-adapter trace does in 50). On CPU a slot is ~1 MB of host RAM and the rows kernel's cost is per row, not
+# per adapter, so one slot per request in flight costs little.
+SLOTS_RULE = "default = the concurrency: one slot per request in flight, so no request waits for a slot"
 SRC = Path(os.environ.get("QLORA_KIT_SMOLLM2", ".cache/smollm2-135m-instruct"))
 TARGETS = ("q_proj", "v_proj")
 
@@ -106,9 +114,11 @@ def _q(xs: list[float], p: int) -> float:
 @click.option("--requests", "n_requests", default=3000, show_default=True, help="Requests per timed round.")
 @click.option("--concurrency", default=64, show_default=True, help="Requests in flight.")
 @click.option("--zipf", default=1.1, show_default=True, help="Zipf exponent of the adapter popularity.")
-@click.option("--slots", default=8, show_default=True, help="Resident adapter slots (--max-loras).")
-@click.option("--host-adapters", default=64, show_default=True,
-              help="--cpu-adapter-budget as this many adapters' bytes.")
+@click.option("--slots", type=int, default=None,
+              help="Resident adapter slots (--max-loras); default: the concurrency (SLOTS_RULE).")
+@click.option("--host-adapters", type=int, default=None,
+              help="--cpu-adapter-budget as this many adapters' bytes; default: max(64, 2 x slots) (resident "
+                   "adapters count in it).")
 @click.option("--new-tokens", default=4, show_default=True)
 @click.option("--prompt-tokens", default=8, show_default=True)
 @click.option("--rank", default=8, show_default=True)
@@ -120,6 +130,10 @@ def _q(xs: list[float], p: int) -> float:
 def main(n_adapters, n_requests, concurrency, zipf, slots, host_adapters, new_tokens, prompt_tokens, rank, reps,
          threads, dtype, dense_base, as_json):
     begin(threads, reps, ["--dense-base: a dense copy of the base (4x weight memory)"] * dense_base)
+    why = SLOTS_RULE if slots is None else "--slots, explicit"
+    slots = concurrency if slots is None else slots
+    host_adapters = max(64, 2 * slots) if host_adapters is None else host_adapters
+    print(f"slots: {slots} ({why})", flush=True)
     print(f"engine step thread: {ENGINE_THREADS} intra-op thread(s) (ServeConfig.threads, the default)", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = Path(tmp) / "smollm2-135m-instruct"
@@ -131,7 +145,7 @@ def main(n_adapters, n_requests, concurrency, zipf, slots, host_adapters, new_to
         config = ServeConfig(str(ckpt), dtype=dtype, dequantize_base=dense_base, adapter_store=str(Path(tmp) / "store"),
                              max_loras=slots, cpu_adapter_budget=str(host_adapters * nbytes),
                              max_num_seqs=concurrency, max_num_batched_tokens=max(1024, concurrency * prompt_tokens),
-                             max_model_len=64, kv_cache_tokens=max(4096, concurrency * 64), max_waiting=4096)
+                             max_model_len=64, kv_cache_tokens=max(4096, concurrency * 64), max_waiting=4096, port=0)
         handle = start(config)
         reg, base = handle.engine.registry, config.served_name
         rnd = random.Random(1)
@@ -144,12 +158,14 @@ def main(n_adapters, n_requests, concurrency, zipf, slots, host_adapters, new_to
             asyncio.run(_round(handle.url, models[:concurrency], prompts[:concurrency], base, concurrency, new_tokens))
         results: dict[str, list[dict]] = {k: [] for k in workloads}
         delta = {k: {"loads": {}, "evictions": {}, "requests": {}} for k in workloads}
+        steps = dict.fromkeys(workloads, 0)  # engine steps in the timed rounds: fewer = fuller batches
 
         def side(name):
             def run():
-                before = reg.stats.snapshot()
+                before, step0 = reg.stats.snapshot(), handle.engine.steps
                 r = asyncio.run(_round(handle.url, workloads[name], prompts, base, concurrency, new_tokens))
                 after = reg.stats.snapshot()
+                steps[name] += handle.engine.steps - step0
                 for key, d in delta[name].items():  # this side's own loads, evictions and tier hits
                     for t in after[key]:
                         d[t] = d.get(t, 0) + after[key][t] - before[key][t]
@@ -164,7 +180,8 @@ def main(n_adapters, n_requests, concurrency, zipf, slots, host_adapters, new_to
     head = (f"{n_adapters} adapters (Zipf {zipf}), {n_requests} requests, concurrency {concurrency}, {slots} slots, "
             f"host budget {host_adapters} adapters ({host_adapters * nbytes} B), prompt {prompt_tokens}, "
             f"{new_tokens} new tokens, {dtype}, {'dense base (--dense-base)' if dense_base else '4-bit base'}")
-    summary = {"config": head, "tok_s": runs.samples, "per_side": delta,
+    per_step = {k: reps * n_requests * (prompt_tokens + new_tokens - 1) / max(1, steps[k]) for k in workloads}
+    summary = {"config": head, "tok_s": runs.samples, "per_side": delta, "steps": steps, "tokens_per_step": per_step,
                "ttft_p50_s": {k: _q([t for r in v for t in r["ttft"]], 50) for k, v in results.items()},
                "ttft_p99_s": {k: _q([t for r in v for t in r["ttft"]], 99) for k, v in results.items()},
                "fleet_vs_8": med["fleet"] / med["8 adapters"], "fleet_vs_base": med["fleet"] / med["base"]}
@@ -172,10 +189,12 @@ def main(n_adapters, n_requests, concurrency, zipf, slots, host_adapters, new_to
         print(json.dumps(summary))
     else:
         print(head)
-        print(f"{'side':>10} {'tok/s [min-max]':>22} {'vs 8 adapters':>14} {'vs base':>8} {'TTFT p50':>9} {'p99':>8}")
+        print(f"{'side':>10} {'tok/s [min-max]':>22} {'vs 8 adapters':>14} {'vs base':>8} {'TTFT p50':>9} {'p99':>8} "
+              f"{'steps':>6} {'tokens/step':>11}")
         for k in workloads:
             print(f"{k:>10} {Stats.of(runs.samples[k]).fmt(digits=1):>22} {med[k] / med['8 adapters']:14.2f} "
-                  f"{med[k] / med['base']:8.2f} {summary['ttft_p50_s'][k]:8.2f}s {summary['ttft_p99_s'][k]:7.2f}s")
+                  f"{med[k] / med['base']:8.2f} {summary['ttft_p50_s'][k]:8.2f}s {summary['ttft_p99_s'][k]:7.2f}s "
+                  f"{steps[k]:6d} {per_step[k]:11.1f}")
         print(f"fleet rounds: loads {loads} (host = reads from the store), evictions {evictions}, "
               f"requests by the tier their adapter was in {hits}")
         print(f"8-adapter rounds: loads {delta['8 adapters']['loads']}, evictions {delta['8 adapters']['evictions']}")

@@ -16,7 +16,8 @@ the kernels as they are: Triton (CUDA) computes in x's dtype, the CPU path in th
 - All rows on one adapter: kernels.lora.
 - Rows of several adapters: one kernels.lora_multi call for all rows, whatever the number of adapters.
   The layer keeps its adapters packed, ordered by (rank, id): A (sum r_i, in), B (out, sum r_i), offsets,
-  scales and an id -> packed index table. Without grad (serving) the packed copy is reused until an adapter is added, removed or written in place (tracked by the Parameters' versions);
+  scales and an id -> packed index table. Without grad (serving) the packed copy is reused until an adapter is added, removed or written in place (tracked by the Parameters' versions;
+  write_adapter, a server reusing a slot, rewrites only that adapter's slice of it, scale and signature);
   with grad (train-many) it is a differentiable concatenation of the Parameters, made each forward since
   every optimizer step changes them.
 - Layers that share an input (q/k/v, gate/up) serve a mixed batch through forward_group: one
@@ -138,6 +139,44 @@ class LoraLinear(nn.Module):
             del self.scales[adapter_id], self.dropouts[adapter_id]
             self._packing = None
 
+    def write_adapter(self, adapter_id: int, a: torch.Tensor, b: torch.Tensor, scale: float,
+                      dropout: float = 0.0) -> bool:
+        """Overwrite adapter `adapter_id` in place with A (r, in) and B (out, r) of its own rank and dtype (a
+        server reusing a slot): its Parameters stay, and a serving packing keeps its layout, with only this
+        adapter's rows of the packed A, columns of the packed B, scale and dropout rewritten (the other adapters
+        of the layer are not re-packed).
+
+        Returns:
+            False, changing nothing, when the layer has no adapter `adapter_id` or its A/B shapes or dtype differ
+            from a/b's (then remove it and add a fresh one); True once written.
+        """
+        key = str(adapter_id)
+        if adapter_id not in self.scales:
+            return False
+        pa, pb = self.lora_a[key], self.lora_b[key]
+        if pa.shape != a.shape or pb.shape != b.shape or pa.dtype != a.dtype or pb.dtype != b.dtype:
+            return False
+        packing = self._packing
+        packed = packing is not None and packing.cache is not None and packing.cache[0] == _weights_key(packing)
+        with torch.no_grad():
+            pa.copy_(a)
+            pb.copy_(b)
+        if packing is not None:  # its tensors are inference tensors when a serving forward made them
+            with torch.inference_mode():
+                j = packing.ids.index(adapter_id)
+                packing.scales[j] = float(scale)
+                packing.dropouts[j] = float(dropout)
+                ids, ranks, scales = packing.signature  # forward_group compares layers by it: keep it true
+                packing.signature = (ids, ranks, scales[:j] + (float(scale),) + scales[j + 1:])
+                if packed:  # the cached packed A/B were current: rewrite this adapter's slice and keep them
+                    lo = sum(self.lora_a[str(i)].shape[0] for i in packing.ids[:j])
+                    _, ca, cb = packing.cache
+                    ca[lo:lo + a.shape[0]].copy_(a)
+                    cb[:, lo:lo + a.shape[0]].copy_(b)
+                    packing.cache = (_weights_key(packing), ca, cb)
+        self.scales[adapter_id], self.dropouts[adapter_id] = float(scale), float(dropout)
+        return True
+
     def adapter_params(self, adapter_id: int | None = None) -> dict[str, nn.Parameter]:
         """The trainable tensors: {"lora_a.<id>": A, "lora_b.<id>": B} for one adapter or all."""
         ids = self.adapter_ids if adapter_id is None else [adapter_id]
@@ -172,7 +211,7 @@ class LoraLinear(nn.Module):
         a, b = packing.params
         if torch.is_grad_enabled() and any(p.requires_grad for p in a + b):
             return torch.cat(a), _cat_columns(b)
-        key = (a[0].device, sum(map(_VERSION, a)) + sum(map(_VERSION, b)))
+        key = _weights_key(packing)
         if packing.cache is None or packing.cache[0] != key:
             with torch.no_grad():
                 packing.cache = (key, torch.cat(a), _cat_columns(b))
@@ -213,6 +252,13 @@ class LoraLinear(nn.Module):
     def extra_repr(self) -> str:
         ranks = {i: self.lora_a[str(i)].shape[0] for i in self.adapter_ids}
         return f"in_features={self.in_features}, out_features={self.out_features}, adapters(rank)={ranks}"
+
+
+def _weights_key(packing: _Packing) -> tuple:
+    """What the packed A/B cache is valid for: the device and the sum of the Parameters' version counters (every
+    in-place write bumps one)."""
+    a, b = packing.params
+    return a[0].device, sum(map(_VERSION, a)) + sum(map(_VERSION, b))
 
 
 def _cat_columns(b: list[torch.Tensor]) -> torch.Tensor:

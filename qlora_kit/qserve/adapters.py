@@ -5,9 +5,11 @@ Plain Python (no torch). The real work is injected:
 - `loader(name, path) -> (payload, nbytes)` reads and validates an adapter folder into host memory (torch,
   safetensors, shape checks against the base). It is slow, so the engine runs `load()` in a worker thread;
   the registry's lock is never held while a loader runs.
-- `on_resident(name, payload, slot)` / `on_evict(name, slot)` copy an adapter into / out of one of the
-  `max_loras` resident slots the runner's per-row LoRA kernels index. They run under the registry lock, from
-  the engine loop (through `ensure_resident`).
+- `on_resident(name, payload, slot)` copies an adapter into one of the `max_loras` resident slots the runner's
+  per-row LoRA kernels index (under the registry lock, from the engine loop through `ensure_resident`). A slot
+  given up to LRU eviction keeps its weights, unreachable (only a resident adapter's slot index reaches a batch),
+  for the next install to overwrite in place; `on_remove(name, slot)` runs when a resident adapter is removed
+  for good (unload), so an unloaded adapter's weights do not outlive it in memory.
 
 Reference counts: `acquire`/`release` count requests in flight (queued or running) and keep an adapter from
 being unloaded or dropped from the CPU tier; `pin`/`unpin` count requests in the running batch and keep it
@@ -130,12 +132,12 @@ class AdapterRegistry:
 
     def __init__(self, config: RegistryConfig, loader: Loader,
                  on_resident: Callable[[str, Any, int], None] | None = None,
-                 on_evict: Callable[[str, int], None] | None = None, store=None, hub=None):
+                 on_remove: Callable[[str, int], None] | None = None, store=None, hub=None):
         self.config, self.store = config, store  # store: a qserve.store.AdapterStore, or None
         self.hub = hub  # a qserve.store.HubSource, or None (Hub ids off)
         self.stats = FleetStats()
         self.stats.host_budget_bytes = config.cpu_budget_bytes
-        self._loader, self._on_resident, self._on_evict = loader, on_resident, on_evict
+        self._loader, self._on_resident, self._on_remove = loader, on_resident, on_remove
         self._lock = threading.RLock()
         self._loaded = threading.Condition(self._lock)
         self._entries: dict[str, _Entry] = {}
@@ -447,9 +449,7 @@ class AdapterRegistry:
         return sum(self._entries[n].nbytes or 0 for n in self._slots if n is not None)
 
     def _evict(self, e: _Entry) -> None:
-        """Resident -> CPU tier."""
-        if self._on_evict is not None:
-            self._on_evict(e.name, e.slot)
+        """Resident -> CPU tier (the slot's weights stay until the next install overwrites them)."""
         self._slots[e.slot] = None
         e.slot, e.state = -1, AdapterState.CPU
         self.evictions += 1
@@ -460,6 +460,8 @@ class AdapterRegistry:
 
     def _remove(self, e: _Entry) -> None:
         if e.state is AdapterState.RESIDENT:
+            if self._on_remove is not None:
+                self._on_remove(e.name, e.slot)
             self._evict(e)
         e.payload, e.state = None, AdapterState.DISK
         del self._entries[e.name]

@@ -93,7 +93,9 @@ class Engine:
         self.registry = AdapterRegistry(
             RegistryConfig(allowed_root=config.allowed_root, max_loras=config.max_loras,
                            max_cpu_loras=config.max_cpu_loras, cpu_budget_bytes=config.cpu_budget_bytes),
-            loader=self._load, on_resident=self._install, on_evict=self._evict,
+            # an LRU-evicted slot keeps its weights for the next install to overwrite in place (engine/lora.py
+            # install); an unloaded adapter's are dropped (on_remove)
+            loader=self._load, on_resident=self._install, on_remove=self._clear,
             store=None if config.adapter_store is None else AdapterStore(config.adapter_store),
             hub=HubSource(config.adapter_hub_allow) if config.adapter_hub_allow else None)
         self.base_names = tuple(base_names) + tuple(config.base_names)
@@ -113,6 +115,7 @@ class Engine:
         self._t0: dict[str, float] = {}
         self._tlast: dict[str, float] = {}  # when each request's last token was out (time per output token)
         self._loads: dict[str, object] = {}
+        self._loads_lock = threading.Lock()  # _start_loads runs on the loop and, for a request's first use, in add
         self._pool = ThreadPoolExecutor(max_workers=LOAD_WORKERS, thread_name_prefix="qserve-load")
         self._thread: threading.Thread | None = None
         self._stopping = False
@@ -133,7 +136,7 @@ class Engine:
         with self.runner.lock:
             install(self.model, payload, slot)
 
-    def _evict(self, name, slot):
+    def _clear(self, name, slot):
         with self.runner.lock:
             evict(self.model, slot)
 
@@ -167,6 +170,8 @@ class Engine:
             self._handles[req.request_id] = handle
             self._text[req.request_id] = Detokenizer(self.tokenizer, sp.stop)
             self._t0[req.request_id] = time.perf_counter()
+        if adapter is not None and self.registry.tier(adapter) == "store":
+            self._start_loads([adapter])  # now, not after the step under way: a cold adapter's read starts at once
         self._wake.set()
         return handle
 
@@ -243,10 +248,12 @@ class Engine:
             handle._push(Output(rid, delta, token_ids, req.num_prompt_tokens, req.num_output_tokens,
                                 reason, req.error))
 
-    def _start_loads(self) -> None:
-        for name in self.registry.pending_loads():
-            if name not in self._loads:
-                self._loads[name] = self._pool.submit(self._load_job, name)
+    def _start_loads(self, names: list[str] | None = None) -> None:
+        """Submit a load job for each adapter in `names` (default: registry.pending_loads()) not loading yet."""
+        with self._loads_lock:
+            for name in self.registry.pending_loads() if names is None else names:
+                if name not in self._loads:
+                    self._loads[name] = self._pool.submit(self._load_job, name)
 
     def _load_job(self, name: str) -> None:
         try:
@@ -259,7 +266,8 @@ class Engine:
                     self.scheduler.finish(req, FinishReason.ERROR, str(err))
                     self._finish_output(req, "")
         finally:
-            self._loads.pop(name, None)
+            with self._loads_lock:
+                self._loads.pop(name, None)
             self._wake.set()
 
     # -- reporting ------------------------------------------------------------------------------------------

@@ -40,6 +40,23 @@ def read_adapter(base, name: str, path: str, base_names: tuple[str, ...] = (),
     return payload, payload.nbytes
 
 
-def install(model, payload: AdapterPayload, slot: int) -> None:
-    """Copy an adapter into resident slot `slot`, replacing whatever was there."""
-    install_adapter(model, payload, slot, replace=True)
+def install(model, payload: AdapterPayload, slot: int) -> bool:
+    """Copy an adapter into resident slot `slot`, replacing whatever was there.
+
+    When the slot holds weights of the same modules, ranks and dtype (its last adapter's: the engine leaves an
+    evicted slot's weights in place, and a fleet's adapters mostly share one shape), every layer is overwritten in
+    place (LoraLinear.write_adapter: no new Parameters, no re-pack of the layer's other adapters); otherwise the
+    slot is emptied and created afresh (install_adapter). Only copies run here: the payload was read, validated
+    and converted to the slot dtype by `read_adapter` in a load thread.
+
+    Returns:
+        True when written in place.
+    """
+    layers = model.lora_layers()
+    held = {path for path, layer in layers.items() if slot in layer.scales}
+    dropout = payload.config.lora_dropout
+    if held == payload.layers.keys() and all(layers[m].write_adapter(slot, a, b, s, dropout)
+                                             for m, (a, b, s) in payload.layers.items()):
+        return True
+    install_adapter(model, payload, slot, replace=True)  # also undoes a partial in-place write above
+    return False

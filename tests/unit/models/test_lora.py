@@ -217,3 +217,62 @@ def test_packing_follows_a_dtype_change_of_the_module():
         got = layer(x.bfloat16(), ids)
     assert layer._packing.cache[1].dtype == torch.bfloat16
     torch.testing.assert_close(got.float(), want, **tol("lora", torch.bfloat16))
+
+
+@pytest.mark.parametrize("mode", [torch.no_grad, torch.inference_mode])
+def test_write_adapter_rewrites_one_slot_in_place_and_keeps_the_packing(mode):
+    # serving's slot reuse: the Parameters and the packed A/B stay, only the written adapter's slice changes
+    layer, w = _many(5)  # ids 1, 4, 7, 10, 13 of ranks 2, 4, 8, 2, 4
+    ids, x = torch.tensor([1, 4, 7, 10, 13, -1, 7]), torch.randn(7, 1, 64)
+    a, b = torch.randn(8, 64), torch.randn(32, 8)
+    with mode():
+        before = layer(x, ids)
+    pa, pb, packing, (_, ca, cb) = layer.lora_a["7"], layer.lora_b["7"], layer._packing, layer._packing.cache
+    assert layer.write_adapter(7, a, b, scale=0.25)
+    with mode():
+        got = layer(x, ids.clone())
+    assert layer.lora_a["7"] is pa and layer.lora_b["7"] is pb and torch.equal(pa, a) and torch.equal(pb, b)
+    assert layer._packing is packing and layer._packing.cache[1] is ca and layer._packing.cache[2] is cb
+    for row in (0, 1, 3, 4, 5):
+        assert torch.equal(got[row], before[row])
+    layer._packing = None  # the oracle: a packing made afresh from the Parameters
+    with mode():
+        assert torch.equal(layer(x, ids.clone()), got)
+    delta = 0.25 * (x[2] @ a.t() @ b.t())
+    torch.testing.assert_close(got[2], F.linear(x[2], w) + delta, **tol("mixed_batch"))
+    with mode():  # the one-adapter path reads the Parameters
+        torch.testing.assert_close(layer(x[2:3], torch.tensor([7])), got[2:3], **tol("mixed_batch"))
+
+
+def test_write_adapter_refuses_another_shape_or_dtype_and_changes_nothing():
+    layer, _ = _many(3)  # ids 1, 4, 7 of ranks 2, 4, 8
+    kept = {k: p.detach().clone() for k, p in layer.adapter_params().items()}
+    assert not layer.write_adapter(4, torch.randn(8, 64), torch.randn(32, 8), 1.0)  # rank 4 held, rank 8 given
+    assert not layer.write_adapter(4, torch.randn(4, 64).bfloat16(), torch.randn(32, 4).bfloat16(), 1.0)
+    assert not layer.write_adapter(5, torch.randn(4, 64), torch.randn(32, 4), 1.0)  # no adapter 5
+    assert all(torch.equal(p, kept[k]) for k, p in layer.adapter_params().items()) and layer.scales[4] == 0.5
+
+
+@pytest.mark.parametrize("mode", [torch.no_grad, torch.inference_mode])
+def test_forward_group_sees_a_slot_rewritten_with_another_scale(mode):
+    # a server reuses a slot (write_adapter) for an adapter whose scale differs per module (PEFT alpha_pattern):
+    # the group must not apply q's new scale to k; after both are rewritten alike it shares one call again
+    from qlora_kit.models.lora import forward_group
+
+    layers = _group_of(2)
+    ids, x = torch.tensor([1, 4, -1, 9, 4]), torch.randn(5, 2, 64)
+    with mode():
+        forward_group(tuple(layers), x, ids)  # packings and their packed caches exist, as in a running server
+    for layer, scale in zip(layers, (0.75, 0.125)):
+        assert layer.write_adapter(4, torch.randn(8, 64), torch.randn(layer.out_features, 8), scale=scale)
+    with mode():
+        got = forward_group(tuple(layers), x, ids.clone())
+    for layer, g in zip(layers, got):
+        fresh = LoraLinear(layer.base, 64, layer.out_features)
+        for i in layer.adapter_ids:
+            fresh.add_adapter(i, rank=layer.lora_a[str(i)].shape[0], scale=layer.scales[i])
+            with torch.no_grad():
+                fresh.lora_a[str(i)].copy_(layer.lora_a[str(i)])
+                fresh.lora_b[str(i)].copy_(layer.lora_b[str(i)])
+        with mode():
+            assert torch.equal(g, fresh(x, ids.clone()))

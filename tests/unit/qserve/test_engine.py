@@ -71,6 +71,10 @@ def test_adapter_loaded_off_loop_and_refused_one_errors(engine):
     asyncio.run(go())
     with pytest.raises(AdapterRefused, match="some-other-model"):
         engine.registry.load("bad")
+    slot = engine.registry.get("good").slot
+    assert slot >= 0 and any(slot in layer.scales for layer in engine.model.lora_layers().values())
+    assert engine.registry.unload("good")  # unloaded for good: its weights leave the resident slot too
+    assert not any(slot in layer.scales for layer in engine.model.lora_layers().values())
 
 
 def test_limits(engine):
@@ -115,3 +119,28 @@ def test_threads_flag_is_refused_with_the_vllm_backend(tmp_path):
 
     out = CliRunner().invoke(main, ["serve", str(tmp_path), "--backend", "vllm", "--threads", "2"])
     assert out.exit_code == 2 and "--threads sets the native engine's step thread" in out.output
+
+
+def test_a_cold_store_adapter_is_read_as_its_first_request_arrives(tmp_path):
+    """The read starts in `add`, not at the step loop's next turn (which may be a whole step away): here no loop
+    runs at all, and the adapter still reaches host memory, read once."""
+    import time
+
+    folder, model = tiny_model(tmp_path)
+    make_adapter(model, tmp_path / "store" / "cold", 4, 1)
+    cfg = ServeConfig(str(folder), adapter_store=str(tmp_path / "store"), max_model_len=64, kv_cache_tokens=256,
+                      block_size=4)
+    eng = Engine(model, CharTokenizer(), cfg, base_names=("llama",))  # not started: no step loop
+    try:
+        assert eng.registry.lookup("cold") and eng.registry.tier("cold") == "store"
+
+        async def go():
+            eng.add([1, 2], SamplingParams(temperature=0, max_tokens=2), "cold")
+            eng.add([3, 4], SamplingParams(temperature=0, max_tokens=2), "cold")
+        asyncio.run(go())
+        deadline = time.monotonic() + 30
+        while eng.registry.tier("cold") != "host" and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert eng.registry.tier("cold") == "host" and eng.registry.store.reads == {"cold": 1} and eng.steps == 0
+    finally:
+        eng.stop()

@@ -61,3 +61,18 @@ def test_ranks_unpadded_and_install_evict(model, tmp_path):
     evict(model, 0)
     evict(model, 1)
     assert q.adapter_ids == []
+
+
+def test_install_rewrites_a_slot_of_the_same_shape_in_place(model, tmp_path):
+    one, _ = read_adapter(model, "one", str(make_adapter(model, tmp_path / "one", 4, 3)))
+    two, _ = read_adapter(model, "two", str(make_adapter(model, tmp_path / "two", 4, 4)))
+    big, _ = read_adapter(model, "big", str(make_adapter(model, tmp_path / "big", 8, 5)))
+    q = model.lora_layers()[Q]
+    assert install(model, one, 0) is False  # an empty slot: created
+    pa = q.lora_a["0"]
+    assert install(model, two, 0) is True and q.lora_a["0"] is pa  # same modules and ranks: written in place
+    assert all(torch.equal(model.lora_layers()[m].lora_a["0"], a) and torch.equal(model.lora_layers()[m].lora_b["0"], b)
+               for m, (a, b, _) in two.layers.items())
+    assert install(model, big, 0) is False and q.lora_a["0"].shape[0] == 8  # another rank: created afresh
+    evict(model, 0)
+    assert q.adapter_ids == []
