@@ -16,9 +16,10 @@ adapter_model.safetensors are requested: a pickled adapter_model.bin is never do
 cached snapshot is refused by the registry's path checks like a store's. The snapshot is then confined to its repo
 folder in the cache (models--ORG--NAME/, whose blobs/ its files link to) and validated by the registry's loader
 exactly as a store adapter (safetensors only, base check). Concurrent first lookups of one name share one fetch, and
-a name whose fetch failed (not on the Hub, offline and not cached) is answered from memory for FAILED_TTL_S seconds
-(at most FAILED_MAX names, oldest forgotten first), so a client repeating it cannot make the server call the Hub
-per request. `fetches` counts Hub calls per name, so tests can show that refused names cost none. Plain Python (no torch).
+its outcome (the snapshot folder, or why it failed: not on the Hub, offline and not cached) is answered from memory
+for MEMO_TTL_S seconds (at most MEMO_MAX names, oldest forgotten first): a request arriving just after the fetch,
+before the registry has the adapter, does not fetch again, and a client repeating a failing name cannot make the
+server call the Hub per request. `fetches` counts Hub calls per name, so tests can show that refused names cost none. Plain Python (no torch).
 """
 import os
 import re
@@ -35,7 +36,7 @@ FILES = ["adapter_config.json", "adapter_model.safetensors"]  # PEFT's names, as
 FLAG = "--adapter-hub-allow"
 _PART = r"[A-Za-z0-9][\w.-]{0,95}"
 _ID = re.compile(rf"({_PART}/{_PART})(?:@([A-Za-z0-9][\w.-]{{0,63}}))?", re.ASCII)
-FAILED_TTL_S, FAILED_MAX = 60.0, 4096
+MEMO_TTL_S, MEMO_MAX = 60.0, 4096
 _ENTRY = re.compile(r"[A-Za-z0-9][\w.-]{0,95}/[\w.*-]{1,96}", re.ASCII)
 
 
@@ -79,7 +80,7 @@ class HubSource:
         self._matchers = compile_allow(self.allow)
         self._lock = threading.Lock()
         self._inflight: dict[str, tuple[threading.Event, list]] = {}
-        self._failed: OrderedDict[str, tuple[float, str]] = OrderedDict()  # name -> (monotonic time, message)
+        self._memo: OrderedDict[str, tuple[float, object]] = OrderedDict()  # name -> (monotonic time, outcome)
         self.fetches: Counter[str] = Counter()
 
     def allows(self, repo_id: str) -> bool:
@@ -96,9 +97,11 @@ class HubSource:
         if parsed is None or not self.allows(parsed[0]):
             return None
         with self._lock:
-            failed = self._failed.get(name)
-            if failed is not None and time.monotonic() - failed[0] < FAILED_TTL_S:
-                raise AdapterNotFound(failed[1])
+            memo = self._memo.get(name)
+            if memo is not None and time.monotonic() - memo[0] < MEMO_TTL_S:
+                if isinstance(memo[1], AdapterNotFound):
+                    raise AdapterNotFound(str(memo[1]))
+                return memo[1]
             slot = self._inflight.get(name)
             owner = slot is None
             if owner:
@@ -110,21 +113,23 @@ class HubSource:
             if isinstance(result[0], Exception):
                 raise AdapterNotFound(str(result[0]))
             return result[0]
+        remember = True
         try:
             result.append(self._fetch(name, *parsed))
         except AdapterNotFound as e:
             result.append(e)
-            with self._lock:
-                self._failed[name] = (time.monotonic(), str(e))
-                self._failed.move_to_end(name)
-                while len(self._failed) > FAILED_MAX:
-                    self._failed.popitem(last=False)
             raise
-        except BaseException as e:  # waiters must never hang on a failed fetch
+        except BaseException as e:  # waiters must never hang on a failed fetch; a transient error is not remembered
             result.append(AdapterNotFound(f"adapter {name!r}: Hub fetch failed ({type(e).__name__})"))
+            remember = False
             raise
         finally:
-            with self._lock:
+            with self._lock:  # remembered before the in-flight entry goes, so no request falls between the two
+                if remember:
+                    self._memo[name] = (time.monotonic(), result[0])
+                    self._memo.move_to_end(name)
+                    while len(self._memo) > MEMO_MAX:
+                        self._memo.popitem(last=False)
                 del self._inflight[name]
             done.set()
         return result[0]

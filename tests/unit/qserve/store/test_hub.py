@@ -143,7 +143,7 @@ def test_allowed_hub_id_is_served_on_first_request_like_the_folder(server):
     assert r.status_code == 404 and "HF_HUB_OFFLINE=1 but it is not in the Hugging Face cache" in \
         r.json()["error"]["message"] and "\n" not in r.json()["error"]["message"]
     calls = len(server.calls)
-    for _ in range(3):  # a failed name is answered from memory for FAILED_TTL_S: no Hub call per request
+    for _ in range(3):  # a failed name is answered from memory for MEMO_TTL_S: no Hub call per request
         again = _post(server, "acme/support-lora@v9", ACME)
         assert again.status_code == 404 and again.json() == r.json()
     assert len(server.calls) == calls and server.engine.registry.hub.fetches["acme/support-lora@v9"] == 1
