@@ -66,19 +66,21 @@ def env(smollm2, tmp_path_factory):
     _adapter(model, allowed / "acme-hot", 8, 3, ("o_proj", "up_proj"))
     (root / "outside").mkdir()
     _adapter(model, root / "outside" / "evil", 8, 4)
+    store = root / "store"  # --adapter-store: resolved on a request's first use, as the native engine does
+    _adapter(model, store / "acme-fleet", 4, 5, ("q_proj", "v_proj"))
     keys = root / "keys.json"
     keys.write_text(json.dumps({"keys": [
         {"key": ADMIN, "tenant": "ops", "admin": True},
         {"key": ACME, "tenant": "acme", "adapters": ["acme-*"]},
         {"key": GLOBEX, "tenant": "globex", "adapters": ["globex-*"], "base": False}]}))
     config = ServeConfig(str(ckpt), port=0, adapters=(("acme-a", str(acme)),), api_keys=str(keys),
-                         allowed_root=str(allowed),
+                         allowed_root=str(allowed), adapter_store=str(store),
                          dtype="float32", max_loras=4, max_num_seqs=8, max_model_len=512, kv_cache_tokens=4096,
                          max_tokens_limit=64)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     handle = start(config, VllmOptions(python=str(VLLM_PYTHON), startup_timeout_s=400), log=root / "vllm.log")
     dequantize_bases(model)  # the reference runs dense fp32 (same decoded weights): minutes faster on CPU
-    handle.model, handle.tok, handle.allowed, handle.root = model, Tokenizer(ckpt), allowed, root
+    handle.model, handle.tok, handle.allowed, handle.root, handle.store = model, Tokenizer(ckpt), allowed, root, store
     handle.config = config
     yield handle
     handle.stop()
@@ -179,6 +181,17 @@ def test_admin_load_unload_at_run_time(env):
                  "qserve:time_to_first_token_seconds"):
         assert SERVED in {s.labels.get("model_name") for s in fam[name]}, name
     assert sum(s.value for s in fam["qserve:requests"] if s.labels["adapter"] == "acme-hot") >= 1
+
+
+def test_store_adapter_is_resolved_and_loaded_into_vllm_on_first_request(env):
+    admin = httpx.Client(base_url=env.url, headers={"Authorization": f"Bearer {ADMIN}"}, timeout=300)
+    assert "acme-fleet" not in {a["name"] for a in admin.get("/v1/adapters").json()["adapters"]}
+    r = httpx.post(env.url + "/v1/completions", headers={"Authorization": f"Bearer {GLOBEX}"}, timeout=300,
+                   json={"model": "acme-fleet", "prompt": PROMPTS[0], "max_tokens": 4})
+    assert r.status_code == 403  # another tenant's name: refused before the store is read
+    assert "acme-fleet" not in {a["name"] for a in admin.get("/v1/adapters").json()["adapters"]}
+    assert _complete(env, "acme-fleet", PROMPTS[0], ACME) == _native(env, PROMPTS[0], env.store / "acme-fleet")
+    assert "acme-fleet" in {a["name"] for a in admin.get("/v1/adapters").json()["adapters"]}
 
 
 @pytest.fixture(scope="module")
