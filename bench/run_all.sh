@@ -32,4 +32,5 @@ run serve_1thr  -m bench.serve --threads 1
 run serve_eng2  -m bench.serve --engine-threads 2 --no-peer   # the measurement behind ServeConfig.threads = 1
 run train_many  -m bench.train_many
 run stream      -m bench.stream       # issue 15: per-token time, first vs last 100 of a 2,000-token stream
+run fleet       -m bench.fleet        # issue 16: 1,000 adapters, 3,000 Zipf requests (~25 minutes)
 echo "logs in $LOG"
