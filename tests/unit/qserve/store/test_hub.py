@@ -77,6 +77,32 @@ def test_a_local_folder_named_like_the_id_is_never_used(tmp_path, monkeypatch):
         HubSource(("acme/*",)).resolve("acme/x")
 
 
+def test_the_per_name_fetch_record_keeps_only_the_names_fetched_last(tmp_path, monkeypatch):
+    """`fetches` holds at most MEMO_MAX names, oldest forgotten first, so a long-running server fed ever new Hub
+    names keeps a bounded record; total_fetches still counts every Hub call."""
+    import qlora_kit.qserve.store.hub as hub_module
+    from qlora_kit.qserve.errors import AdapterNotFound
+
+    monkeypatch.setattr(hub_module, "MEMO_MAX", 3)
+    offline_hub_cache(monkeypatch, tmp_path / "hf", "acme/cached")  # offline: every other name fails to fetch
+    hub = HubSource(("acme/*",))
+
+    def ask(name):
+        with pytest.raises(AdapterNotFound, match="not in the Hugging Face cache"):
+            hub.resolve(name)
+
+    for i in range(5):
+        ask(f"acme/n{i}")
+    assert hub.fetches == {"acme/n2": 1, "acme/n3": 1, "acme/n4": 1} and hub.total_fetches == 5
+    ask("acme/n4")  # remembered: no Hub call
+    assert hub.total_fetches == 5
+    monkeypatch.setattr(hub_module, "MEMO_TTL_S", 0.0)  # outcomes expire at once: each lookup calls the Hub
+    ask("acme/n3")
+    ask("acme/n0")
+    assert list(hub.fetches.items()) == [("acme/n4", 1), ("acme/n3", 2), ("acme/n0", 1)]
+    assert hub.total_fetches == 7 and len(hub._memo) == 3
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     root = tmp_path_factory.mktemp("hub")
