@@ -22,7 +22,7 @@ names it, confined to the store's folder; the host tier is held to `cpu_budget_b
 (least recently used adapters without running requests are dropped first: idle ones, then ones whose requests
 only wait), so its bytes never exceed the budget; FleetStats counts hits per tier, loads and evictions. With a
 HubSource (--adapter-hub-allow), a name the store does not have is tried as an allowed Hub repo id next (store
-first), confined to its repo folder in the Hugging Face cache.
+first), confined to its repo folder in the Hugging Face cache (source `hub`: its disk tier, its load metrics' label).
 
 Each load gets a fresh `uid` (never reused); the KV prefix cache is salted with it, so re-registering a
 different adapter under an old name can never hit the old adapter's cached KV.
@@ -102,19 +102,20 @@ class AdapterInfo:
     draining: bool
     load_time_s: float | None
     last_use: float | None = None  # wall-clock time (time.time()) of the last request or residency
+    source: str = "store"  # hub: fetched from the Hub (HubSource); store: any other
 
     @property
     def tier(self) -> str:
-        """resident, host, loading or store (qserve/store/stats.py's tiers)."""
-        return {"resident": "resident", "cpu": "host", "loading": "loading", "disk": "store"}[self.state.value]
+        """resident, host, loading, or on disk its source: store or hub (qserve/store/stats.py's tiers)."""
+        return {"resident": "resident", "cpu": "host", "loading": "loading", "disk": self.source}[self.state.value]
 
 
 class _Entry:
-    __slots__ = ("name", "path", "trusted", "root", "uid", "state", "payload", "nbytes", "refs", "pins", "slot",
-                 "last_used", "last_use", "draining", "load_time_s")
+    __slots__ = ("name", "path", "trusted", "root", "uid", "source", "state", "payload", "nbytes", "refs", "pins",
+                 "slot", "last_used", "last_use", "draining", "load_time_s")
 
-    def __init__(self, name, path, trusted, uid, root=None):
-        self.name, self.path, self.trusted, self.root, self.uid = name, path, trusted, root, uid
+    def __init__(self, name, path, trusted, uid, root=None, source="store"):
+        self.name, self.path, self.trusted, self.root, self.uid, self.source = name, path, trusted, root, uid, source
         self.state, self.payload, self.nbytes, self.load_time_s = AdapterState.DISK, None, None, None
         self.refs = self.pins = 0
         self.slot, self.last_used, self.last_use, self.draining = -1, 0, None, False
@@ -124,7 +125,7 @@ class _Entry:
 
     def info(self) -> AdapterInfo:
         return AdapterInfo(self.name, self.path, self.uid, self.state, self.nbytes, self.refs, self.pins,
-                           self.slot, self.draining, self.load_time_s, self.last_use)
+                           self.slot, self.draining, self.load_time_s, self.last_use, self.source)
 
 
 class AdapterRegistry:
@@ -193,10 +194,9 @@ class AdapterRegistry:
 
     # -- registration ---------------------------------------------------------------------------------------
     def register(self, name: str, path: str | os.PathLike, trusted: bool = False,
-                 root: str | None = None) -> AdapterInfo:
-        """Add an adapter on disk (not loaded yet), confined to `root` (default allowed_root) unless trusted.
-
-        Raises AdapterExists, AdapterPathRefused, AdapterRefused."""
+                 root: str | None = None, source: str = "store") -> AdapterInfo:
+        """Add an adapter on disk (not loaded yet), confined to `root` (default allowed_root) unless trusted; its
+        `source` is hub (a Hub snapshot) or store. Raises AdapterExists, AdapterPathRefused, AdapterRefused."""
         if not isinstance(name, str) or not _NAME.fullmatch(name):
             raise AdapterRefused(f"adapter name {name!r}: use 1-128 letters, digits or ._:@/- "
                                  "starting with a letter or digit")
@@ -205,7 +205,7 @@ class AdapterRegistry:
             if name in self._entries:
                 state = "being unloaded" if self._entries[name].draining else "registered"
                 raise AdapterExists(f"adapter {name!r}: already {state}; unload it first")
-            e = self._entries[name] = _Entry(name, str(real), trusted, next(self._uids), root)
+            e = self._entries[name] = _Entry(name, str(real), trusted, next(self._uids), root, source)
             return e.info()
 
     def lookup(self, name: str) -> bool:
@@ -218,13 +218,14 @@ class AdapterRegistry:
         if name in self:
             return True
         folder = None if self.store is None else self.store.resolve(name)
-        root = None if folder is None else self.store.root
+        root, source = None if folder is None else self.store.root, "store"
         if folder is None and self.hub is not None:
             folder, root = self.hub.resolve(name) or (None, None)
+            source = "hub"
         if folder is None:
             return False
         try:
-            self.register(name, folder, root=root)
+            self.register(name, folder, root=root, source=source)
         except AdapterExists:
             pass  # registered by a concurrent request, or draining: acquire decides
         return True
@@ -381,11 +382,16 @@ class AdapterRegistry:
             return slot
 
     def tier(self, name: str) -> str | None:
-        """The adapter's tier now (resident, host, loading, store), None if not registered (the scheduler's
+        """The adapter's tier now (resident, host, loading, store, hub), None if not registered (the scheduler's
         admission preference)."""
         with self._lock:
             e = self._entries.get(name)
             return None if e is None else e.info().tier
+
+    def source(self, name: str) -> str:
+        """hub (fetched from the Hub) or store (any other, or gone): the `source` label of its load metrics."""
+        with self._lock:
+            return self._entries[name].source if name in self._entries else "store"
 
     def slot_to_free(self) -> str | None:
         """The resident adapter whose slot frees soonest if it takes no new requests: fewest running, then LRU."""

@@ -20,6 +20,8 @@ from collections.abc import Callable, Iterable
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
+from .store.stats import SOURCES
+
 # seconds; vLLM-like spread from 1 ms to 2 min
 LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
                    20.0, 40.0, 80.0, 120.0)
@@ -52,8 +54,9 @@ class Metrics:
             `qserve:requests_total`, `qserve:prompt_tokens_total`, `qserve:generation_tokens_total`.
         ttft, latency: histograms labelled (adapter,): `qserve:time_to_first_token_seconds`,
             `qserve:e2e_request_latency_seconds`.
-        adapter_load_seconds, adapter_load_failures: `qserve:adapter_load_seconds`,
-            `qserve:adapter_load_failures_total`.
+        adapter_load_seconds, adapter_load_failures: histogram and counter labelled (source,), the disk tier
+            the adapter was read from (store or hub, qserve/store/stats.py's SOURCES; both series exist from the
+            start): `qserve:adapter_load_seconds`, `qserve:adapter_load_failures_total`.
     """
 
     def __init__(self, model_name: str):
@@ -69,10 +72,13 @@ class Metrics:
                                    ("adapter",))
         self.latency = self.histogram("qserve:e2e_request_latency_seconds", "Arrival to finish, by adapter",
                                       ("adapter",))
-        self.adapter_load_seconds = self.labels(self.histogram("qserve:adapter_load_seconds",
-                                                               "Time to read and validate one adapter"))
-        self.adapter_load_failures = self.labels(self.counter("qserve:adapter_load_failures",
-                                                              "Adapter loads refused or failed"))
+        self.adapter_load_seconds = self.histogram("qserve:adapter_load_seconds", "Time to read and validate one "
+                                                   "adapter, by source (store or hub)", ("source",))
+        self.adapter_load_failures = self.counter("qserve:adapter_load_failures", "Adapter loads refused or failed, "
+                                                  "by source (store or hub)", ("source",))
+        for source in SOURCES:  # every series shown from the start, zero until its first load
+            self.labels(self.adapter_load_seconds, source)
+            self.labels(self.adapter_load_failures, source)
 
     # -- adding families (any module) ---------------------------------------------------------------------
     def counter(self, name: str, documentation: str, labels: tuple[str, ...] = ()) -> Counter:

@@ -125,6 +125,15 @@ def _group_weights(lora_a: torch.Tensor, lora_b: torch.Tensor, g: _Group) -> tup
     return lora_a.index_select(0, cols).view(p, r, k), bt.index_select(0, cols).view(p, r, -1)
 
 
+def _rows_setup(tensors: tuple[torch.Tensor, ...], offsets: torch.Tensor,
+               bounds: list[int] | None) -> tuple[bool, list[int], int]:
+    """(whether autograd records ops on `tensors`, the packing's row bounds: offsets.tolist() unless `bounds` is
+    given, the largest rank r_max = max(bounds[i + 1] - bounds[i]), 0 with no adapter)."""
+    recorded = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+    bounds = offsets.tolist() if bounds is None else bounds
+    return recorded, bounds, max(map(int.__sub__, bounds[1:], bounds[:-1]), default=0)
+
+
 def lora_multi_cpu(base_out: torch.Tensor, x: torch.Tensor, adapter_ids: torch.Tensor, lora_a: torch.Tensor,
                    lora_b: torch.Tensor, offsets: torch.Tensor, scales: torch.Tensor,
                    bounds: list[int] | None = None) -> torch.Tensor:
@@ -133,9 +142,7 @@ def lora_multi_cpu(base_out: torch.Tensor, x: torch.Tensor, adapter_ids: torch.T
     k, n = x.shape[-1], base_out.shape[-1]
     x2 = x.reshape(-1, k)
     base2 = base_out.reshape(-1, n)
-    recorded = torch.is_grad_enabled() and any(t.requires_grad for t in (base_out, x, lora_a, lora_b))
-    bounds = offsets.tolist() if bounds is None else bounds
-    r_max = max(map(int.__sub__, bounds[1:], bounds[:-1]), default=0)
+    recorded, bounds, r_max = _rows_setup((base_out, x, lora_a, lora_b), offsets, bounds)
     if not recorded and library() is not None and r_max <= ROWS_MAX_RANK:
         return _lora_rows([base2], x2, adapter_ids, [lora_a], [lora_b], offsets, scales, r_max)[0].view(base_out.shape)
     y = base2
@@ -165,9 +172,7 @@ def lora_multi_group_cpu(base_outs: list[torch.Tensor], x: torch.Tensor, adapter
     each output into its base_out (the caller gives them up); the returned list holds the outputs either way."""
     k = x.shape[-1]
     x2 = x.reshape(-1, k)
-    recorded = torch.is_grad_enabled() and (x.requires_grad or any(t.requires_grad for t in (*base_outs, *lora_as, *lora_bs)))
-    bounds = offsets.tolist() if bounds is None else bounds
-    r_max = max(map(int.__sub__, bounds[1:], bounds[:-1]), default=0)
+    recorded, bounds, r_max = _rows_setup((x, *base_outs, *lora_as, *lora_bs), offsets, bounds)
     w = lora_as[0].dtype
     if (recorded or library() is None or r_max > ROWS_MAX_RANK or any(t.dtype != w for t in lora_as)
             or len({b.dtype for b in base_outs}) != 1):

@@ -19,6 +19,7 @@ from ..adapters import AdapterRegistry, RegistryConfig
 from ..errors import InvalidRequest, SamplingFailed, ServeError
 from ..metrics import EngineMetrics, Metrics
 from ..store import AdapterStore, HubSource
+from ..store.stats import SOURCES
 from .block_manager import BlockManager
 from .detokenizer import Detokenizer
 from .lora import evict, install, read_adapter
@@ -123,13 +124,13 @@ class Engine:
 
     # -- adapter callbacks ----------------------------------------------------------------------------------
     def _load(self, name: str, path: str):
-        t0 = time.perf_counter()
+        t0, m, source = time.perf_counter(), self.metrics, self.registry.source(name)
         try:
             out = read_adapter(self.model, name, path, self.base_names, dtype=self.lora_dtype)
         except ServeError:
-            self.metrics.adapter_load_failures.inc()
+            m.labels(m.adapter_load_failures, source).inc()
             raise
-        self.metrics.adapter_load_seconds.observe(time.perf_counter() - t0)
+        m.labels(m.adapter_load_seconds, source).observe(time.perf_counter() - t0)
         return out
 
     def _install(self, name, payload, slot):
@@ -170,7 +171,7 @@ class Engine:
             self._handles[req.request_id] = handle
             self._text[req.request_id] = Detokenizer(self.tokenizer, sp.stop)
             self._t0[req.request_id] = time.perf_counter()
-        if adapter is not None and self.registry.tier(adapter) == "store":
+        if adapter is not None and self.registry.tier(adapter) in SOURCES:
             self._start_loads([adapter])  # now, not after the step under way: a cold adapter's read starts at once
         self._wake.set()
         return handle

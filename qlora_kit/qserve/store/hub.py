@@ -19,7 +19,9 @@ exactly as a store adapter (safetensors only, base check). Concurrent first look
 its outcome (the snapshot folder, or why it failed: not on the Hub, offline and not cached) is answered from memory
 for MEMO_TTL_S seconds (at most MEMO_MAX names, oldest forgotten first): a request arriving just after the fetch,
 before the registry has the adapter, does not fetch again, and a client repeating a failing name cannot make the
-server call the Hub per request. `fetches` counts Hub calls per name, so tests can show that refused names cost none. Plain Python (no torch).
+server call the Hub per request. `fetches` counts Hub calls per name (the MEMO_MAX names fetched last, so a
+long-running server's record stays bounded) and `total_fetches` all of them, so tests can show that refused names
+cost none. Plain Python (no torch).
 """
 import os
 import re
@@ -81,7 +83,8 @@ class HubSource:
         self._lock = threading.Lock()
         self._inflight: dict[str, tuple[threading.Event, list]] = {}
         self._memo: OrderedDict[str, tuple[float, object]] = OrderedDict()  # name -> (monotonic time, outcome)
-        self.fetches: Counter[str] = Counter()
+        self.fetches: Counter[str] = Counter()  # name -> Hub calls, the MEMO_MAX names fetched last (oldest first)
+        self._total = 0
 
     def allows(self, repo_id: str) -> bool:
         return any(m(repo_id) for m in self._matchers)
@@ -106,7 +109,8 @@ class HubSource:
             owner = slot is None
             if owner:
                 slot = self._inflight[name] = (threading.Event(), [])
-                self.fetches[name] += 1
+                _put_newest(self.fetches, name, self.fetches[name] + 1)
+                self._total += 1
         done, result = slot
         if not owner:  # another request is fetching this name: share its outcome
             done.wait()
@@ -126,10 +130,7 @@ class HubSource:
         finally:
             with self._lock:  # remembered before the in-flight entry goes, so no request falls between the two
                 if remember:
-                    self._memo[name] = (time.monotonic(), result[0])
-                    self._memo.move_to_end(name)
-                    while len(self._memo) > MEMO_MAX:
-                        self._memo.popitem(last=False)
+                    _put_newest(self._memo, name, (time.monotonic(), result[0]))
                 del self._inflight[name]
             done.set()
         return result[0]
@@ -137,7 +138,7 @@ class HubSource:
     @property
     def total_fetches(self) -> int:
         with self._lock:
-            return sum(self.fetches.values())
+            return self._total
 
     @staticmethod
     def _fetch(name: str, repo_id: str, revision: str | None) -> tuple[Path, str]:
@@ -148,3 +149,12 @@ class HubSource:
         except CheckpointNotFound as e:
             raise AdapterNotFound(f"adapter {name!r}: {e}") from None
         return folder, os.path.realpath(folder.parent.parent)  # models--ORG--NAME/ (snapshots/<sha>/ is the folder)
+
+
+def _put_newest(d: dict, key: str, value) -> None:
+    """d[key] = value as d's newest entry (dicts keep insertion order), the oldest dropped past MEMO_MAX entries
+    (O(1) each for an OrderedDict; a dict's scan past deleted entries is bounded by its size)."""
+    d.pop(key, None)
+    d[key] = value
+    while len(d) > MEMO_MAX:
+        del d[next(iter(d))]

@@ -1,14 +1,17 @@
 """The adapter fleet's counters, recorded by the registry and exported on the server's prometheus_client registry.
 
 Tiers: `resident` (a slot of the engine's per-row LoRA kernels), `host` (validated weights in host memory,
-bounded by --cpu-adapter-budget) and `store` (only on disk). Series:
+bounded by --cpu-adapter-budget), and on disk only: `hub` (fetched from the Hugging Face Hub, --adapter-hub-allow:
+in the HF cache) or `store` (every other adapter: the adapter store, admin loads, start-up adapters). The two
+disk tiers are the SOURCES a load reads from. Series:
 
 - qserve:adapter_requests_total{tier}: requests by the tier their adapter was in when they arrived (hit rate of
   a tier = its share); tier="loading" when a load was already under way.
-- qserve:adapter_loads_total{tier}: tier="host" reads from the store into host memory, tier="resident" installs
-  into a slot.
-- qserve:adapter_evictions_total{tier}: tier="resident" slot -> host, tier="host" host -> store (dropped).
-- qserve:adapter_load_seconds (qserve/metrics.py's histogram): load latency (read + validate).
+- qserve:adapter_loads_total{tier}: tier="host" reads from disk (store or hub) into host memory, tier="resident"
+  installs into a slot.
+- qserve:adapter_evictions_total{tier}: tier="resident" slot -> host, tier="host" host -> disk (dropped).
+- qserve:adapter_load_seconds{source}, qserve:adapter_load_failures_total{source} (qserve/metrics.py's): load
+  latency (read + validate) and failed loads, by the disk tier read: source="store" or source="hub".
 - qserve:adapter_host_bytes / qserve:adapter_host_budget_bytes / qserve:adapter_host_peak_bytes: gauges.
 - qserve:adapter_requests_waiting: queued requests whose adapter is not resident (sampled at scrape time).
 """
@@ -18,7 +21,8 @@ from collections.abc import Callable
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-TIERS = ("resident", "host", "loading", "store")
+SOURCES = ("store", "hub")  # the disk tiers, and the `source` label values of the load metrics
+TIERS = ("resident", "host", "loading", *SOURCES)
 
 
 class FleetStats:
@@ -62,7 +66,7 @@ class FleetStats:
     def families(self, metrics, waiting: Callable[[], int] | None = None) -> Callable[[], list]:
         """A scrape callback for `metrics.on_scrape` (qserve/metrics.py) building these series with label
         model_name first; `waiting()` gives the requests-waiting-for-an-adapter gauge (None: not exported).
-        Load latency is metrics' own `qserve:adapter_load_seconds` histogram, observed where loads run."""
+        Load latency is metrics' own `qserve:adapter_load_seconds{source}` histogram, observed where loads run."""
 
         def scrape() -> list:
             snap = self.snapshot()

@@ -93,17 +93,17 @@ class VllmBackend:
         self._upstream[name] = True
 
     async def _load_upstream(self, name: str) -> None:
-        t0 = time.monotonic()
+        t0, m, source = time.monotonic(), self.metrics, self.registry.source(name)
         try:
             info = await asyncio.to_thread(self.registry.load, name)  # validated as an admin load (read once)
         except QloraKitError:
-            self.metrics.adapter_load_failures.inc()
+            m.labels(m.adapter_load_failures, source).inc()
             raise
         resp = await self.client.post("/v1/load_lora_adapter", json={"lora_name": name, "lora_path": info.path})
         if resp.status_code != 200:
-            self.metrics.adapter_load_failures.inc()
+            m.labels(m.adapter_load_failures, source).inc()
             raise _upstream_error(resp)
-        self.metrics.adapter_load_seconds.observe(time.monotonic() - t0)
+        m.labels(m.adapter_load_seconds, source).observe(time.monotonic() - t0)
 
     async def generate(self, request: Request, body, raw: dict, sampling, adapter, tenant, record):
         path = "/v1/chat/completions" if isinstance(body, ChatRequest) else "/v1/completions"
@@ -152,18 +152,18 @@ class VllmBackend:
             _finish(record, finish or "cancelled", usage)
 
     async def load(self, name: str, path: str):
-        t0 = time.monotonic()
+        t0, m = time.monotonic(), self.metrics  # an admin load by path: source store
         try:
             info = await asyncio.to_thread(self.registry.add, name, path)
         except QloraKitError:
-            self.metrics.adapter_load_failures.inc()
+            m.labels(m.adapter_load_failures, "store").inc()
             raise
         resp = await self.client.post("/v1/load_lora_adapter", json={"lora_name": name, "lora_path": info.path})
         if resp.status_code != 200:
             self.registry.unload(name)
-            self.metrics.adapter_load_failures.inc()
+            m.labels(m.adapter_load_failures, "store").inc()
             raise _upstream_error(resp)
-        self.metrics.adapter_load_seconds.observe(time.monotonic() - t0)
+        m.labels(m.adapter_load_seconds, "store").observe(time.monotonic() - t0)
         self._upstream[name] = True
         return self.registry.get(name)
 

@@ -85,11 +85,13 @@ def test_adapters_listing_and_metrics(server):
     x = rows["acme-x"]
     assert x["tier"] in ("resident", "host") and x["bytes"] > 0 and x["in_flight"] == 0 and x["last_use"] > 0
     text = httpx.get(server.url + "/metrics", headers={"Authorization": f"Bearer {ADMIN}"}).text
-    samples = {(s.name, s.labels.get("tier")): s.value for fam in text_string_to_metric_families(text)
-               for s in fam.samples if s.labels.get("model_name") == "llama"}
+    samples = {(s.name, s.labels.get("tier", s.labels.get("source"))): s.value
+               for fam in text_string_to_metric_families(text) for s in fam.samples
+               if s.labels.get("model_name") == "llama"}
     reads = server.engine.registry.store.total_reads  # acme-cold, globex-y (tests above) and acme-x: one each
     assert reads == 3 and samples[("qserve:adapter_loads_total", "host")] == reads
-    assert samples[("qserve:adapter_load_seconds_count", None)] == reads
+    assert samples[("qserve:adapter_load_seconds_count", "store")] == reads  # no Hub loads on this server
+    assert samples[("qserve:adapter_load_seconds_count", "hub")] == 0
     assert samples[("qserve:adapter_requests_waiting", None)] == 0
     assert ("qserve:adapter_evictions_total", "resident") in samples
     assert samples[("qserve:adapter_host_budget_bytes", None)] == 1048576

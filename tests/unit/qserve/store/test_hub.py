@@ -1,13 +1,15 @@
 """Adapters named by Hub repo id (--adapter-hub-allow), from a Hugging Face cache filled by the test in offline mode
 (tests/hf_cache.py), over real HTTP on the tiny model: an allowed id is served on first request with the output of
 the same adapter loaded from a folder; names off the allow-list (404) and names the tenant may not use (403) cost
-no Hub call; a pickle-only cached repo is refused in one line; a store folder of the same name wins."""
+no Hub call; a pickle-only cached repo is refused in one line; a store folder of the same name wins; /metrics tells
+Hub loads (tier and source "hub") from store loads."""
 import json
 import shutil
 
 import httpx
 import huggingface_hub
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from qlora_kit.qserve.config import ServeConfig
 from qlora_kit.qserve.engine.engine import Engine
@@ -77,6 +79,32 @@ def test_a_local_folder_named_like_the_id_is_never_used(tmp_path, monkeypatch):
         HubSource(("acme/*",)).resolve("acme/x")
 
 
+def test_the_per_name_fetch_record_keeps_only_the_names_fetched_last(tmp_path, monkeypatch):
+    """`fetches` holds at most MEMO_MAX names, oldest forgotten first, so a long-running server fed ever new Hub
+    names keeps a bounded record; total_fetches still counts every Hub call."""
+    import qlora_kit.qserve.store.hub as hub_module
+    from qlora_kit.qserve.errors import AdapterNotFound
+
+    monkeypatch.setattr(hub_module, "MEMO_MAX", 3)
+    offline_hub_cache(monkeypatch, tmp_path / "hf", "acme/cached")  # offline: every other name fails to fetch
+    hub = HubSource(("acme/*",))
+
+    def ask(name):
+        with pytest.raises(AdapterNotFound, match="not in the Hugging Face cache"):
+            hub.resolve(name)
+
+    for i in range(5):
+        ask(f"acme/n{i}")
+    assert hub.fetches == {"acme/n2": 1, "acme/n3": 1, "acme/n4": 1} and hub.total_fetches == 5
+    ask("acme/n4")  # remembered: no Hub call
+    assert hub.total_fetches == 5
+    monkeypatch.setattr(hub_module, "MEMO_TTL_S", 0.0)  # outcomes expire at once: each lookup calls the Hub
+    ask("acme/n3")
+    ask("acme/n0")
+    assert list(hub.fetches.items()) == [("acme/n4", 1), ("acme/n3", 2), ("acme/n0", 1)]
+    assert hub.total_fetches == 7 and len(hub._memo) == 3
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     root = tmp_path_factory.mktemp("hub")
@@ -85,6 +113,7 @@ def server(tmp_path_factory):
     b = make_adapter(model, root / "made" / "b", 4, 22)
     store = root / "store"
     shutil.copytree(a, store / "acme-local")
+    shutil.copytree(b, store / "acme-metered")
     shutil.copytree(b, store / "acme" / "shadowed")  # the store's acme/shadowed (b) wins over the Hub's (a)
     pickled = root / "made" / "pickled"
     pickled.mkdir()
@@ -92,7 +121,8 @@ def server(tmp_path_factory):
     (pickled / "adapter_model.bin").write_bytes(b"\x80\x04pickle: never read")
     mp = pytest.MonkeyPatch()
     cache = root / "hf"
-    for repo, src in (("acme/support-lora", a), ("acme/shadowed", a), ("acme/pickled", pickled), ("globex/y", a)):
+    for repo, src in (("acme/support-lora", a), ("acme/shadowed", a), ("acme/pickled", pickled), ("globex/y", a),
+                      ("acme/metered", a)):
         offline_hub_cache(mp, cache, repo, src)
     calls = []
     real = huggingface_hub.snapshot_download
@@ -179,3 +209,32 @@ def test_a_store_folder_wins_over_the_hub_id_of_the_same_name(server):
     info = next(a for a in server.engine.registry.list() if a.name == "acme/shadowed")
     assert info.path == str(server.engine.registry.store.root) + "/acme/shadowed" and len(server.calls) == calls
     assert text != _text(_post(server, "acme/support-lora", ACME))  # b, not the Hub's a
+
+
+def _adapter_samples(server) -> dict[tuple[str, str], float]:
+    """/metrics' adapter tier and load samples, keyed (sample name, tier or source label)."""
+    text = httpx.get(server.url + "/metrics", headers={"Authorization": f"Bearer {ADMIN}"}).text
+    names = ("qserve:adapter_requests_total", "qserve:adapter_loads_total", "qserve:adapter_load_seconds_count",
+             "qserve:adapter_load_failures_total")
+    return {(s.name, s.labels.get("tier") or s.labels["source"]): s.value
+            for fam in text_string_to_metric_families(text) for s in fam.samples if s.name in names}
+
+
+def test_metrics_tell_hub_loads_from_store_loads(server):
+    """A Hub adapter waits on disk in the `hub` tier, and its request and read count under tier/source "hub"; a store
+    adapter's under "store". Both load sources' series are there before any load of theirs."""
+    before = _adapter_samples(server)
+    assert {("qserve:adapter_load_seconds_count", "hub"), ("qserve:adapter_load_failures_total", "hub"),
+            ("qserve:adapter_requests_total", "hub")} <= set(before)
+    reg = server.engine.registry
+    assert reg.lookup("acme/metered") and reg.tier("acme/metered") == "hub"  # registered, not read yet
+    rows = httpx.get(server.url + "/v1/adapters", headers={"Authorization": f"Bearer {ADMIN}"}).json()["adapters"]
+    assert next(r for r in rows if r["name"] == "acme/metered")["tier"] == "hub"
+    assert _text(_post(server, "acme/metered", ACME)) != _text(_post(server, "acme-metered", ACME))  # a, b
+    assert reg.get("acme/metered").source == "hub" and reg.get("acme-metered").source == "store"
+    after = _adapter_samples(server)
+    delta = {k: v - before[k] for k, v in after.items() if v != before[k]}
+    assert delta == {("qserve:adapter_requests_total", "hub"): 1, ("qserve:adapter_requests_total", "store"): 1,
+                     ("qserve:adapter_loads_total", "host"): 2, ("qserve:adapter_loads_total", "resident"): 2,
+                     ("qserve:adapter_load_seconds_count", "hub"): 1, ("qserve:adapter_load_seconds_count", "store"): 1}, \
+        delta
