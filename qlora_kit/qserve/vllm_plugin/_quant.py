@@ -4,11 +4,12 @@ vLLM builds every linear layer through `get_quant_method`; ours registers a plac
 device anchor vLLM's LoRA layers look for) and remembers the layer's partition geometry. The `qlora_nf4`
 model loader (_loader.py) fills `layer.qlora_parts` with this rank's shard of each logical weight (q, k, v
 or gate, up); after loading they are glued into one Packed4bit and `apply` is one `kernels.nf4_matmul`
-(Triton on CUDA, the torch twin on CPU).
+(Triton on CUDA; on CPU the fused decode-and-multiply of kernels/cpu, exact with the torch twin).
 
 With QLORA_KIT_VLLM_DEQUANTIZE=1 (set by `qserve serve --backend vllm --dequantize-base`) each layer is
-decoded once after loading, by `kernels.dequant`, and kept dense: on CPU, where decoding every step dominates,
-that is much faster, at 4x the weight memory (the native backend's ServeConfig.dequantize_base).
+decoded once after loading, by `kernels.dequant`, and kept dense, at 4x the weight memory (the native backend's
+ServeConfig.dequantize_base). It is not a speed-up everywhere: on the AVX2-only CPU of bench/results/vllm.md the
+dense bf16 GEMMs (emulated there) ran at 0.44-0.62x the 4-bit path's tokens/s.
 """
 import os
 from typing import Any
