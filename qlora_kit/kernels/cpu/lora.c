@@ -123,7 +123,8 @@ QK_INLINE void expand_block(float (*u)[QK_LORA_MAX_RANK], const void *bt, int wk
     for (int v = 0; v < V; v++)
         for (int t = 0; t < NR; t++) {
             int64_t at = off + t * N + n + 8 * v;
-            __m256 d = round_w(round_w(acc[v][t], wk), yk);
+            __m256 d = round_w(acc[v][t], wk);
+            if (yk != wk) d = round_w(d, yk); /* the same value: rounding twice to one dtype is rounding once */
             store8(y, yk, at, _mm256_add_ps(load8(base, yk, at), d));
         }
 }
@@ -192,7 +193,8 @@ QK_INLINE void expand_row(const float *u, const void *bt, int wk, int64_t row0, 
         int64_t n = 0;
 #ifdef QK_AVX2
         for (; n + 8 <= nc && n0 + n + 8 <= vec; n += 8) {
-            __m256 v = round_w(round_w(_mm256_loadu_ps(d + n), wk), yk);
+            __m256 v = round_w(_mm256_loadu_ps(d + n), wk);
+            if (yk != wk) v = round_w(v, yk);
             store8(y, yk, off + n0 + n, _mm256_add_ps(load8(base, yk, off + n0 + n), v));
         }
 #endif
@@ -206,6 +208,8 @@ QK_INLINE void tile(const float *xr, int64_t K, const void *a, const void *bt, i
     float u[QK_LORA_TILE][QK_LORA_MAX_RANK];
     shrink(xr, K, a, wk, row0, r, s, NR, u);
     if (NR == 1) expand_row(u[0], bt, wk, row0, r, N, base, y, yk, off);
+    else if (yk == wk) expand(u, bt, wk, row0, r, N, base, y, wk, off, NR); /* y in w's dtype (the serving case): y's kind
+                                                                               a literal too, so the epilogue is branch-free */
     else expand(u, bt, wk, row0, r, N, base, y, yk, off, NR);
 }
 
