@@ -18,6 +18,10 @@ non-zero B), seeded random prompts of `prompt-tokens` tokens, greedy, exactly `n
 adapter count both sides first run one untimed warm-up batch (which also makes the adapters resident), then
 --reps timed batches, ours and the peer alternating (bench._timing.interleave). The peer runs transformers +
 PEFT on the same bf16 source in the same dtype. Figures are median [min-max] of the reps.
+Ours' "vs base" ratio at n adapters comes from its own interleaving of ours alone: --reps batches of n adapters
+and of base-only, alternating, with no peer batch between them. With peer batches in between, ours' base-only
+batches ran at 72.7 tok/s against 81.3 without the peer, and the adapter batches about as fast either way, which
+made 32 adapters look like 0.93-0.97 of base-only where ours alone gives 0.80 (bench/results/serve.md).
 
 The second form is issue 9's bounded load test over HTTP (the suite runs a smaller one): the openai client on
 loopback sends N requests over `adapters` adapters at concurrency C, two rounds, and prints failures, p50/p99
@@ -147,7 +151,7 @@ def main(batch, new_tokens, prompt_tokens, counts, rank, device, dtype, reps, th
         prompts = _prompts(batch, prompt_tokens, engine.model.cfg.vocab_size)
         peft = _peer_model(folders, max(counts), getattr(torch, dtype), device) if peer else None
         ids = torch.tensor(prompts, device=device)
-        runs = {}
+        runs, alone = {}, {}
         for n in (0,) + counts:
             names = [None] * batch if n == 0 else [f"a{i % n:03d}" for i in range(batch)]
             sides = {"ours": lambda: asyncio.run(_run_ours(engine, prompts, names, new_tokens))}
@@ -158,22 +162,35 @@ def main(batch, new_tokens, prompt_tokens, counts, rank, device, dtype, reps, th
             if not as_json:
                 print(f"{n or 'base'} adapters: " + ", ".join(
                     f"{k} {Stats.of(v).fmt(digits=1)} tok/s" for k, v in runs[n].items()), flush=True)
+            if n:  # ours alone, n adapters and base-only alternating: the "vs base" ratio
+                base_side = lambda: asyncio.run(_run_ours(engine, prompts, [None] * batch, new_tokens))
+                alone[n] = interleave({"ours": sides["ours"], "base": base_side}, reps).samples
+                if not as_json:
+                    print(f"{n} adapters, ours alone: " + ", ".join(
+                        f"{k} {Stats.of(v).fmt(digits=1)} tok/s" for k, v in alone[n].items()), flush=True)
         engine.stop()
     head = (f"batch {batch}, prompt {prompt_tokens}, {new_tokens} new tokens, r{rank} all-linear, {device} {dtype}, "
             f"{'dense base (--dense-base)' if dense_base else '4-bit base'}, threads {n_threads} "
             f"(engine step thread {eng_threads})")
     if as_json:
-        print(json.dumps({"config": head, "runs": {str(k): v for k, v in runs.items()}}))
+        print(json.dumps({"config": head, "runs": {str(k): v for k, v in runs.items()},
+                          "ours_alone": {str(k): v for k, v in alone.items()}}))
         end()
         return
     med = {n: {k: Stats.of(v).median for k, v in r.items()} for n, r in runs.items()}
     print(head)
-    print(f"{'adapters':>8} {'ours tok/s [min-max]':>24} {'vs base':>8} {'peft tok/s [min-max]':>24} {'vs base':>8}")
+    print(f"{'adapters':>8} {'ours tok/s [min-max]':>24} {'vs base':>8} {'peft tok/s [min-max]':>24} {'vs base':>8}"
+          "   (ours' vs base: from ours alone, interleaved with base-only; the peer's: from its own runs)")
     for n in (0,) + counts:
         o = Stats.of(runs[n]["ours"])
         p = Stats.of(runs[n]["peft"]) if peer else None
-        print(f"{n if n else 'base':>8} {o.fmt(digits=1):>24} {o.median / med[0]['ours']:8.2f} "
+        vs = Stats.of(alone[n]["ours"]).median / Stats.of(alone[n]["base"]).median if n else 1.0
+        print(f"{n if n else 'base':>8} {o.fmt(digits=1):>24} {vs:8.2f} "
               f"{p.fmt(digits=1) if p else '-':>24} {p.median / med[0]['peft'] if p else float('nan'):8.2f}")
+    for n in counts:
+        v = compare(alone[n]["ours"], alone[n]["base"], higher_is_better=True)
+        print(f"ours alone, {n} adapters / base-only tok/s: {v.ratio:.2f} (per-pair spread {v.lo:.2f}-{v.hi:.2f}; "
+              f"{v.pairs} pairs)")
     if peer:
         for n in (0,) + counts:
             print(compare(runs[n]["ours"], runs[n]["peft"], higher_is_better=True).line(
