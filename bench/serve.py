@@ -19,9 +19,9 @@ adapter count both sides first run one untimed warm-up batch (which also makes t
 --reps timed batches, ours and the peer alternating (bench._timing.interleave). The peer runs transformers +
 PEFT on the same bf16 source in the same dtype. Figures are median [min-max] of the reps.
 Ours' "vs base" ratio at n adapters comes from its own interleaving of ours alone: --reps batches of n adapters
-and of base-only, alternating, with no peer batch between them. With peer batches in between, ours' base-only
-batches ran at 72.7 tok/s against 81.3 without the peer, and the adapter batches about as fast either way, which
-made 32 adapters look like 0.93-0.97 of base-only where ours alone gives 0.80 (bench/results/serve.md).
+and of base-only, alternating, with no peer batch between them, so the ratio pairs adjacent batches (base-only at
+n = 0 runs minutes earlier: across quiet runs its speed moved 71.6-86.2 tok/s, more than the adapter batches did,
+and ratios taken across stages read 0.80-0.97; bench/results/serve.md).
 
 The second form is issue 9's bounded load test over HTTP (the suite runs a smaller one): the openai client on
 loopback sends N requests over `adapters` adapters at concurrency C, two rounds, and prints failures, p50/p99
