@@ -98,6 +98,14 @@ class Metrics:
         """The child of `family` for this server's model_name and the other label `values`, in order."""
         return family.labels(self.model_name, *values)
 
+    def adapter_loaded(self, source: str, seconds: float) -> None:
+        """One adapter load from disk tier `source` (store or hub) took `seconds` (read + validate)."""
+        self.labels(self.adapter_load_seconds, source).observe(seconds)
+
+    def adapter_load_failed(self, source: str) -> None:
+        """One adapter load from disk tier `source` was refused or failed."""
+        self.labels(self.adapter_load_failures, source).inc()
+
     def on_scrape(self, fn: Callable[[], Iterable[Metric]]) -> None:
         """Register `fn`, called at each scrape, returning families built with `family()`."""
         self.registry.register(_Callback(fn))

@@ -124,13 +124,13 @@ class Engine:
 
     # -- adapter callbacks ----------------------------------------------------------------------------------
     def _load(self, name: str, path: str):
-        t0, m, source = time.perf_counter(), self.metrics, self.registry.source(name)
+        t0, source = time.perf_counter(), self.registry.source(name)
         try:
             out = read_adapter(self.model, name, path, self.base_names, dtype=self.lora_dtype)
         except ServeError:
-            m.labels(m.adapter_load_failures, source).inc()
+            self.metrics.adapter_load_failed(source)
             raise
-        m.labels(m.adapter_load_seconds, source).observe(time.perf_counter() - t0)
+        self.metrics.adapter_loaded(source, time.perf_counter() - t0)
         return out
 
     def _install(self, name, payload, slot):

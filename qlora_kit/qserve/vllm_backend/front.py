@@ -93,17 +93,17 @@ class VllmBackend:
         self._upstream[name] = True
 
     async def _load_upstream(self, name: str) -> None:
-        t0, m, source = time.monotonic(), self.metrics, self.registry.source(name)
+        t0, source = time.monotonic(), self.registry.source(name)
         try:
             info = await asyncio.to_thread(self.registry.load, name)  # validated as an admin load (read once)
         except QloraKitError:
-            m.labels(m.adapter_load_failures, source).inc()
+            self.metrics.adapter_load_failed(source)
             raise
         resp = await self.client.post("/v1/load_lora_adapter", json={"lora_name": name, "lora_path": info.path})
         if resp.status_code != 200:
-            m.labels(m.adapter_load_failures, source).inc()
+            self.metrics.adapter_load_failed(source)
             raise _upstream_error(resp)
-        m.labels(m.adapter_load_seconds, source).observe(time.monotonic() - t0)
+        self.metrics.adapter_loaded(source, time.monotonic() - t0)
 
     async def generate(self, request: Request, body, raw: dict, sampling, adapter, tenant, record):
         path = "/v1/chat/completions" if isinstance(body, ChatRequest) else "/v1/completions"
@@ -152,18 +152,18 @@ class VllmBackend:
             _finish(record, finish or "cancelled", usage)
 
     async def load(self, name: str, path: str):
-        t0, m = time.monotonic(), self.metrics  # an admin load by path: source store
+        t0 = time.monotonic()  # an admin load by path: source store
         try:
             info = await asyncio.to_thread(self.registry.add, name, path)
         except QloraKitError:
-            m.labels(m.adapter_load_failures, "store").inc()
+            self.metrics.adapter_load_failed("store")
             raise
         resp = await self.client.post("/v1/load_lora_adapter", json={"lora_name": name, "lora_path": info.path})
         if resp.status_code != 200:
             self.registry.unload(name)
-            m.labels(m.adapter_load_failures, "store").inc()
+            self.metrics.adapter_load_failed("store")
             raise _upstream_error(resp)
-        m.labels(m.adapter_load_seconds, "store").observe(time.monotonic() - t0)
+        self.metrics.adapter_loaded("store", time.monotonic() - t0)
         self._upstream[name] = True
         return self.registry.get(name)
 
