@@ -152,6 +152,7 @@ def main(batch, new_tokens, prompt_tokens, counts, rank, device, dtype, reps, th
         peft = _peer_model(folders, max(counts), getattr(torch, dtype), device) if peer else None
         ids = torch.tensor(prompts, device=device)
         runs, alone = {}, {}
+        base_side = lambda: asyncio.run(_run_ours(engine, prompts, [None] * batch, new_tokens))
         for n in (0,) + counts:
             names = [None] * batch if n == 0 else [f"a{i % n:03d}" for i in range(batch)]
             sides = {"ours": lambda: asyncio.run(_run_ours(engine, prompts, names, new_tokens))}
@@ -163,7 +164,6 @@ def main(batch, new_tokens, prompt_tokens, counts, rank, device, dtype, reps, th
                 print(f"{n or 'base'} adapters: " + ", ".join(
                     f"{k} {Stats.of(v).fmt(digits=1)} tok/s" for k, v in runs[n].items()), flush=True)
             if n:  # ours alone, n adapters and base-only alternating: the "vs base" ratio
-                base_side = lambda: asyncio.run(_run_ours(engine, prompts, [None] * batch, new_tokens))
                 alone[n] = interleave({"ours": sides["ours"], "base": base_side}, reps).samples
                 if not as_json:
                     print(f"{n} adapters, ours alone: " + ", ".join(
@@ -178,17 +178,16 @@ def main(batch, new_tokens, prompt_tokens, counts, rank, device, dtype, reps, th
         end()
         return
     med = {n: {k: Stats.of(v).median for k, v in r.items()} for n, r in runs.items()}
+    vs_base = {n: compare(alone[n]["ours"], alone[n]["base"], higher_is_better=True) for n in counts}
     print(head)
     print(f"{'adapters':>8} {'ours tok/s [min-max]':>24} {'vs base':>8} {'peft tok/s [min-max]':>24} {'vs base':>8}"
           "   (ours' vs base: from ours alone, interleaved with base-only; the peer's: from its own runs)")
     for n in (0,) + counts:
         o = Stats.of(runs[n]["ours"])
         p = Stats.of(runs[n]["peft"]) if peer else None
-        vs = Stats.of(alone[n]["ours"]).median / Stats.of(alone[n]["base"]).median if n else 1.0
-        print(f"{n if n else 'base':>8} {o.fmt(digits=1):>24} {vs:8.2f} "
+        print(f"{n if n else 'base':>8} {o.fmt(digits=1):>24} {vs_base[n].ratio if n else 1.0:8.2f} "
               f"{p.fmt(digits=1) if p else '-':>24} {p.median / med[0]['peft'] if p else float('nan'):8.2f}")
-    for n in counts:
-        v = compare(alone[n]["ours"], alone[n]["base"], higher_is_better=True)
+    for n, v in vs_base.items():
         print(f"ours alone, {n} adapters / base-only tok/s: {v.ratio:.2f} (per-pair spread {v.lo:.2f}-{v.hi:.2f}; "
               f"{v.pairs} pairs)")
     if peer:
