@@ -6,7 +6,8 @@ The public API is the engine core's (qserve.engine), every error class (qserve.e
 """
 from . import engine as _engine
 from . import errors as _errors
-from .adapters import AdapterInfo, AdapterRegistry, AdapterState, RegistryConfig
+from .adapter_entry import AdapterInfo, AdapterState
+from .adapters import AdapterRegistry, RegistryConfig
 from .config import ServeConfig
 from .engine import *  # noqa: F403 (listed in qserve.engine.__all__)
 from .errors import *  # noqa: F403 (every ServeError subclass)

@@ -1,6 +1,7 @@
 """Adapter registry: named LoRA adapters in three tiers, disk -> CPU -> resident (GPU slots).
 
-Plain Python (no torch). The real work is injected:
+Plain Python (no torch). One adapter's state, record and snapshot are in adapter_entry.py; the checks on its folder
+(confinement under a root, the two PEFT files, no pickle) in adapter_folder.py. The real work is injected:
 
 - `loader(name, path) -> (payload, nbytes)` reads and validates an adapter folder into host memory (torch,
   safetensors, shape checks against the base). It is slow, so the engine runs `load()` in a worker thread;
@@ -27,7 +28,6 @@ first), confined to its repo folder in the Hugging Face cache (source `hub`: its
 Each load gets a fresh `uid` (never reused); the KV prefix cache is salted with it, so re-registering a
 different adapter under an old name can never hit the old adapter's cached KV.
 """
-import enum
 import itertools
 import os
 import re
@@ -37,22 +37,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from .errors import AdapterExists, AdapterNotFound, AdapterPathRefused, AdapterRefused, QloraKitError
+from .adapter_entry import AdapterEntry, AdapterInfo, AdapterState
+from .adapter_folder import resolve_adapter_folder
+from .errors import AdapterExists, AdapterNotFound, AdapterRefused, QloraKitError
 from .store.stats import FleetStats
 
-CONFIG_NAME = "adapter_config.json"  # PEFT's names, as formats/peft.py (not imported: it pulls in torch)
-WEIGHTS_NAME = "adapter_model.safetensors"
-PICKLE_NAME = "adapter_model.bin"
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@/-]{0,127}")
 
 Loader = Callable[[str, str], tuple[Any, int]]
-
-
-class AdapterState(enum.Enum):
-    DISK = "disk"  # registered; not in memory
-    LOADING = "loading"  # a loader call is running
-    CPU = "cpu"  # in host memory
-    RESIDENT = "resident"  # in a resident slot, usable by the batch
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,47 +79,6 @@ class RegistryConfig:
             raise ValueError(f"allowed_root={self.allowed_root!r}: not an existing folder")
 
 
-@dataclass(frozen=True, slots=True)
-class AdapterInfo:
-    """A snapshot of one adapter for the admin API and /metrics."""
-
-    name: str
-    path: str
-    uid: int
-    state: AdapterState
-    nbytes: int | None
-    in_flight: int
-    running: int
-    slot: int
-    draining: bool
-    load_time_s: float | None
-    last_use: float | None = None  # wall-clock time (time.time()) of the last request or residency
-    source: str = "store"  # hub: fetched from the Hub (HubSource); store: any other
-
-    @property
-    def tier(self) -> str:
-        """resident, host, loading, or on disk its source: store or hub (qserve/store/stats.py's tiers)."""
-        return {"resident": "resident", "cpu": "host", "loading": "loading", "disk": self.source}[self.state.value]
-
-
-class _Entry:
-    __slots__ = ("name", "path", "trusted", "root", "uid", "source", "state", "payload", "nbytes", "refs", "pins",
-                 "slot", "last_used", "last_use", "draining", "load_time_s")
-
-    def __init__(self, name, path, trusted, uid, root=None, source="store"):
-        self.name, self.path, self.trusted, self.root, self.uid, self.source = name, path, trusted, root, uid, source
-        self.state, self.payload, self.nbytes, self.load_time_s = AdapterState.DISK, None, None, None
-        self.refs = self.pins = 0
-        self.slot, self.last_used, self.last_use, self.draining = -1, 0, None, False
-
-    def touch(self, clock) -> None:
-        self.last_used, self.last_use = next(clock), time.time()
-
-    def info(self) -> AdapterInfo:
-        return AdapterInfo(self.name, self.path, self.uid, self.state, self.nbytes, self.refs, self.pins,
-                           self.slot, self.draining, self.load_time_s, self.last_use, self.source)
-
-
 class AdapterRegistry:
     """Thread-safe registry of named adapters. See the module docstring for tiers and reference counts."""
 
@@ -141,7 +92,7 @@ class AdapterRegistry:
         self._loader, self._on_resident, self._on_remove = loader, on_resident, on_remove
         self._lock = threading.RLock()
         self._loaded = threading.Condition(self._lock)
-        self._entries: dict[str, _Entry] = {}
+        self._entries: dict[str, AdapterEntry] = {}
         self._slots: list[str | None] = [None] * config.max_loras
         self._uids = itertools.count(1)
         self._clock = itertools.count(1)
@@ -153,44 +104,10 @@ class AdapterRegistry:
 
     # -- paths ----------------------------------------------------------------------------------------------
     def resolve_path(self, path: str | os.PathLike, trusted: bool = False, root: str | None = None) -> Path:
-        """Check an adapter folder and return its real path.
-
-        Untrusted paths (the admin API) must resolve, symlinks followed, under `allowed_root`; relative paths
-        are taken from the root and may not contain `..`. The folder must hold adapter_config.json and
-        adapter_model.safetensors (pickled adapter_model.bin is refused), neither linking out of the root.
-        Trusted paths (operator flags at start-up) skip the root check only. `root` (the adapter store's)
-        replaces allowed_root.
-
-        Raises:
-            AdapterPathRefused naming the path and the rule it breaks.
-        """
-        raw = os.fspath(path)
-        if not raw or "\x00" in raw:
-            raise AdapterPathRefused(f"adapter path {raw!r}: empty or contains NUL")
-        root, given = None, root
-        if not trusted:
-            root = given or self.config.allowed_root
-            if root is None:
-                raise AdapterPathRefused(f"adapter path {raw!r}: loading by path is disabled "
-                                         "(no allowed adapter root configured)")
-            root = os.path.realpath(root)
-            if ".." in Path(raw).parts:
-                raise AdapterPathRefused(f"adapter path {raw!r}: '..' is not allowed")
-        full = raw if os.path.isabs(raw) or root is None else os.path.join(root, raw)
-        real = os.path.realpath(full)
-        if root is not None and not _under(real, root):
-            raise AdapterPathRefused(f"adapter path {raw!r}: resolves to {real}, outside the allowed root {root}")
-        if not os.path.isdir(real):
-            raise AdapterPathRefused(f"adapter path {raw!r}: not a folder")
-        for fname in (CONFIG_NAME, WEIGHTS_NAME):
-            f = os.path.join(real, fname)
-            if not os.path.isfile(f):
-                pickled = fname == WEIGHTS_NAME and os.path.exists(os.path.join(real, PICKLE_NAME))
-                hint = f" ({PICKLE_NAME} is pickle and is refused: convert it to safetensors)" if pickled else ""
-                raise AdapterPathRefused(f"adapter path {raw!r}: {fname} missing{hint}")
-            if root is not None and not _under(os.path.realpath(f), root):
-                raise AdapterPathRefused(f"adapter path {raw!r}: {fname} links outside the allowed root {root}")
-        return Path(real)
+        """Check an adapter folder and return its real path: adapter_folder.resolve_adapter_folder, confined to
+        `root` (the adapter store's or a Hub snapshot's), by default `allowed_root`, unless trusted (operator flags
+        at start-up). Raises AdapterPathRefused naming the path and the rule it breaks."""
+        return resolve_adapter_folder(path, root or self.config.allowed_root, trusted)
 
     # -- registration ---------------------------------------------------------------------------------------
     def register(self, name: str, path: str | os.PathLike, trusted: bool = False,
@@ -205,7 +122,7 @@ class AdapterRegistry:
             if name in self._entries:
                 state = "being unloaded" if self._entries[name].draining else "registered"
                 raise AdapterExists(f"adapter {name!r}: already {state}; unload it first")
-            e = self._entries[name] = _Entry(name, str(real), trusted, next(self._uids), root, source)
+            e = self._entries[name] = AdapterEntry(name, str(real), trusted, next(self._uids), root, source)
             return e.info()
 
     def lookup(self, name: str) -> bool:
@@ -444,7 +361,7 @@ class AdapterRegistry:
             }
 
     # -- internals ------------------------------------------------------------------------------------------
-    def _get(self, name, allow_draining=False) -> _Entry:
+    def _get(self, name, allow_draining=False) -> AdapterEntry:
         e = self._entries.get(name)
         if e is None or (e.draining and not allow_draining):
             why = "is being unloaded" if e is not None else "is not loaded"
@@ -454,7 +371,7 @@ class AdapterRegistry:
     def _resident_bytes(self) -> int:
         return sum(self._entries[n].nbytes or 0 for n in self._slots if n is not None)
 
-    def _evict(self, e: _Entry) -> None:
+    def _evict(self, e: AdapterEntry) -> None:
         """Resident -> CPU tier (the slot's weights stay until the next install overwrites them)."""
         self._slots[e.slot] = None
         e.slot, e.state = -1, AdapterState.CPU
@@ -464,7 +381,7 @@ class AdapterRegistry:
     def _host_bytes(self) -> int:
         return sum(e.nbytes for e in self._entries.values() if e.payload is not None)
 
-    def _remove(self, e: _Entry) -> None:
+    def _remove(self, e: AdapterEntry) -> None:
         if e.state is AdapterState.RESIDENT:
             if self._on_remove is not None:
                 self._on_remove(e.name, e.slot)
@@ -473,7 +390,7 @@ class AdapterRegistry:
         del self._entries[e.name]
         self.stats.host(self._host_bytes())
 
-    def _fit_cpu_tier(self, new: _Entry, nbytes: int) -> None:
+    def _fit_cpu_tier(self, new: AdapterEntry, nbytes: int) -> None:
         """Drop CPU-tier adapters without running requests (LRU first: idle ones, then ones whose requests only
         wait; those are read again when admitted) until `new` with `nbytes` fits the count and byte limits."""
         cfg = self.config
@@ -494,7 +411,3 @@ class AdapterRegistry:
                 self._evict(victim)
             victim.payload, victim.state = None, AdapterState.DISK
             self.stats.evicted("host", victim.name)
-
-
-def _under(path: str, root: str) -> bool:
-    return os.path.commonpath([path, root]) == root

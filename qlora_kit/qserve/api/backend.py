@@ -9,7 +9,8 @@ from fastapi.responses import Response
 
 from qlora_kit.models.sampling_params import SamplingParams
 
-from ..adapters import AdapterInfo, AdapterRegistry
+from ..adapter_entry import AdapterInfo
+from ..adapters import AdapterRegistry
 from ..metrics import Metrics, RequestRecord
 from .protocol import ChatRequest, CompletionRequest
 

@@ -32,9 +32,10 @@ from pathlib import Path
 
 from qlora_kit.formats._pattern import FullMatch
 
+from ..adapter_folder import CONFIG_NAME, WEIGHTS_NAME
 from ..errors import AdapterNotFound
 
-FILES = ["adapter_config.json", "adapter_model.safetensors"]  # PEFT's names, as qserve.adapters
+FILES = [CONFIG_NAME, WEIGHTS_NAME]  # the only files a Hub fetch requests
 FLAG = "--adapter-hub-allow"
 _PART = r"[A-Za-z0-9][\w.-]{0,95}"
 _ID = re.compile(rf"({_PART}/{_PART})(?:@([A-Za-z0-9][\w.-]{{0,63}}))?", re.ASCII)

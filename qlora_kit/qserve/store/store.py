@@ -18,10 +18,9 @@ import threading
 from collections import Counter
 from pathlib import Path
 
+from ..adapter_folder import CONFIG_NAME, WEIGHTS_NAME
 from ..errors import AdapterPathRefused
 
-CONFIG_NAME = "adapter_config.json"  # as qserve.adapters (PEFT's names)
-WEIGHTS_NAME = "adapter_model.safetensors"
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@/-]{0,127}")
 _MAX_LINKS = 16
 

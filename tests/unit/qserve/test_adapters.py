@@ -7,7 +7,8 @@ import threading
 
 import pytest
 
-from qlora_kit.qserve.adapters import AdapterRegistry, AdapterState, RegistryConfig
+from qlora_kit.qserve.adapter_entry import AdapterState
+from qlora_kit.qserve.adapters import AdapterRegistry, RegistryConfig
 from qlora_kit.qserve.errors import AdapterExists, AdapterNotFound, AdapterPathRefused, AdapterRefused
 
 pytestmark = pytest.mark.unit

@@ -14,8 +14,10 @@ import pytest
 pytestmark = pytest.mark.unit
 
 REPO = Path(__file__).resolve().parents[3]
-MODULES = ["qlora_kit.qserve", "qlora_kit.qserve.errors", "qlora_kit.qserve.adapters", "qlora_kit.qserve.engine", "qlora_kit.qserve.engine.request",
-           "qlora_kit.qserve.engine.block_manager", "qlora_kit.qserve.engine.scheduler", "qlora_kit.qserve.config", "qlora_kit.qserve.metrics"]
+MODULES = ["qlora_kit.qserve", "qlora_kit.qserve.errors", "qlora_kit.qserve.adapters", "qlora_kit.qserve.adapter_entry",
+           "qlora_kit.qserve.adapter_folder", "qlora_kit.qserve.engine", "qlora_kit.qserve.engine.request",
+           "qlora_kit.qserve.engine.block_manager", "qlora_kit.qserve.engine.scheduler", "qlora_kit.qserve.config",
+           "qlora_kit.qserve.metrics"]
 
 
 def _run(code: str) -> subprocess.CompletedProcess:
