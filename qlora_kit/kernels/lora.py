@@ -414,10 +414,9 @@ def _check(base_out, x, lora_a, lora_b) -> None:
             or base_out.dtype not in _DTYPES):
         raise ValueError(f"lora: x {x.dtype}, A {lora_a.dtype}, B {lora_b.dtype}, base_out {base_out.dtype}: each must be "
                          "bf16, fp16 or fp32, and A and B must share one")
-    if (lora_a.shape[1] != x.shape[-1] or lora_b.shape[0] != base_out.shape[-1] or lora_b.shape[1] != lora_a.shape[0]
-            or base_out.shape[:-1] != x.shape[:-1]):
-        raise ValueError(f"lora: base_out {tuple(base_out.shape)}, x {tuple(x.shape)}, A {tuple(lora_a.shape)}, "
-                         f"B {tuple(lora_b.shape)} do not fit")
+    xs, ys, sa, sb = x.shape, base_out.shape, lora_a.shape, lora_b.shape  # each .shape makes a new torch.Size
+    if sa[1] != xs[-1] or sb[0] != ys[-1] or sb[1] != sa[0] or ys[:-1] != xs[:-1]:
+        raise ValueError(f"lora: base_out {tuple(ys)}, x {tuple(xs)}, A {tuple(sa)}, B {tuple(sb)} do not fit")
     # all on the CPU (one device; is_cpu is a flag, .device builds an object): the common case checked cheaply
     if not (base_out.is_cpu and x.is_cpu and lora_a.is_cpu and lora_b.is_cpu) and len(
             {t.device for t in (base_out, x, lora_a, lora_b)}) != 1:

@@ -297,7 +297,6 @@ def forward_group(layers: tuple[LoraLinear, ...], x: torch.Tensor, adapter_ids: 
     if any(p.signature != first.signature for p in packings[1:]):
         return [layer(x, adapter_ids) for layer in layers]
     ids = rows.token_index(first, x.shape[:-1])
-    weights = [layer._packed_weights(p) for layer, p in zip(layers, packings)]
+    a, b = zip(*[layer._packed_weights(p) for layer, p in zip(layers, packings)])
     ys = [linear_forward(layer.base, x) for layer in layers]
-    return kernels.lora_multi_group(ys, x, ids, [w[0] for w in weights], [w[1] for w in weights], first.offsets,
-                                    first.scales, reuse_base=True)
+    return kernels.lora_multi_group(ys, x, ids, a, b, first.offsets, first.scales, reuse_base=True)
