@@ -21,7 +21,11 @@ the kernels as they are: Triton (CUDA) computes in x's dtype, the CPU path in th
   rebound), so an in-place write (write_adapter, a server reusing a slot; an optimizer step; load_state_dict)
   lands in the packed pair, which is current without a check per forward; adding or removing an adapter, or
   .to() / .half(), repacks. With grad (train-many) the packed pair is a differentiable concatenation of the
-  Parameters, made each forward.
+  Parameters, made each forward; a forward with grad first gives shared Parameters storage of their own back
+  (contiguous copies, as add_adapter makes them), so training computes exactly as on a layer that never served
+  (a B_i view is strided, and a BLAS product may round differently on it). A mixed forward without grad between
+  a backward and its optimizer step would hand that step strided B_i (trainer/optim's AdamW refuses them);
+  train-many evaluates one adapter at a time, which never packs.
 - Layers that share an input (q/k/v, gate/up) serve a mixed batch through forward_group: one
   kernels.lora_multi_group call for the group when the layers carry the same adapters, ranks and scales.
 """
@@ -206,6 +210,8 @@ class LoraLinear(nn.Module):
         """A (sum r_i, in) and B (out, sum r_i) in packed order."""
         a, b = packing.params
         if torch.is_grad_enabled() and any(p.requires_grad for p in a + b):
+            if packing.cache is not None:
+                _release(packing)
             return torch.cat(a), _cat_columns(b)
         if packing.cache is None:  # then the Parameters' storage (module docstring): current by construction
             packing.cache = _share_storage(a, b)
@@ -231,6 +237,10 @@ class LoraLinear(nn.Module):
             if i not in self.scales:
                 return y
             a, b = self.lora_a[str(i)], self.lora_b[str(i)]
+            packing = self._packing
+            if (packing is not None and packing.cache is not None and torch.is_grad_enabled()
+                    and (a.requires_grad or b.requires_grad)):
+                _release(packing)
             xd = F.dropout(x, self.dropouts[i], self.training)
             return kernels.lora(y, xd, a, b, self.scales[i])
         packing = self._packed()
@@ -261,6 +271,15 @@ def _share_storage(a: list[nn.Parameter], b: list[nn.Parameter]) -> tuple:
             pa.data, pb.data = ca[lo:hi], cb[:, lo:hi]
             lo = hi
     return (a, b), ca, cb
+
+
+def _release(packing: _Packing) -> None:
+    """Undo _share_storage before autograd reads the Parameters: each gets storage of its own back (a contiguous
+    copy, as add_adapter makes it) and the packed pair is dropped."""
+    with torch.no_grad():
+        for p in (*packing.params[0], *packing.params[1]):
+            p.data = p.data.clone(memory_format=torch.contiguous_format)
+    packing.cache = None
 
 
 def _cat_columns(b: list[torch.Tensor]) -> torch.Tensor:
