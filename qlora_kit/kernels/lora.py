@@ -262,7 +262,8 @@ def lora(base_out: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_b: 
 
 
 def lora_multi(base_out: torch.Tensor, x: torch.Tensor, adapter_ids: torch.Tensor, lora_a: torch.Tensor,
-               lora_b: torch.Tensor, offsets: torch.Tensor, scales: torch.Tensor, backend: str | None = None) -> torch.Tensor:
+               lora_b: torch.Tensor, offsets: torch.Tensor, scales: torch.Tensor, backend: str | None = None,
+               reuse_base: bool = False) -> torch.Tensor:
     """Per-row multi-adapter LoRA: y_m = base_m + s_i (x_m A_i^T) B_i^T, i = adapter_ids[m] (-1: y_m = base_m).
 
     Args:
@@ -274,6 +275,7 @@ def lora_multi(base_out: torch.Tensor, x: torch.Tensor, adapter_ids: torch.Tenso
         scales: (num_adapters,) fp32 alpha_i / r_i.
         backend: None/"auto", "torch" or "triton" (kernels/_dispatch.py). "torch" runs kernels/cpu/lora.py, grouped
             bmm by distinct rank (the twin, kernels/ref/lora.py, is its test oracle).
+        reuse_base: as in lora_multi_group (the CPU kernel may write the output into base_out).
 
     Returns:
         (..., N) in base_out.dtype.
@@ -284,7 +286,7 @@ def lora_multi(base_out: torch.Tensor, x: torch.Tensor, adapter_ids: torch.Tenso
     _check(base_out, x, lora_a, lora_b)
     bounds = _check_multi(x, adapter_ids, lora_a, offsets, scales)
     if not use_triton(x, backend):
-        return lora_multi_cpu(base_out, x, adapter_ids, lora_a, lora_b, offsets, scales, bounds)
+        return lora_multi_cpu(base_out, x, adapter_ids, lora_a, lora_b, offsets, scales, bounds, reuse_base)
     return _LoraMulti.apply(base_out, x, adapter_ids, lora_a.contiguous(), lora_b.contiguous(),
                             offsets.to(torch.int64).contiguous(), scales.float().contiguous())
 
@@ -330,14 +332,18 @@ def lora_multi_group(base_outs: list[torch.Tensor], x: torch.Tensor, adapter_ids
             for b, a, bb in zip(base_outs, lora_as, lora_bs)]
 
 
-_LAST_CHECK: tuple = (None,) * 7  # the last host-checked (ids, ids version, offsets, offsets version, rows, adapters,
-                                  # bounds): the layers of one forward pass the same ids and packing, checked once
+_IDS_SEEN: tuple = (None, -1, 0, 0)  # (ids, version, lo, hi): the last host adapter_ids whose range was read; every
+                                    # layer of a forward passes the same ids, so it is read once per forward
+_BOUNDS_SEEN: dict[int, tuple] = {}  # id(offsets) -> (offsets, version, bounds) of host offsets already read and found
+                                     # cut in order (one per layer's packing); the tensor is held, so its id stays its own
 
 
 def _check_multi(x, adapter_ids, lora_a, offsets, scales) -> list[int] | None:
     """Shapes always; values only where they are already on the host. On CUDA, reading offsets[-1] or the id range
     would be a device-to-host sync per layer (and illegal during CUDA-graph capture), so those two checks become
     device-side asserts (torch._assert_async): a bad value aborts at the next sync instead of raising ValueError.
+    Host values are read once per tensor (and version): the ids' range and each offsets tensor's bounds are
+    remembered, and only the comparisons with this call's rank rows and adapter count are made again.
     Returns the offsets as host integers when they were read here (CPU), else None."""
     n_adapters = scales.numel()
     if offsets.shape != (n_adapters + 1,) or offsets.dtype.is_floating_point:
@@ -348,16 +354,41 @@ def _check_multi(x, adapter_ids, lora_a, offsets, scales) -> list[int] | None:
                          f"matching x's rows {tuple(x.shape[:-1])}")
     if offsets.is_cuda or adapter_ids.is_cuda:
         return _check_values(x, adapter_ids, lora_a, offsets, n_adapters)
-    global _LAST_CHECK
-    ids_v = -1 if adapter_ids.is_inference() else adapter_ids._version  # inference tensors have no version counter
-    off_v = -1 if offsets.is_inference() else offsets._version
-    last = _LAST_CHECK
-    if (last[0] is adapter_ids and last[1] == ids_v and last[2] is offsets and last[3] == off_v
-            and last[4] == lora_a.shape[0] and last[5] == n_adapters):
-        return last[6]
-    bounds = _check_values(x, adapter_ids, lora_a, offsets, n_adapters)
-    _LAST_CHECK = (adapter_ids, ids_v, offsets, off_v, lora_a.shape[0], n_adapters, bounds)
+    bounds = _host_bounds(offsets)
+    if bounds is None or bounds[-1] != lora_a.shape[0]:
+        return _check_values(x, adapter_ids, lora_a, offsets, n_adapters)  # raises, naming the offsets
+    if adapter_ids.numel():
+        lo, hi = _host_range(adapter_ids)
+        if not -1 <= lo <= hi < n_adapters:
+            return _check_values(x, adapter_ids, lora_a, offsets, n_adapters)  # raises, naming the ids
     return bounds
+
+
+def _host_bounds(offsets: torch.Tensor) -> list[int] | None:
+    """offsets.tolist() when it starts at 0 and never decreases, else None; remembered per tensor and version."""
+    version = -1 if offsets.is_inference() else offsets._version  # inference tensors have no version counter
+    seen = _BOUNDS_SEEN.get(id(offsets))
+    if seen is not None and seen[0] is offsets and seen[1] == version:
+        return seen[2]
+    bounds = offsets.tolist()
+    if bounds[0] != 0 or sorted(bounds) != bounds:
+        return None
+    if len(_BOUNDS_SEEN) >= 4096:  # packings made and dropped (adapters added, removed): forget them all
+        _BOUNDS_SEEN.clear()
+    _BOUNDS_SEEN[id(offsets)] = (offsets, version, bounds)
+    return bounds
+
+
+def _host_range(adapter_ids: torch.Tensor) -> tuple[int, int]:
+    """(min, max) of a non-empty host adapter_ids, remembered for the last tensor and version."""
+    global _IDS_SEEN
+    version = -1 if adapter_ids.is_inference() else adapter_ids._version
+    seen = _IDS_SEEN
+    if seen[0] is adapter_ids and seen[1] == version:
+        return seen[2], seen[3]
+    lo, hi = torch.aminmax(adapter_ids)
+    _IDS_SEEN = (adapter_ids, version, int(lo), int(hi))
+    return _IDS_SEEN[2], _IDS_SEEN[3]
 
 
 def _check_values(x, adapter_ids, lora_a, offsets, n_adapters: int) -> list[int] | None:
@@ -383,10 +414,9 @@ def _check(base_out, x, lora_a, lora_b) -> None:
             or base_out.dtype not in _DTYPES):
         raise ValueError(f"lora: x {x.dtype}, A {lora_a.dtype}, B {lora_b.dtype}, base_out {base_out.dtype}: each must be "
                          "bf16, fp16 or fp32, and A and B must share one")
-    if (lora_a.shape[1] != x.shape[-1] or lora_b.shape[0] != base_out.shape[-1] or lora_b.shape[1] != lora_a.shape[0]
-            or base_out.shape[:-1] != x.shape[:-1]):
-        raise ValueError(f"lora: base_out {tuple(base_out.shape)}, x {tuple(x.shape)}, A {tuple(lora_a.shape)}, "
-                         f"B {tuple(lora_b.shape)} do not fit")
+    xs, ys, sa, sb = x.shape, base_out.shape, lora_a.shape, lora_b.shape  # each .shape makes a new torch.Size
+    if sa[1] != xs[-1] or sb[0] != ys[-1] or sb[1] != sa[0] or ys[:-1] != xs[:-1]:
+        raise ValueError(f"lora: base_out {tuple(ys)}, x {tuple(xs)}, A {tuple(sa)}, B {tuple(sb)} do not fit")
     # all on the CPU (one device; is_cpu is a flag, .device builds an object): the common case checked cheaply
     if not (base_out.is_cpu and x.is_cpu and lora_a.is_cpu and lora_b.is_cpu) and len(
             {t.device for t in (base_out, x, lora_a, lora_b)}) != 1:

@@ -16,16 +16,21 @@ the kernels as they are: Triton (CUDA) computes in x's dtype, the CPU path in th
 - All rows on one adapter: kernels.lora.
 - Rows of several adapters: one kernels.lora_multi call for all rows, whatever the number of adapters.
   The layer keeps its adapters packed, ordered by (rank, id): A (sum r_i, in), B (out, sum r_i), offsets,
-  scales and an id -> packed index table. Without grad (serving) the packed copy is reused until an adapter is added, removed or written in place (tracked by the Parameters' versions;
-  write_adapter, a server reusing a slot, rewrites only that adapter's slice of it, scale and signature);
-  with grad (train-many) it is a differentiable concatenation of the Parameters, made each forward since
-  every optimizer step changes them.
+  scales and an id -> packed index table. Without grad (serving) the packed A and B are made once per packing and
+  become the Parameters' storage: each A_i, B_i is a view of its slice (the same Parameter objects, `.data`
+  rebound), so an in-place write (write_adapter, a server reusing a slot; an optimizer step; load_state_dict)
+  lands in the packed pair, which is current without a check per forward; adding or removing an adapter, or
+  .to() / .half(), repacks. With grad (train-many) the packed pair is a differentiable concatenation of the
+  Parameters, made each forward; a forward with grad first gives shared Parameters storage of their own back
+  (contiguous copies, as add_adapter makes them), so training computes exactly as on a layer that never served
+  (a B_i view is strided, and a BLAS product may round differently on it). A mixed forward without grad between
+  a backward and its optimizer step would hand that step strided B_i (trainer/optim's AdamW refuses them);
+  train-many evaluates one adapter at a time, which never packs.
 - Layers that share an input (q/k/v, gate/up) serve a mixed batch through forward_group: one
   kernels.lora_multi_group call for the group when the layers carry the same adapters, ranks and scales.
 """
 import math
 from dataclasses import dataclass
-from operator import attrgetter
 
 import torch
 import torch.nn.functional as F
@@ -36,7 +41,6 @@ from qlora_kit import kernels
 from .nf4_linear import linear_forward
 
 BASE_ONLY = -1
-_VERSION = attrgetter("_version")
 
 
 @dataclass
@@ -52,7 +56,10 @@ class _Packing:
     table: torch.Tensor
     params: tuple[list[nn.Parameter], list[nn.Parameter]]  # the A_i and the B_i in packed order
     signature: tuple  # (ids, ranks, scales) as host values: equal signatures mean equal offsets, scales and table
-    cache: tuple | None = None  # (key, A, B) packed, reused without grad while key holds
+    cache: tuple | None = None  # (params, A, B): A, B packed without grad, the storage of the Parameters `params`
+
+    def __deepcopy__(self, memo) -> None:
+        return None  # a copied layer's Parameters are clones, no longer views of a packed pair: it repacks
 
 
 class _Rows:
@@ -157,8 +164,7 @@ class LoraLinear(nn.Module):
         if pa.shape != a.shape or pb.shape != b.shape or pa.dtype != a.dtype or pb.dtype != b.dtype:
             return False
         packing = self._packing
-        packed = packing is not None and packing.cache is not None and packing.cache[0] == _weights_key(packing)
-        with torch.no_grad():
+        with torch.no_grad():  # with a serving packing, pa and pb are views of its packed A/B: written there too
             pa.copy_(a)
             pb.copy_(b)
         if packing is not None:  # its tensors are inference tensors when a serving forward made them
@@ -168,12 +174,6 @@ class LoraLinear(nn.Module):
                 packing.dropouts[j] = float(dropout)
                 ids, ranks, scales = packing.signature  # forward_group compares layers by it: keep it true
                 packing.signature = (ids, ranks, scales[:j] + (float(scale),) + scales[j + 1:])
-                if packed:  # the cached packed A/B were current: rewrite this adapter's slice and keep them
-                    lo = sum(self.lora_a[str(i)].shape[0] for i in packing.ids[:j])
-                    _, ca, cb = packing.cache
-                    ca[lo:lo + a.shape[0]].copy_(a)
-                    cb[:, lo:lo + a.shape[0]].copy_(b)
-                    packing.cache = (_weights_key(packing), ca, cb)
         self.scales[adapter_id], self.dropouts[adapter_id] = float(scale), float(dropout)
         return True
 
@@ -210,11 +210,11 @@ class LoraLinear(nn.Module):
         """A (sum r_i, in) and B (out, sum r_i) in packed order."""
         a, b = packing.params
         if torch.is_grad_enabled() and any(p.requires_grad for p in a + b):
+            if packing.cache is not None:
+                _release(packing)
             return torch.cat(a), _cat_columns(b)
-        key = _weights_key(packing)
-        if packing.cache is None or packing.cache[0] != key:
-            with torch.no_grad():
-                packing.cache = (key, torch.cat(a), _cat_columns(b))
+        if packing.cache is None:  # then the Parameters' storage (module docstring): current by construction
+            packing.cache = _share_storage(a, b)
         return packing.cache[1], packing.cache[2]
 
     def _dropout(self, x: torch.Tensor, packing: _Packing, local: torch.Tensor) -> torch.Tensor:
@@ -237,13 +237,18 @@ class LoraLinear(nn.Module):
             if i not in self.scales:
                 return y
             a, b = self.lora_a[str(i)], self.lora_b[str(i)]
+            packing = self._packing
+            if (packing is not None and packing.cache is not None and torch.is_grad_enabled()
+                    and (a.requires_grad or b.requires_grad)):
+                _release(packing)
             xd = F.dropout(x, self.dropouts[i], self.training)
             return kernels.lora(y, xd, a, b, self.scales[i])
         packing = self._packed()
         local = rows.packed_index(packing)  # (B,) packed index per row, -1 = none
         ids = rows.token_index(packing, x.shape[:-1])
         a, b = self._packed_weights(packing)
-        return kernels.lora_multi(y, self._dropout(x, packing, local), ids, a, b, packing.offsets, packing.scales)
+        return kernels.lora_multi(y, self._dropout(x, packing, local), ids, a, b, packing.offsets, packing.scales,
+                                  reuse_base=True)  # y is this call's own
 
     def _serves_mixed(self, rows: "_Rows") -> bool:
         """True when forward would run kernels.lora_multi without dropout for these rows (the caller: no autograd)."""
@@ -254,11 +259,27 @@ class LoraLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, adapters(rank)={ranks}"
 
 
-def _weights_key(packing: _Packing) -> tuple:
-    """What the packed A/B cache is valid for: the device and the sum of the Parameters' version counters (every
-    in-place write bumps one)."""
-    a, b = packing.params
-    return a[0].device, sum(map(_VERSION, a)) + sum(map(_VERSION, b))
+def _share_storage(a: list[nn.Parameter], b: list[nn.Parameter]) -> tuple:
+    """(params, A, B): A (sum r_i, in) and B (out, sum r_i) packed from the A_i, B_i, which then become views of
+    their slices (rows [o_i, o_{i+1}) of A, those columns of B; Parameter.data rebound: the same objects, values
+    and grad flags). Made outside inference mode, so later in-place writes to the Parameters are allowed."""
+    with torch.inference_mode(False), torch.no_grad():  # inference_mode(False) turns grad on: no_grad inside it
+        ca, cb = torch.cat(a), _cat_columns(b)
+        lo = 0
+        for pa, pb in zip(a, b):
+            hi = lo + pa.shape[0]
+            pa.data, pb.data = ca[lo:hi], cb[:, lo:hi]
+            lo = hi
+    return (a, b), ca, cb
+
+
+def _release(packing: _Packing) -> None:
+    """Undo _share_storage before autograd reads the Parameters: each gets storage of its own back (a contiguous
+    copy, as add_adapter makes it) and the packed pair is dropped."""
+    with torch.no_grad():
+        for p in (*packing.params[0], *packing.params[1]):
+            p.data = p.data.clone(memory_format=torch.contiguous_format)
+    packing.cache = None
 
 
 def _cat_columns(b: list[torch.Tensor]) -> torch.Tensor:
@@ -295,7 +316,6 @@ def forward_group(layers: tuple[LoraLinear, ...], x: torch.Tensor, adapter_ids: 
     if any(p.signature != first.signature for p in packings[1:]):
         return [layer(x, adapter_ids) for layer in layers]
     ids = rows.token_index(first, x.shape[:-1])
-    weights = [layer._packed_weights(p) for layer, p in zip(layers, packings)]
+    a, b = zip(*[layer._packed_weights(p) for layer, p in zip(layers, packings)])
     ys = [linear_forward(layer.base, x) for layer in layers]
-    return kernels.lora_multi_group(ys, x, ids, [w[0] for w in weights], [w[1] for w in weights], first.offsets,
-                                    first.scales, reuse_base=True)
+    return kernels.lora_multi_group(ys, x, ids, a, b, first.offsets, first.scales, reuse_base=True)

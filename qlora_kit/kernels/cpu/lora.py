@@ -29,6 +29,8 @@ lora_multi:  y_m = base_m + s_i (x_m A_i^T) B_i^T,  i = ids[m]  (Hu et al. 2021,
     each output into its base output (no new (M, N) tensor).
 """
 import ctypes
+import operator
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -42,12 +44,11 @@ def lora_cpu(base_out: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora
     """base_out + scale (x A^T) B^T in A's dtype, the scale applied to the (M, r) intermediate. Without autograd,
     the rows kernel with every row on this one adapter (the same arithmetic as a mixed batch's rows)."""
     recorded = torch.is_grad_enabled() and any(t.requires_grad for t in (base_out, x, lora_a, lora_b))
-    base2 = base_out.reshape(-1, base_out.shape[-1])
     if not recorded and library() is not None and lora_a.shape[0] <= ROWS_MAX_RANK:
-        x2 = x.reshape(-1, x.shape[-1])
-        ids = torch.zeros(x2.shape[0], dtype=torch.int64)
+        ids = torch.zeros(x.shape[:-1], dtype=torch.int64)
         one = (torch.tensor([0, lora_a.shape[0]]), torch.tensor([scale], dtype=torch.float32))
-        return _lora_rows([base2], x2, ids, [lora_a], [lora_b], *one, lora_a.shape[0])[0].view(base_out.shape)
+        return _lora_rows([base_out], x, ids, [lora_a], [lora_b], *one, [0, lora_a.shape[0]])[0]
+    base2 = base_out.reshape(-1, base_out.shape[-1])
     x2 = x.reshape(-1, x.shape[-1]).to(lora_a.dtype)
     u = (x2 @ lora_a.t()) * scale
     if base2.dtype == u.dtype:
@@ -126,25 +127,24 @@ def _group_weights(lora_a: torch.Tensor, lora_b: torch.Tensor, g: _Group) -> tup
 
 
 def _rows_setup(tensors: tuple[torch.Tensor, ...], offsets: torch.Tensor,
-               bounds: list[int] | None) -> tuple[bool, list[int], int]:
+               bounds: list[int] | None) -> tuple[bool, list[int]]:
     """(whether autograd records ops on `tensors`, the packing's row bounds: offsets.tolist() unless `bounds` is
-    given, the largest rank r_max = max(bounds[i + 1] - bounds[i]), 0 with no adapter)."""
+    given)."""
     recorded = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
-    bounds = offsets.tolist() if bounds is None else bounds
-    return recorded, bounds, max(map(int.__sub__, bounds[1:], bounds[:-1]), default=0)
+    return recorded, offsets.tolist() if bounds is None else bounds
 
 
 def lora_multi_cpu(base_out: torch.Tensor, x: torch.Tensor, adapter_ids: torch.Tensor, lora_a: torch.Tensor,
                    lora_b: torch.Tensor, offsets: torch.Tensor, scales: torch.Tensor,
-                   bounds: list[int] | None = None) -> torch.Tensor:
+                   bounds: list[int] | None = None, reuse_base: bool = False) -> torch.Tensor:
     """Per-row multi-adapter LoRA (module docstring): the C rows kernel without autograd, else grouped bmm;
     arguments as kernels.lora_multi, plus `bounds` = offsets.tolist() when the caller has read them already."""
+    recorded, bounds = _rows_setup((base_out, x, lora_a, lora_b), offsets, bounds)
+    if not recorded and library() is not None and _rows_fit(bounds):
+        return _lora_rows([base_out], x, adapter_ids, [lora_a], [lora_b], offsets, scales, bounds, reuse_base)[0]
     k, n = x.shape[-1], base_out.shape[-1]
     x2 = x.reshape(-1, k)
     base2 = base_out.reshape(-1, n)
-    recorded, bounds, r_max = _rows_setup((base_out, x, lora_a, lora_b), offsets, bounds)
-    if not recorded and library() is not None and r_max <= ROWS_MAX_RANK:
-        return _lora_rows([base2], x2, adapter_ids, [lora_a], [lora_b], offsets, scales, r_max)[0].view(base_out.shape)
     y = base2
     for g in _plan(adapter_ids, bounds):
         a_g, bt_g = _group_weights(lora_a, lora_b, g)
@@ -170,47 +170,54 @@ def lora_multi_group_cpu(base_outs: list[torch.Tensor], x: torch.Tensor, adapter
     lora.c call for all P, the same arithmetic as P calls (bit for bit); else (or past the kernel's rank limit, or
     with A/B dtypes that differ between projections) P lora_multi_cpu calls. `reuse_base`: the rows kernel writes
     each output into its base_out (the caller gives them up); the returned list holds the outputs either way."""
-    k = x.shape[-1]
-    x2 = x.reshape(-1, k)
-    recorded, bounds, r_max = _rows_setup((x, *base_outs, *lora_as, *lora_bs), offsets, bounds)
-    w = lora_as[0].dtype
-    if (recorded or library() is None or r_max > ROWS_MAX_RANK or any(t.dtype != w for t in lora_as)
-            or len({b.dtype for b in base_outs}) != 1):
+    recorded, bounds = _rows_setup((x, *base_outs, *lora_as, *lora_bs), offsets, bounds)
+    w, y = lora_as[0].dtype, base_outs[0].dtype
+    if (recorded or library() is None or not _rows_fit(bounds) or any(t.dtype != w for t in lora_as)
+            or any(b.dtype != y for b in base_outs)):
         return [lora_multi_cpu(b, x, adapter_ids, a, bb, offsets, scales, bounds)
                 for b, a, bb in zip(base_outs, lora_as, lora_bs)]
-    bases2 = [b.reshape(-1, b.shape[-1]) for b in base_outs]
-    ys = _lora_rows(bases2, x2, adapter_ids, lora_as, lora_bs, offsets, scales, r_max, reuse_base)
-    return [y.view(b.shape) for y, b in zip(ys, base_outs)]
+    return _lora_rows(base_outs, x, adapter_ids, lora_as, lora_bs, offsets, scales, bounds, reuse_base)
 
 
 ROWS_MAX_RANK = 1024  # lora.c QK_LORA_MAX_RANK: the rows kernel's scratch; larger ranks run the grouped bmm
 
 
-def _lora_rows(bases2: list[torch.Tensor], x2: torch.Tensor, adapter_ids: torch.Tensor, lora_as: list[torch.Tensor],
-               lora_bs: list[torch.Tensor], offsets: torch.Tensor, scales: torch.Tensor, r_max: int,
+def _rows_fit(bounds: list[int]) -> bool:
+    """Every rank of the packing within the rows kernel's ROWS_MAX_RANK (all of them together, the common case, or
+    each one)."""
+    return bounds[-1] - bounds[0] <= ROWS_MAX_RANK or _r_max(bounds) <= ROWS_MAX_RANK
+
+
+def _r_max(bounds: list[int]) -> int:
+    """The largest rank max(bounds[i + 1] - bounds[i]), 0 with no adapter."""
+    return max(map(int.__sub__, bounds[1:], bounds[:-1]), default=0)
+
+
+def _lora_rows(bases: list[torch.Tensor], x: torch.Tensor, adapter_ids: torch.Tensor, lora_as: list[torch.Tensor],
+               lora_bs: list[torch.Tensor], offsets: torch.Tensor, scales: torch.Tensor, bounds: list[int],
                reuse_base: bool = False) -> list[torch.Tensor]:
-    """kernels/cpu/lora.c qk_lora_rows_group over all rows, for the P projections p (one A_p, B_p, base_p each, one
-    x, ids and packing): y_p = base_p + the row's adapter's LoRA term (no autograd); y_p is base_p itself when
-    `reuse_base` and base_p is contiguous. r_max, the largest rank, sizes the work for the thread split. x goes in
-    its own dtype (the kernel casts it to w's); every argument already in the kernel's layout is passed as it is
-    (a decode step makes ~100 such calls)."""
-    m, k = x2.shape
-    x_c = x2.contiguous()
-    ids = adapter_ids.reshape(-1)
-    ids = ids.contiguous() if ids.dtype == torch.int64 else ids.to(torch.int64).contiguous()
-    off = offsets.contiguous() if offsets.dtype == torch.int64 else offsets.to(torch.int64).contiguous()
-    sc = scales.contiguous() if scales.dtype == torch.float32 else scales.to(torch.float32).contiguous()
-    a = [t.contiguous() for t in lora_as]
-    bt = [t.t().contiguous() for t in lora_bs]  # (sum r_i, N): a view, no copy, for the packing LoraLinear makes on CPU
-    base_c = [b.contiguous() for b in bases2]
-    ys = [b if reuse_base and b is b0 else torch.empty_like(b) for b, b0 in zip(base_c, bases2)]
-    ptrs = ctypes.c_void_p * len(a)
-    n = [b.shape[1] for b in base_c]
+    """kernels/cpu/lora.c qk_lora_rows_group over all rows, for the P projections p (one A_p, B_p, base_p (..., N_p)
+    each, one x (..., K), ids (...) and packing, all of one leading shape, taken as M rows without reshaping):
+    y_p = base_p + the row's adapter's LoRA term (no autograd), of base_p's shape; y_p is base_p itself when
+    `reuse_base` and base_p is contiguous. bounds = offsets.tolist() (the largest rank sizes the work for a thread
+    split). x goes in its own dtype (the kernel casts it to w's); every argument already in the kernel's layout is
+    passed as it is, and the weights' and packing's part of the arguments is made once (_weight_args): a decode
+    step makes ~100 such calls."""
+    x_c = x.contiguous()
+    ids = (adapter_ids if adapter_ids.dtype == torch.int64 else adapter_ids.to(torch.int64)).contiguous()
+    m, k = ids.numel(), x_c.shape[-1]  # ids: x's leading shape
+    static, kept = _weight_args(lora_as, lora_bs, offsets, scales)
+    base_c = [b.contiguous() for b in bases]
+    if reuse_base:
+        ys = [b if b is b0 else torch.empty_like(b) for b, b0 in zip(base_c, bases)]
+    else:
+        ys = [torch.empty_like(b) for b in base_c]
+    ptrs = ctypes.c_void_p * len(ys)
+    base_p = ptrs(*map(torch.Tensor.data_ptr, base_c))
+    y_p = base_p if all(map(operator.is_, ys, base_c)) else ptrs(*map(torch.Tensor.data_ptr, ys))
     lib = library()
-    # the tensors above stay alive until the calls return
-    args = (x_c.data_ptr(), _KIND[x_c.dtype], k, ids.data_ptr(), len(a), ptrs(*[t.data_ptr() for t in a]),
-            ptrs(*[t.data_ptr() for t in bt]), _KIND[a[0].dtype], off.data_ptr(), sc.data_ptr(),
-            ptrs(*[t.data_ptr() for t in base_c]), ptrs(*[t.data_ptr() for t in ys]), (ctypes.c_int64 * len(n))(*n),
+    # the tensors above (and `kept`) stay alive until the calls return
+    args = (x_c.data_ptr(), _KIND[x_c.dtype], k, ids.data_ptr(), len(ys), *static[:5], base_p, y_p, static[5],
             _KIND[ys[0].dtype])
 
     def call(begin: int, end: int) -> None:
@@ -220,5 +227,42 @@ def _lora_rows(bases2: list[torch.Tensor], x2: torch.Tensor, adapter_ids: torch.
     if torch.get_num_threads() == 1:
         call(0, m)
     else:
-        _run(_split(m, 1, m * r_max * (k * len(a) + sum(n))), call)
+        _run(_split(m, 1, m * _r_max(bounds) * (k * len(ys) + sum(b.shape[-1] for b in base_c))), call)
     return ys
+
+
+# (ids of the A_p, B_p, offsets, scales) -> (weak references to them, their data pointers, the arguments): a serving
+# forward passes each layer's same packed tensors every step, already in the kernel's layout
+_WEIGHT_ARGS: dict[tuple, tuple] = {}
+
+
+def _weight_args(lora_as: list[torch.Tensor], lora_bs: list[torch.Tensor], offsets: torch.Tensor,
+                 scales: torch.Tensor) -> tuple[tuple, tuple]:
+    """(the A_p pointers, the B_p^T pointers, w's kind, the offsets and scales pointers, the N_p), and the tensors
+    those pointers point into when they had to be made here (else empty). When every tensor is already in the
+    kernel's layout (A_p contiguous, B_p the transpose of a contiguous (sum r_i, N_p), int64 offsets, fp32
+    scales; LoraLinear's CPU packings are), the arguments are remembered for those tensors (weakly: they are
+    dropped with them) and found again by identity (live referents with this call's ids are these tensors) and
+    data pointer."""
+    tensors = (*lora_as, *lora_bs, offsets, scales)
+    key = tuple(map(id, tensors))
+    seen = _WEIGHT_ARGS.get(key)
+    if (seen is not None and tuple(map(id, map(operator.call, seen[0]))) == key
+            and tuple(map(torch.Tensor.data_ptr, tensors)) == seen[1]):
+        return seen[2], ()
+    off = offsets.contiguous() if offsets.dtype == torch.int64 else offsets.to(torch.int64).contiguous()
+    sc = scales.contiguous() if scales.dtype == torch.float32 else scales.to(torch.float32).contiguous()
+    a = [t.contiguous() for t in lora_as]
+    bt = [t.t().contiguous() for t in lora_bs]  # (sum r_i, N): a view, no copy, for the packing LoraLinear makes on CPU
+    ptrs = ctypes.c_void_p * len(a)
+    static = (ptrs(*map(torch.Tensor.data_ptr, a)), ptrs(*map(torch.Tensor.data_ptr, bt)), ctypes.c_int(_KIND[a[0].dtype]),
+              ctypes.c_void_p(off.data_ptr()), ctypes.c_void_p(sc.data_ptr()),
+              (ctypes.c_int64 * len(bt))(*[t.shape[1] for t in bt]))
+    kept = (a, bt, off, sc)
+    if (off is offsets and sc is scales and all(map(operator.is_, a, lora_as))
+            and all(t.data_ptr() == u.data_ptr() for t, u in zip(bt, lora_bs))):  # nothing was made here
+        if len(_WEIGHT_ARGS) >= 4096:  # packings made and dropped (adapters added, removed): forget them all
+            _WEIGHT_ARGS.clear()
+        _WEIGHT_ARGS[key] = (tuple(map(weakref.ref, tensors)), tuple(map(torch.Tensor.data_ptr, tensors)), static)
+        kept = ()
+    return static, kept

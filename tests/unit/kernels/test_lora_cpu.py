@@ -258,3 +258,26 @@ def test_lora_multi_group_rejects_projections_of_different_packings():
         lora_multi_group(bases, x, torch.tensor([0, 1, -1]), [a[0], a[1][:4]], [b[0], b[1][:, :4]], offsets, scales)
     with pytest.raises(ValueError, match="one of each per projection"):
         lora_multi_group(bases, x, torch.tensor([0, 1, -1]), a[:1], b, offsets, scales)
+
+
+def test_remembered_host_values_and_arguments_follow_in_place_changes():
+    # the ids' range, the offsets' bounds and the weights' ctypes arguments are remembered per tensor: an in-place
+    # write to the ids or offsets is checked again (the same errors), and A's data swapped under the same tensor
+    # object is read from its new place
+    a, b, offsets, scales = _adapters(16, 8, [4, 4], torch.float32)
+    bt = b.t().contiguous().t()
+    base, x, ids = torch.randn(3, 8), torch.randn(3, 16), torch.tensor([0, 1, -1])
+    with torch.no_grad():
+        lora_multi(base, x, ids, a, bt, offsets, scales)
+        ids[1] = 2
+        with pytest.raises(ValueError, match=r"lie in \[-1, 2\)"):
+            lora_multi(base, x, ids, a, bt, offsets, scales)
+        ids[1] = 1
+        offsets[1] = 9  # [0, 9, 8]: not in order
+        with pytest.raises(ValueError, match="do not cut 8 rank rows"):
+            lora_multi(base, x, ids, a, bt, offsets, scales)
+        offsets[1] = 4
+        lora_multi(base, x, ids, a, bt, offsets, scales)
+        a.data = torch.randn(8, 16)
+        got = lora_multi(base, x, ids, a, bt, offsets, scales)
+    torch.testing.assert_close(got, lora_multi_ref(base, x, ids, a, b, offsets, scales), **tol("lora"))

@@ -276,3 +276,41 @@ def test_forward_group_sees_a_slot_rewritten_with_another_scale(mode):
                 fresh.lora_b[str(i)].copy_(layer.lora_b[str(i)])
         with mode():
             assert torch.equal(g, fresh(x, ids.clone()))
+
+
+def test_serving_packing_is_the_parameters_storage_and_training_gets_it_back():
+    # without grad the packed A/B are the Parameters' storage (an in-place write needs no repack); a forward with
+    # grad first gives every Parameter contiguous storage of its own, so training runs as on a layer that never served
+    layer, _ = _many(5)  # ids 1, 4, 7, 10, 13 of ranks 2, 4, 8, 2, 4: packed (2, 1) (2, 10) (4, 4) (4, 13) (8, 7)
+
+    def unserved():
+        twin = LoraLinear(layer.base, 64, 32)
+        for i in layer.adapter_ids:
+            twin.add_adapter(i, rank=layer.lora_a[str(i)].shape[0], scale=layer.scales[i])
+            with torch.no_grad():
+                twin.lora_a[str(i)].copy_(layer.lora_a[str(i)])
+                twin.lora_b[str(i)].copy_(layer.lora_b[str(i)])
+        return twin
+
+    ids, x = torch.tensor([1, 4, 7, 10, 13, -1, 4]), torch.randn(7, 3, 64)
+    with torch.inference_mode():
+        layer(x, ids)
+    _, ca, cb = layer._packing.cache
+    pa, pb = layer.lora_a["7"], layer.lora_b["7"]
+    assert pa.data_ptr() == ca[12:20].data_ptr() and pb.data_ptr() == cb[:, 12:20].data_ptr()
+    with torch.no_grad():
+        pb.mul_(3.0)
+    with torch.inference_mode():
+        assert torch.equal(layer(x, ids), unserved()(x, ids)) and layer._packing.cache[1] is ca
+    for rows in (ids, torch.full((7,), 4)):  # the mixed path, then the one-adapter path
+        twin = unserved()
+        for m in (layer, twin):
+            m(x, rows).square().sum().backward()
+        assert layer._packing.cache is None
+        for (name, p), q in zip(layer.adapter_params().items(), twin.adapter_params().values()):
+            assert p.is_contiguous() and p.untyped_storage().nbytes() == p.numel() * p.element_size(), name
+            assert (p.grad is None) == (q.grad is None) and (p.grad is None or torch.equal(p.grad, q.grad)), name
+        layer.zero_grad()
+        with torch.inference_mode():
+            layer(x, ids)  # serving again: the storage is shared again
+        assert layer._packing.cache is not None
