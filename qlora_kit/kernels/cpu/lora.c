@@ -13,7 +13,8 @@
  * once, then runs every projection's shrink and expand exactly as a call of its own would.
  *
  * Consecutive rows of one adapter (a prompt's tokens) run as a tile of up to QK_LORA_TILE rows that share every
- * load of A and BT; at decode (one row per adapter) the shrink runs 4 rank rows at once instead. Each row's sums
+ * load of A and BT; at decode (one row per adapter) the shrink and the expand read one rank row at a time, so each
+ * weight matrix is one sequential stream (2 or 4 rank rows at once measured slower from DRAM). Each row's sums
  * run in the same order whatever its tile (lanes of 16 over k in two accumulators, then the k tail; j ascending
  * per column, the last N % 8 columns unfused), so a row's result never depends on the rows beside it.
  */
