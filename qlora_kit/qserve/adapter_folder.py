@@ -1,11 +1,13 @@
 """An adapter folder on disk, checked before anything in it is read: PEFT's two file names, the confinement of
-untrusted paths under a root (symlinks followed), and the refusal of pickled weights.
+untrusted paths under a root (symlinks followed), and the refusal of pickled weights; and the names an adapter may
+have (the registry's and the adapter store's, where a name is also the folder's path under the store root).
 
 The registry (qserve/adapters.py) checks a folder with `resolve_adapter_folder` when the adapter is registered
 and again just before its loader reads it (the folder may have changed in between). Reading and validating the
 weights is the loader's job (qserve.engine.lora.read_adapter). Plain Python (no torch).
 """
 import os
+import re
 from pathlib import Path
 
 from .errors import AdapterPathRefused
@@ -13,6 +15,7 @@ from .errors import AdapterPathRefused
 CONFIG_NAME = "adapter_config.json"  # PEFT's names, as formats/peft.py (not imported: it pulls in torch)
 WEIGHTS_NAME = "adapter_model.safetensors"
 PICKLE_NAME = "adapter_model.bin"
+ADAPTER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@/-]{0,127}")  # 1-128 of ._:@/- and alphanumerics, the first alphanumeric
 
 
 def resolve_adapter_folder(path: str | os.PathLike, root: str | None, trusted: bool = False) -> Path:
@@ -40,7 +43,7 @@ def resolve_adapter_folder(path: str | os.PathLike, root: str | None, trusted: b
             raise AdapterPathRefused(f"adapter path {raw!r}: '..' is not allowed")
     full = raw if os.path.isabs(raw) or root is None else os.path.join(root, raw)
     real = os.path.realpath(full)
-    if root is not None and not _under(real, root):
+    if root is not None and not under_root(real, root):
         raise AdapterPathRefused(f"adapter path {raw!r}: resolves to {real}, outside the allowed root {root}")
     if not os.path.isdir(real):
         raise AdapterPathRefused(f"adapter path {raw!r}: not a folder")
@@ -50,10 +53,11 @@ def resolve_adapter_folder(path: str | os.PathLike, root: str | None, trusted: b
             pickled = fname == WEIGHTS_NAME and os.path.exists(os.path.join(real, PICKLE_NAME))
             hint = f" ({PICKLE_NAME} is pickle and is refused: convert it to safetensors)" if pickled else ""
             raise AdapterPathRefused(f"adapter path {raw!r}: {fname} missing{hint}")
-        if root is not None and not _under(os.path.realpath(f), root):
+        if root is not None and not under_root(os.path.realpath(f), root):
             raise AdapterPathRefused(f"adapter path {raw!r}: {fname} links outside the allowed root {root}")
     return Path(real)
 
 
-def _under(path: str, root: str) -> bool:
+def under_root(path: str, root: str) -> bool:
+    """Whether real path `path` is `root` or lies below it (both already resolved, symlinks followed)."""
     return os.path.commonpath([path, root]) == root

@@ -30,7 +30,6 @@ different adapter under an old name can never hit the old adapter's cached KV.
 """
 import itertools
 import os
-import re
 import threading
 import time
 from dataclasses import dataclass
@@ -38,11 +37,10 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .adapter_entry import AdapterEntry, AdapterInfo, AdapterState
-from .adapter_folder import resolve_adapter_folder
+from .adapter_folder import ADAPTER_NAME, resolve_adapter_folder
 from .errors import AdapterExists, AdapterNotFound, AdapterRefused, QloraKitError
 from .store.stats import FleetStats
 
-_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@/-]{0,127}")
 
 Loader = Callable[[str, str], tuple[Any, int]]
 
@@ -114,7 +112,7 @@ class AdapterRegistry:
                  root: str | None = None, source: str = "store") -> AdapterInfo:
         """Add an adapter on disk (not loaded yet), confined to `root` (default allowed_root) unless trusted; its
         `source` is hub (a Hub snapshot) or store. Raises AdapterExists, AdapterPathRefused, AdapterRefused."""
-        if not isinstance(name, str) or not _NAME.fullmatch(name):
+        if not isinstance(name, str) or not ADAPTER_NAME.fullmatch(name):
             raise AdapterRefused(f"adapter name {name!r}: use 1-128 letters, digits or ._:@/- "
                                  "starting with a letter or digit")
         real = self.resolve_path(path, trusted, root)

@@ -12,16 +12,14 @@ are checked the same way. Reading and validating the weights is the registry's l
 refused or unknown name cost none.
 """
 import os
-import re
 import stat
 import threading
 from collections import Counter
 from pathlib import Path
 
-from ..adapter_folder import CONFIG_NAME, WEIGHTS_NAME
+from ..adapter_folder import ADAPTER_NAME, CONFIG_NAME, WEIGHTS_NAME, under_root
 from ..errors import AdapterPathRefused
 
-_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@/-]{0,127}")
 _MAX_LINKS = 16
 
 
@@ -43,7 +41,7 @@ class AdapterStore:
     @staticmethod
     def valid_name(name: str) -> bool:
         """Whether `name` could name a store adapter (no disk access)."""
-        if not isinstance(name, str) or not _NAME.fullmatch(name):
+        if not isinstance(name, str) or not ADAPTER_NAME.fullmatch(name):
             return False
         return all(part and not part.startswith(".") for part in name.split("/"))
 
@@ -93,7 +91,7 @@ class AdapterStore:
                 continue
             if part == "..":
                 cur = os.path.dirname(cur)
-                if not _under(cur, self.root):
+                if not under_root(cur, self.root):
                     raise AdapterPathRefused(f"adapter {name!r}: a link in the store leads outside it ({self.root})")
                 continue
             path = os.path.join(cur, part)
@@ -109,7 +107,7 @@ class AdapterStore:
             target = os.readlink(path)
             if os.path.isabs(target):
                 target = os.path.normpath(target)
-                if not _under(target, self.root):
+                if not under_root(target, self.root):
                     raise AdapterPathRefused(f"adapter {name!r}: {path} links to {target}, outside the store "
                                              f"{self.root}")
                 cur, todo = self.root, os.path.relpath(target, self.root).split(os.sep) + todo
@@ -117,6 +115,3 @@ class AdapterStore:
                 todo = target.split("/") + todo
         return cur
 
-
-def _under(path: str, root: str) -> bool:
-    return os.path.commonpath([path, root]) == root
