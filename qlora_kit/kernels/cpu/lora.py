@@ -29,6 +29,7 @@ lora_multi:  y_m = base_m + s_i (x_m A_i^T) B_i^T,  i = ids[m]  (Hu et al. 2021,
     each output into its base output (no new (M, N) tensor).
 """
 import ctypes
+import functools
 import operator
 import weakref
 from dataclasses import dataclass
@@ -46,8 +47,8 @@ def lora_cpu(base_out: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora
     recorded = torch.is_grad_enabled() and any(t.requires_grad for t in (base_out, x, lora_a, lora_b))
     if not recorded and library() is not None and lora_a.shape[0] <= ROWS_MAX_RANK:
         ids = torch.zeros(x.shape[:-1], dtype=torch.int64)
-        one = (torch.tensor([0, lora_a.shape[0]]), torch.tensor([scale], dtype=torch.float32))
-        return _lora_rows([base_out], x, ids, [lora_a], [lora_b], *one, [0, lora_a.shape[0]])[0]
+        offsets, scales = _one_adapter(lora_a.shape[0], float(scale))
+        return _lora_rows([base_out], x, ids, [lora_a], [lora_b], offsets, scales, [0, lora_a.shape[0]])[0]
     base2 = base_out.reshape(-1, base_out.shape[-1])
     x2 = x.reshape(-1, x.shape[-1]).to(lora_a.dtype)
     u = (x2 @ lora_a.t()) * scale
@@ -56,6 +57,14 @@ def lora_cpu(base_out: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora
     else:
         y = base2 + (u @ lora_b.t()).to(base2.dtype)
     return y.view(base_out.shape)
+
+
+@functools.lru_cache(maxsize=256)
+def _one_adapter(rank: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The packing of one adapter: offsets [0, rank] (int64) and scales [scale] (fp32). Shared by every lora_cpu call
+    with these values and never written, so _weight_args finds a layer's arguments again at each call."""
+    with torch.inference_mode(False):  # normal tensors even when first made under a serving forward
+        return torch.tensor([0, rank]), torch.tensor([scale], dtype=torch.float32)
 
 
 @dataclass
