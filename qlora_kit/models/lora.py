@@ -209,9 +209,7 @@ class LoraLinear(nn.Module):
     def _packed_weights(self, packing: _Packing) -> tuple[torch.Tensor, torch.Tensor]:
         """A (sum r_i, in) and B (out, sum r_i) in packed order."""
         a, b = packing.params
-        if torch.is_grad_enabled() and any(p.requires_grad for p in a + b):
-            if packing.cache is not None:
-                _release(packing)
+        if _recorded(packing, a + b):
             return torch.cat(a), _cat_columns(b)
         if packing.cache is None:  # then the Parameters' storage (module docstring): current by construction
             packing.cache = _share_storage(a, b)
@@ -237,10 +235,7 @@ class LoraLinear(nn.Module):
             if i not in self.scales:
                 return y
             a, b = self.lora_a[str(i)], self.lora_b[str(i)]
-            packing = self._packing
-            if (packing is not None and packing.cache is not None and torch.is_grad_enabled()
-                    and (a.requires_grad or b.requires_grad)):
-                _release(packing)
+            _recorded(self._packing, (a, b))
             xd = F.dropout(x, self.dropouts[i], self.training)
             return kernels.lora(y, xd, a, b, self.scales[i])
         packing = self._packed()
@@ -271,6 +266,15 @@ def _share_storage(a: list[nn.Parameter], b: list[nn.Parameter]) -> tuple:
             pa.data, pb.data = ca[lo:hi], cb[:, lo:hi]
             lo = hi
     return (a, b), ca, cb
+
+
+def _recorded(packing: _Packing | None, params) -> bool:
+    """Whether autograd records ops on `params` (Parameters of this layer); if so and they are a serving packing's
+    views, they first get storage of their own back (_release), so autograd never reads the packed pair."""
+    recorded = torch.is_grad_enabled() and any(p.requires_grad for p in params)
+    if recorded and packing is not None and packing.cache is not None:
+        _release(packing)
+    return recorded
 
 
 def _release(packing: _Packing) -> None:
